@@ -1,0 +1,71 @@
+"""Batched augmentation and normalisation on whatever device the batch lives on.
+
+The CIFAR recipe of He et al. (REFERENCE.md section 2): pad 4 pixels with zeros, take a random crop
+of the original size, flip horizontally with probability 1/2; test images are not augmented. Done
+for a whole batch with a few tensor ops rather than per image in DataLoader workers, so a dataset
+kept on the GPU as uint8 never comes back to the CPU (REFERENCE.md section 5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from depthbench.errors import DepthbenchError
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Randomly translate (zero-pad ``pad`` px, crop back to H x W) and horizontally flip each image of ``x``.
+
+    ``x`` is N x C x H x W, uint8 or float, in any memory format (channels_last is kept). Each image
+    gets its own shift, uniform in [-pad, pad] independently along x and y, and is flipped with
+    probability 1/2 when ``flip``. All randomness comes from ``generator``, which must live on
+    ``x``'s device (``torch.Generator(device=x.device)``), so a run's augmentation is reproducible.
+    The padding is zeros in ``x``'s units: black for uint8 pixels, which is why this runs before
+    normalisation.
+    """
+    if x.dim() != 4:
+        raise DepthbenchError(f"augment_batch needs an N x C x H x W batch, got shape {tuple(x.shape)}")
+    if pad < 0:
+        raise DepthbenchError(f"augment_batch: pad must be >= 0, got {pad}")
+    if generator.device.type != x.device.type:
+        raise DepthbenchError(
+            f"augment_batch: the generator is on {generator.device} but the batch is on {x.device}; "
+            "create it with torch.Generator(device=x.device)"
+        )
+    n, _, h, w = x.shape
+    device = x.device
+    shift = torch.randint(-pad, pad + 1, (2, n, 1), generator=generator, device=device)
+    flipped = torch.rand(n, 1, generator=generator, device=device) < 0.5 if flip else None
+
+    # Output pixel (i, j) of image k reads padded pixel (i + pad + dy_k, j + pad + dx_k); a flip reverses
+    # the columns it reads. One gather with these per-image index grids does every crop and flip at once.
+    rows = torch.arange(h, device=device) + pad + shift[0]  # N x H
+    cols = torch.arange(w, device=device) + pad + shift[1]  # N x W
+    if flipped is not None:
+        cols = torch.where(flipped, cols.flip(1), cols)
+    padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(x.shape[1], device=device)[None, :, None, None]
+    out = padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+    if _is_channels_last(x):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def normalize(
+    x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``(x / 255 - mean) / std`` as ``dtype``, with ``mean`` and ``std`` shaped (1, C, 1, 1) on the batch's device.
+
+    Computed in float32 whatever ``dtype`` is (a bf16 ``x - mean`` loses the low pixel bits), then cast.
+    Elementwise ops keep the input's memory format, so a channels_last batch stays channels_last.
+    """
+    scaled_mean = mean.to(torch.float32) * 255
+    scaled_std = std.to(torch.float32) * 255
+    out = (x_uint8.to(torch.float32) - scaled_mean) / scaled_std
+    return out.to(dtype)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

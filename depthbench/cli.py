@@ -1,0 +1,176 @@
+"""The ``depthbench`` command: a thin layer over the library.
+
+Every command turns a :class:`DepthbenchError` into one line on stderr and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from depthbench.errors import DepthbenchError
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+    help="ResNet V1 vs V2 depth studies: sweep a YAML grid, then report V1-vs-V2 tables by depth.",
+)
+# Piped output (CI logs, files) gets wide tables rather than rich's 80-column default.
+_WIDTH = None if sys.stdout.isatty() else 200
+console = Console(highlight=False, width=_WIDTH)
+err_console = Console(stderr=True, highlight=False, width=_WIDTH)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+OutOption = Annotated[Path, typer.Option("--out", help="Folder holding one folder per sweep.")]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N; overrides train.device.")]
+
+
+def command(fn: F) -> F:
+    """Register a command whose user errors end as one clear line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DepthbenchError as err:
+            err_console.print(f"error: {err}", markup=False)
+            raise typer.Exit(err.exit_code) from None
+
+    app.command()(wrapper)
+    return fn
+
+
+@command
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Sweep YAML, e.g. configs/cifar10.yaml.")],
+    out: OutOption = Path("runs"),
+    device: DeviceOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state; train nothing.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Re-run runs that failed before.")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed run.")] = False,
+) -> None:
+    """Train every run of a sweep that is not finished yet; write runs/<name>/results.csv."""
+    from depthbench.config import load_sweep
+    from depthbench.sweep import plan, run_sweep, sweep_dir_for
+
+    cfg = load_sweep(config)
+    if device:
+        from depthbench.train import resolve_device
+
+        resolve_device(device)
+    if dry_run:
+        _show_plan(cfg, out, device, retry_failed)
+        return
+
+    from depthbench.progress import RichReporter
+
+    with RichReporter(console) as reporter:
+        outcome = run_sweep(cfg, out, device=device, retry_failed=retry_failed, fail_fast=fail_fast, reporter=reporter)
+    folder = sweep_dir_for(cfg, out)
+    failed, busy = outcome.count("failed"), outcome.count("busy")
+    console.print(f"results: {folder / 'results.csv'}")
+    if busy:
+        console.print(f"{busy} run(s) are being trained by another process; re-run later to pick up what is left")
+    if outcome.interrupted:
+        left = len(plan(cfg, out, device=device)[1])
+        err_console.print(f"interrupted: {left} run(s) left, progress is checkpointed; "
+                          f"run `depthbench sweep {config}` again to resume")
+        raise typer.Exit(130)
+    if failed:
+        err_console.print(f"{failed} run(s) failed; see error.log in their folders, "
+                          f"then `depthbench sweep {config} --retry-failed`")
+        raise typer.Exit(1)
+    console.print(f"next: depthbench report {folder}")
+
+
+def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> None:
+    from depthbench.models import resolve_block
+    from depthbench.sweep import plan, run_state, sweep_dir_for
+
+    runs, todo = plan(cfg, out, device=device, retry_failed=retry_failed)
+    folder = sweep_dir_for(cfg, out)
+    table = Table(title=f"{cfg.name}: {len(todo)} of {len(runs)} runs to do ({folder})")
+    for column in ("run id", "version", "depth", "block", "seed", "steps", "state"):
+        table.add_column(column)
+    pending = {r.run_id for r in todo}
+    for run in runs:
+        block, n = resolve_block(run.depth, run.model.block)
+        state = run_state(folder / run.run_id)
+        table.add_row(run.run_id, run.version, str(run.depth), f"{block} (n={n})", str(run.seed),
+                      str(run.train.steps), f"{state} -> to do" if run.run_id in pending else state)
+    console.print(table)
+
+
+@command
+def report(
+    sweep_dir: Annotated[Path | None, typer.Argument(help="A sweep folder; default: every sweep under --out.")] = None,
+    out: OutOption = Path("runs"),
+) -> None:
+    """Rebuild results.csv and write summary.csv and report.md: V1 vs V2 side by side per depth."""
+    from depthbench.report import build_report, find_sweeps, report_rows
+
+    root = sweep_dir or out
+    if not root.is_dir():
+        raise DepthbenchError(f"'{root}' is not a folder; run `depthbench sweep CONFIG` first or name a sweep folder")
+    sweeps = find_sweeps(root)
+    if not sweeps:
+        raise DepthbenchError(f"no sweep results under '{root}'; run `depthbench sweep CONFIG` first")
+    for folder in sweeps:
+        rep = build_report(folder)
+        if rep.summary.empty:
+            console.print(f"{folder.name}: no runs yet")
+            continue
+        header, cells = report_rows(rep.summary, rep.comparisons)
+        done = int(rep.table.status.isin(("completed", "diverged", "failed")).sum())
+        table = Table(title=f"{folder.name}: V1 vs V2 by depth ({done}/{len(rep.table)} runs finished)",
+                      caption="acc = final test accuracy %, mean ± std over seeds")
+        for column in header:
+            table.add_column(column, justify="right")
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
+        for note in sorted({c.note for c in rep.comparisons if c.note}):
+            console.print(f"note: {note}")
+        console.print(f"wrote {folder / 'report.md'}, {folder / 'summary.csv'}, {folder / 'results.csv'}")
+
+
+@command
+def models(
+    max_depth: Annotated[int, typer.Option(help="List every valid depth up to this one (default: the papers' depths).")] = 0,
+    image_size: Annotated[int, typer.Option(help="Input size for the FLOP count.")] = 32,
+    num_classes: Annotated[int, typer.Option(help="Classes of the head.")] = 10,
+) -> None:
+    """Valid depths of each version and block, with parameters and forward FLOPs per image."""
+    import torch
+
+    from depthbench.models import build_model, count_params, forward_flops, valid_depths
+
+    paper = {"basic": [20, 32, 44, 56, 110, 1202], "bottleneck": [164, 1001]}
+    table = Table(title=f"ResNet depths ({num_classes} classes, {image_size}x{image_size} input, FLOPs = 2 x MACs)")
+    for column in ("block", "depth", "n", "v1 params", "v2 params", "forward GFLOPs"):
+        table.add_column(column, justify="right")
+    for block, step in (("basic", 6), ("bottleneck", 9)):
+        depths = valid_depths(block, max_depth) if max_depth else paper[block]
+        for depth in depths:
+            with torch.device("meta"):  # shapes only: no memory, no init cost, even for ResNet-1202
+                nets = {v: build_model(v, depth, num_classes, block=block) for v in ("v1", "v2")}
+                flops = forward_flops(nets["v2"], image_size)
+            table.add_row(block, str(depth), str((depth - 2) // step), f"{count_params(nets['v1']):,}",
+                          f"{count_params(nets['v2']):,}", f"{flops / 1e9:.3f}")
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

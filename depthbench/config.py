@@ -1,0 +1,392 @@
+"""Typed sweep and run configs, validated once when the YAML is loaded.
+
+A sweep YAML holds the shared settings (``dataset``, ``model``, ``train``, ``success``) and a
+``grid`` of lists; every combination of the grid is one run. Each run is resolved into a frozen
+:class:`RunConfig` up front, so a bad value anywhere in the grid is reported before anything trains.
+The defaults are the CIFAR recipe of He et al. (REFERENCE.md section 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from depthbench.errors import ConfigError, DepthbenchError, did_you_mean
+
+Version = Literal["v1", "v2"]
+Unit = Literal["original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact"]
+ShortcutGate = Literal[
+    "identity", "constant_scaling", "exclusive_gating", "shortcut_only_gating", "conv1x1", "dropout"
+]
+METRICS = ("test_acc", "best_test_acc", "test_loss", "train_acc", "train_loss")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Section):
+    name: Literal["cifar10", "cifar100", "imagefolder", "digits", "synthetic"] = "cifar10"
+    root: str | None = Field(None, description="data folder; None means the cache folder")
+    train_subset: int | None = Field(None, gt=0, description="class-balanced training subset size")
+    test_subset: int | None = Field(None, gt=0, description="class-balanced test subset size")
+    augment: bool = True
+    image_size: int | None = Field(None, ge=8, le=512, description="resize to this square size")
+    num_classes: int = Field(10, ge=2, le=1000, description="classes of the synthetic set")
+
+
+class ModelConfig(_Section):
+    block: Literal["auto", "basic", "bottleneck"] = "auto"
+    shortcut: Literal["auto", "A", "B"] = "auto"
+    width: int = Field(16, gt=0, description="base width: 16 in the papers")
+    unit: Unit | None = Field(None, description="overrides the unit that the version implies")
+    shortcut_gate: ShortcutGate = "identity"
+    shortcut_scale: float = Field(1.0, description="lambda on the shortcut (constant_scaling)")
+    residual_scale: float = Field(1.0, description="lambda on the residual (constant_scaling)")
+    gate_bias: float = Field(0.0, description="initial bias b_g of the 1x1 gate conv")
+    shortcut_dropout: float = Field(0.5, ge=0.0, lt=1.0, description="drop rate on the shortcut")
+    checkpointing: int = Field(0, ge=0, description="activation-checkpoint segments per stage; 0 off")
+
+    @field_validator("checkpointing", mode="before")
+    @classmethod
+    def _bool_segments(cls, value: Any) -> Any:
+        # `checkpointing: true` means one checkpoint per residual unit (most memory saved).
+        if value is True:
+            return 1_000_000
+        if value is False:
+            return 0
+        return value
+
+
+class WarmupConfig(_Section):
+    steps: int = Field(0, ge=0, description="steps at the warmup learning rate")
+    lr: float = Field(0.01, gt=0.0)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(64_000, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    nesterov: bool = False
+    milestones: tuple[float, ...] = Field((0.5, 0.75), description="fractions (<1) or step numbers")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    warmup: WarmupConfig = WarmupConfig()
+    eval_every: int = Field(2000, gt=0)
+    log_every: int = Field(100, gt=0)
+    eval_batch_size: int = Field(1000, gt=0)
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    checkpoint_every: int = Field(1000, gt=0)
+    keep_checkpoint: Literal["weights", "full", "none"] = "weights"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(m <= 0 for m in value):
+            raise ValueError("must be positive: fractions of steps (<1) or step numbers")
+        return value
+
+    @model_validator(mode="after")
+    def _milestones_within_steps(self) -> TrainConfig:
+        for m in self.milestones:
+            if m >= 1 and m > self.steps:
+                raise ValueError(f"milestones: step {m:g} is beyond steps ({self.steps})")
+        resolved = self.milestone_steps
+        if list(resolved) != sorted(set(resolved)):
+            raise ValueError(f"milestones: must be strictly increasing once resolved to steps (got {list(resolved)})")
+        if self.warmup.steps >= self.steps:
+            raise ValueError(f"warmup.steps ({self.warmup.steps}) must be below steps ({self.steps})")
+        return self
+
+    @property
+    def milestone_steps(self) -> tuple[int, ...]:
+        """Milestones as step numbers: fractions scale with ``steps`` (0.5, 0.75 = 32k, 48k of 64k)."""
+        return tuple(round(m * self.steps) if m < 1 else int(m) for m in self.milestones)
+
+
+class SuccessConfig(_Section):
+    metric: str = "test_acc"
+    min: float | None = None
+    max: float | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _recorded(cls, value: str) -> str:
+        if value not in METRICS:
+            raise ValueError(f"'{value}' is not recorded{did_you_mean(value, METRICS)}; one of {', '.join(METRICS)}")
+        return value
+
+    def __call__(self, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.metric)
+        if value is None or value != value:  # missing or NaN
+            return False
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def describe(self) -> str:
+        parts = [f">= {self.min:g}" if self.min is not None else "", f"<= {self.max:g}" if self.max is not None else ""]
+        rule = " and ".join(p for p in parts if p)
+        return f"{self.metric} {rule}" if rule else "completed"
+
+
+class ResourcesConfig(_Section):
+    """What one run asks of a cluster scheduler (the ray and slurm executors)."""
+
+    gpus_per_run: float = Field(1.0, ge=0.0)
+    cpus_per_run: float = Field(1.0, gt=0.0)
+
+
+class RunConfig(_Section):
+    """Everything one training run needs, fully resolved; written to the run's ``config.yaml``."""
+
+    name: str
+    version: Version
+    depth: int = Field(gt=0)
+    seed: int = Field(ge=0)
+    dataset: DatasetConfig = DatasetConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    success: SuccessConfig = SuccessConfig()
+
+    @model_validator(mode="after")
+    def _depth_fits(self) -> RunConfig:
+        from depthbench.models import resolve_block  # models imports nothing from here at module level
+
+        try:
+            resolve_block(self.depth, self.model.block)
+        except DepthbenchError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.version}-d{self.depth}-s{self.seed}-{self.content_hash}"
+
+    @property
+    def content_hash(self) -> str:
+        """Short hash of every setting that changes what is trained (not where or how it is logged)."""
+        ident = self.model_dump(mode="json", exclude={"name", "version", "depth", "seed", "success"})
+        for key in _EXECUTION_KEYS:
+            ident["train"].pop(key)
+        blob = json.dumps(ident, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:8]
+
+
+# Settings that change where or how a run executes and logs, never what it learns;
+# changing them must not orphan finished results, so they stay out of the run id.
+_EXECUTION_KEYS = ("device", "eval_every", "log_every", "eval_batch_size", "checkpoint_every", "keep_checkpoint", "compile")
+
+
+class SweepConfig(_Section):
+    name: str
+    dataset: DatasetConfig = DatasetConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    success: SuccessConfig = SuccessConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    grid: dict[str, list[Any]]
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("must be a folder name: letters, digits, '.', '_' and '-'")
+        return value
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _flatten_nested(cls, grid: Any) -> Any:
+        # `grid: {model: {width: [4, 8]}}` is the same axis as `grid: {model.width: [4, 8]}`.
+        if not isinstance(grid, dict):
+            return grid
+        flat: dict[str, Any] = {}
+        for key, value in grid.items():
+            if isinstance(value, dict):
+                for sub, inner in cls._flatten_nested(value).items():
+                    flat[f"{key}.{sub}"] = inner
+            else:
+                flat[str(key)] = value
+        return flat
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key in ("version", "depth"):
+            if key not in grid:
+                raise ValueError(f"needs a '{key}' list")
+        for key, values in grid.items():
+            if key not in GRID_RUN_KEYS:
+                _check_dotted(key)
+            if not values:
+                raise ValueError(f"'{key}' is an empty list: give at least one value")
+            seen = [json.dumps(v, sort_keys=True) for v in values]
+            dupes = sorted({v for v in seen if seen.count(v) > 1})
+            if dupes:
+                raise ValueError(f"'{key}' lists {', '.join(dupes)} more than once")
+        return grid
+
+    def axes(self) -> dict[str, list[Any]]:
+        """The grid with a default seed axis, in a stable order: version, depth, seed, then the rest."""
+        grid = {"seed": [0], **self.grid}
+        order = [k for k in GRID_RUN_KEYS if k in grid] + [k for k in grid if k not in GRID_RUN_KEYS]
+        return {k: grid[k] for k in order}
+
+    def runs(self) -> list[RunConfig]:
+        """Every grid combination as a validated RunConfig, in grid order."""
+        axes = self.axes()
+        base = self.model_dump(exclude={"grid", "resources"})
+        runs = []
+        for combo in itertools.product(*axes.values()):
+            data = json.loads(json.dumps(base))
+            for key, value in zip(axes, combo, strict=True):
+                _set_dotted(data, key, value)
+            try:
+                runs.append(RunConfig.model_validate(data))
+            except ValidationError as err:
+                setting = ", ".join(f"{k}={v}" for k, v in zip(axes, combo, strict=True))
+                raise ConfigError(f"{_first_error(err, RunConfig, prefix_grid=True)} (in grid run {setting})") from None
+        return runs
+
+
+GRID_RUN_KEYS = ("version", "depth", "seed")
+
+
+def _check_dotted(key: str) -> None:
+    """A grid key names a setting of the shared sections, e.g. ``model.width`` or ``train.lr``."""
+    section, _, field = key.partition(".")
+    sections = {"dataset": DatasetConfig, "model": ModelConfig, "train": TrainConfig}
+    if section not in sections or not field:
+        choices = [*GRID_RUN_KEYS, *(f"{s}.{f}" for s, m in sections.items() for f in m.model_fields)]
+        raise ValueError(f"unknown key '{key}'{did_you_mean(key, choices)}; use version, depth, seed or section.setting")
+    model: type[BaseModel] = sections[section]
+    for part in field.split("."):
+        if part not in model.model_fields:
+            raise ValueError(f"unknown key '{key}'{did_you_mean(part, model.model_fields)}")
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else BaseModel
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[last] = value
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the section that ``loc`` points into, for 'did you mean' hints."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _first_error(err: ValidationError, model: type[BaseModel], prefix_grid: bool = False) -> str:
+    error = err.errors(include_url=False)[0]
+    loc = tuple(error["loc"])
+    key = _dotted(loc) or "config"
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return f"unknown key '{key}'{did_you_mean(str(loc[-1]), _fields_at(model, loc[:-1]))}"
+    if kind == "missing":
+        return f"missing required key '{key}'"
+    if kind == "literal_error":
+        return f"{key}: '{error.get('input')}' is not allowed; {message[0].lower()}{message[1:]}"
+    message = message.removeprefix("Value error, ")
+    if not loc:
+        return message
+    shown = error.get("input")
+    got = f" (got {shown!r})" if kind.endswith(("_type", "_parsing")) and not isinstance(shown, dict) else ""
+    return f"{key}: {message[0].lower()}{message[1:]}{got}"
+
+
+def parse_sweep(data: Any, source: str = "config") -> SweepConfig:
+    """Validate an already-parsed YAML mapping and resolve every run (so grid errors surface now)."""
+    if data is None:
+        raise ConfigError(f"{source} is empty: it needs at least 'name' and a 'grid' with version and depth lists")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a YAML mapping of settings, not a {type(data).__name__}")
+    try:
+        sweep = SweepConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_first_error(err, SweepConfig)}") from None
+    try:
+        sweep.runs()
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return sweep
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep YAML; every problem is one ConfigError line."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (it is a folder)" if path.is_dir() else ""
+        raise ConfigError(f"config file '{path}' does not exist{hint}; see configs/ for examples")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file '{path}': {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: YAML does not parse{where}: {problem}") from None
+    return parse_sweep(data, source=str(path))
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a run's resolved ``config.yaml`` back."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {_first_error(err, RunConfig)}") from None
+
+
+def dump_run_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+__all__ = [
+    "METRICS",
+    "ConfigError",
+    "DatasetConfig",
+    "ModelConfig",
+    "ResourcesConfig",
+    "RunConfig",
+    "SuccessConfig",
+    "SweepConfig",
+    "TrainConfig",
+    "WarmupConfig",
+    "dump_run_config",
+    "load_run_config",
+    "load_sweep",
+    "parse_sweep",
+]

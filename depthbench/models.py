@@ -1,0 +1,577 @@
+"""CIFAR ResNets of He et al., V1 (post-activation) and V2 (pre-activation), built from one rule.
+
+A net is a 3x3 stem conv, three stages of ``n`` residual units and a pooled linear classifier
+([V1] He et al. 2015, arXiv 1512.03385, section 4.2; [V2] He et al. 2016, arXiv 1603.05027).
+Two unit shapes, one depth rule ``depth = 3 * layers_per_unit * n + 2``::
+
+    block       weight layers of one unit           depth   stage outputs   paper nets
+    basic       3x3 (out) -> 3x3 (out)              6n+2    w, 2w, 4w       20, 32, 44, 56, 110, 1202
+    bottleneck  1x1 (out/4) -> 3x3 (out/4) -> 1x1   9n+2    4w, 8w, 16w     164, 1001
+
+``w`` is the base width, 16 in both papers. The first unit of stages 2 and 3 downsamples with
+stride 2 on its first weight layer (the first 1x1 of a bottleneck, as in resnet-1k-layers).
+
+Parameter counts (CIFAR-10 head) and forward FLOPs of one 32x32 image (see :func:`forward_flops`)::
+
+    net               block, shortcut   params        printed           FLOPs
+    ResNet-20         basic, A             269,722    0.27M [V1] T6     81.1M
+    ResNet-32         basic, A             464,154    0.46M            137.7M
+    ResNet-44         basic, A             658,586    0.66M            194.3M
+    ResNet-56         basic, A             853,018    0.85M            251.0M
+    ResNet-110        basic, A           1,727,962    1.7M             505.8M
+    ResNet-1202       basic, A          19,421,274    19.4M              5.66G
+    ResNet-164 (v2)   bottleneck, B      1,703,258    1.7M [V2] T3     489.0M
+    ResNet-1001 (v2)  bottleneck, B     10,327,706    10.2M [V2] T3      2.98G
+
+[V2] prints 10.2M for ResNet-1001; counting every conv, BN and FC parameter gives 10.33M.
+V2 basic nets with option A have exactly the V1 counts: V1 has BNs on 16 (stem), 32 and 64 channels
+(after the first conv of the two downsampling units) where V2 has them on 16 and 32 (pre-activating
+those convs on their input side) and 64 (the final BN-ReLU).
+
+Where BatchNorm and ReLU sit around the weight layers is data (:data:`PLACEMENTS`, [V2] Fig. 4 and
+Table 2); so is what the shortcut does on units whose dimensions do not change (:data:`SHORTCUT_GATES`,
+[V2] Fig. 2 and Table 1). Both basic and bottleneck units are the one :class:`ResidualUnit` class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from depthbench.errors import DepthbenchError, did_you_mean
+
+VERSION_UNIT: dict[str, str] = {"v1": "original", "v2": "full_preact"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The variants, as data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    """The weight layers of one residual unit: their kernel sizes, and how much wider the unit's output
+    is than its inner layers. The stride of a downsampling unit sits on the first layer."""
+
+    kernels: tuple[int, ...]
+    expansion: int
+
+    @property
+    def layers_per_n(self) -> int:
+        """Weight layers that one more unit per stage adds: 6 (basic) or 9 (bottleneck)."""
+        return 3 * len(self.kernels)
+
+    def depth(self, n: int) -> int:
+        """Weight layers of a net with ``n`` units per stage: 3 stages of units, plus the stem and the FC."""
+        return self.layers_per_n * n + 2
+
+    def units_per_stage(self, depth: int) -> int | None:
+        """``n`` for ``depth``, or None when the depth does not fit this block."""
+        n, rest = divmod(depth - 2, self.layers_per_n)
+        return n if rest == 0 and n >= 1 else None
+
+    def stage_widths(self, width: int) -> tuple[int, int, int]:
+        return (width * self.expansion, 2 * width * self.expansion, 4 * width * self.expansion)
+
+
+BLOCKS: dict[str, Block] = {
+    "basic": Block(kernels=(3, 3), expansion=1),  # [V1] section 4.2: 6n+2
+    "bottleneck": Block(kernels=(1, 3, 1), expansion=4),  # [V2] section 4 / resnet-1k-layers: 9n+2
+}
+
+# From this depth up the papers use bottleneck units ([V2] ResNet-164 and -1001); below it basic units
+# ([V1] ResNet-20 ... -110). ResNet-1202 fits only the basic rule, so it stays basic.
+_BOTTLENECK_FROM_DEPTH = 164
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where BN and ReLU sit around the weight layers of a unit ([V2] Fig. 4, Table 2).
+
+    ``layer`` is the op order around every weight layer but the last, ``last`` around the last one,
+    ``after_add`` what follows the addition of shortcut and residual. The ops before ``conv`` in
+    ``layer`` are the unit's pre-activation: they are also the net's final activation before pooling
+    (the "next unit's pre-activation" that never comes), while the ops after ``conv`` follow the stem.
+    So post-activation nets have a BN-ReLU stem and no final activation, and full pre-activation nets
+    a bare conv stem and a final BN-ReLU, as in [V2] section 4.1.
+    """
+
+    layer: str
+    last: str
+    after_add: str
+
+    def split(self, pattern: str) -> tuple[list[str], list[str]]:
+        """The ops before and after the conv of a layer pattern."""
+        ops = pattern.split()
+        i = ops.index("conv")
+        return ops[:i], ops[i + 1 :]
+
+    @property
+    def preact(self) -> list[str]:
+        return self.split(self.layer)[0]
+
+    @property
+    def after_conv(self) -> list[str]:
+        return self.split(self.layer)[1]
+
+
+PLACEMENTS: dict[str, Placement] = {
+    # [V2] Fig. 4(a), the [V1] unit: y = ReLU(x + BN(conv(ReLU(BN(conv(x))))))
+    "original": Placement(layer="conv bn relu", last="conv bn", after_add="relu"),
+    # Fig. 4(b): y = ReLU(BN(x + conv(ReLU(BN(conv(x))))))
+    "bn_after_add": Placement(layer="conv bn relu", last="conv", after_add="bn relu"),
+    # Fig. 4(c): y = x + ReLU(BN(conv(ReLU(BN(conv(x))))))
+    "relu_before_add": Placement(layer="conv bn relu", last="conv bn relu", after_add=""),
+    # Fig. 4(d): y = x + BN(conv(ReLU(BN(conv(ReLU(x))))))
+    "relu_only_preact": Placement(layer="relu conv bn", last="relu conv bn", after_add=""),
+    # Fig. 4(e), the [V2] unit: y = x + conv(ReLU(BN(conv(ReLU(BN(x))))))
+    "full_preact": Placement(layer="bn relu conv", last="bn relu conv", after_add=""),
+}
+# What the net's ends get, by the rule in Placement's docstring:
+#   original, bn_after_add, relu_before_add: stem conv-BN-ReLU, no final activation. For
+#     relu_before_add every unit adds a ReLU output to an input that is itself a sum of ReLU outputs
+#     and the ReLU'd stem, so a final ReLU would be a no-op (with option A shortcuts).
+#   relu_only_preact: stem conv-BN (BN follows every conv in this unit), final ReLU.
+#   full_preact: bare stem conv, final BN-ReLU.
+
+
+@dataclass(frozen=True)
+class ShortcutGate:
+    """What the shortcut h(x) does on units whose dimensions do not change ([V2] section 3.1, Fig. 2).
+
+    ``shortcut_scale``/``residual_scale`` are the lambdas of constant scaling, ``bias`` the initial
+    b_g of the gates' 1x1 conv, ``dropout`` the drop rate on the shortcut.
+    """
+
+    kind: str
+    shortcut_scale: float = 1.0
+    residual_scale: float = 1.0
+    bias: float = 0.0
+    dropout: float = 0.5
+
+    def join(self, channels: int) -> nn.Module:
+        return SHORTCUT_GATES[self.kind](channels, self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+
+class ZeroPadShortcut(nn.Module):
+    """[V1] option A: subsample by the stride and append zero channels; no parameters."""
+
+    def __init__(self, extra_channels: int, stride: int) -> None:
+        super().__init__()
+        self.extra_channels = extra_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+    def extra_repr(self) -> str:
+        return f"extra_channels={self.extra_channels}, stride={self.stride}"
+
+
+class Sum(nn.Module):
+    """y = h(x) + F(x), with ``shortcut`` as h: identity, projection, 1x1 conv or dropout."""
+
+    def __init__(self, shortcut: nn.Module | None = None) -> None:
+        super().__init__()
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x) + residual
+
+
+class ScaledSum(nn.Module):
+    """Constant scaling, [V2] Fig. 2(b): y = lambda_s * x + lambda_r * F(x)."""
+
+    def __init__(self, shortcut_scale: float, residual_scale: float) -> None:
+        super().__init__()
+        self.shortcut_scale = shortcut_scale
+        self.residual_scale = residual_scale
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.shortcut_scale * x + self.residual_scale * residual
+
+    def extra_repr(self) -> str:
+        return f"shortcut_scale={self.shortcut_scale}, residual_scale={self.residual_scale}"
+
+
+class GatedSum(nn.Module):
+    """Gating, [V2] Fig. 2(c, d): g = sigmoid(conv1x1(x) + b_g); y = (1 - g) * x + g * F(x) when
+    ``exclusive``, else y = (1 - g) * x + F(x) (shortcut-only gating). ``bias_init`` is b_g at init."""
+
+    def __init__(self, channels: int, bias_init: float, exclusive: bool) -> None:
+        super().__init__()
+        self.gate = nn.Conv2d(channels, channels, 1, bias=True)
+        self.bias_init = bias_init
+        self.exclusive = exclusive
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(x))
+        return (1 - g) * x + (g * residual if self.exclusive else residual)
+
+    def extra_repr(self) -> str:
+        return f"bias_init={self.bias_init}, exclusive={self.exclusive}"
+
+
+SHORTCUT_GATES: dict[str, Callable[[int, ShortcutGate], nn.Module]] = {
+    "identity": lambda c, g: Sum(),
+    "constant_scaling": lambda c, g: ScaledSum(g.shortcut_scale, g.residual_scale),
+    "exclusive_gating": lambda c, g: GatedSum(c, g.bias, exclusive=True),
+    "shortcut_only_gating": lambda c, g: GatedSum(c, g.bias, exclusive=False),
+    # [V2] Fig. 2(e): a learned 1x1 conv replaces the identity (no BN, as drawn there).
+    "conv1x1": lambda c, g: Sum(nn.Conv2d(c, c, 1, bias=False)),
+    # [V2] Fig. 2(f); nn.Dropout rescales kept values by 1/(1-p) in training, like Torch7's.
+    "dropout": lambda c, g: Sum(nn.Dropout(g.dropout)),
+}
+
+
+def _activation(ops: Sequence[str], channels: int, suffix: str = "") -> list[tuple[str, nn.Module]]:
+    """Named BN/ReLU modules for a list of op names."""
+    make = {"bn": lambda: nn.BatchNorm2d(channels), "relu": lambda: nn.ReLU()}
+    return [(f"{op}{suffix}", make[op]()) for op in ops]
+
+
+class ResidualUnit(nn.Module):
+    """One residual unit, y = after_add(join(x, F(x))), for any block shape and placement.
+
+    - ``branch`` is the residual function F: the weight layers of ``block`` with BN/ReLU placed as
+      ``placement`` says; layer modules are named ``conv1, bn1, relu1, conv2, ...``.
+    - ``join`` adds the shortcut: a :class:`ShortcutGate` on units whose dimensions stay, else a
+      projection: option A (:class:`ZeroPadShortcut`) or B (1x1 conv, with BN in post-activation units).
+    - ``preact`` is empty except in pre-activation units whose dimensions change: there the
+      pre-activation is computed once and both the branch and the projection take it ("projection
+      shortcuts are also with pre-activation", [V2] appendix; resnet-1k-layers). Elsewhere the
+      shortcut sees the untouched x, keeping the clean identity path of [V2] section 3.
+    - ReLUs are not in-place: the relu_only_preact branch starts with a ReLU on x, which the shortcut
+      still needs.
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        placement: Placement,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        shortcut: str,
+        gate: ShortcutGate,
+    ) -> None:
+        super().__init__()
+        inner = out_channels // block.expansion
+        layers: list[tuple[str, nn.Module]] = []
+        c_in = in_channels
+        for i, kernel in enumerate(block.kernels, start=1):
+            is_last = i == len(block.kernels)
+            c_out = out_channels if is_last else inner
+            before, after = placement.split(placement.last if is_last else placement.layer)
+            conv = nn.Conv2d(c_in, c_out, kernel, stride=stride if i == 1 else 1, padding=kernel // 2, bias=False)
+            layers += [*_activation(before, c_in, str(i)), (f"conv{i}", conv), *_activation(after, c_out, str(i))]
+            c_in = c_out
+
+        reshapes = stride != 1 or in_channels != out_channels
+        shared = len(placement.preact) if reshapes else 0
+        self.preact = nn.Sequential(OrderedDict(layers[:shared]))
+        self.branch = nn.Sequential(OrderedDict(layers[shared:]))
+        if not reshapes:
+            self.join = gate.join(out_channels)
+        elif shortcut == "A":
+            self.join = Sum(ZeroPadShortcut(out_channels - in_channels, stride))
+        else:
+            projection = [("conv", nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False))]
+            if not placement.preact:
+                projection.append(("bn", nn.BatchNorm2d(out_channels)))
+            self.join = Sum(nn.Sequential(OrderedDict(projection)))
+        self.after_add = nn.Sequential(OrderedDict(_activation(placement.after_add.split(), out_channels)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.preact(x)
+        return self.after_add(self.join(x, self.branch(x)))
+
+
+class ResNet(nn.Module):
+    """stem -> ``stages`` (3 x ``n`` :class:`ResidualUnit`) -> ``head`` (final activation, pooling) -> ``fc``.
+
+    ``units`` lists every residual unit in forward order. With ``checkpointing = k > 0`` each stage
+    runs as ``min(k, n)`` activation-checkpointed segments when training with grad enabled.
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        n: int,
+        placement: Placement,
+        *,
+        shortcut: str,
+        gate: ShortcutGate,
+        width: int,
+        num_classes: int,
+        in_channels: int,
+        checkpointing: int,
+    ) -> None:
+        super().__init__()
+        self.checkpointing = checkpointing
+        stem_conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.stem = nn.Sequential(OrderedDict([("conv", stem_conv), *_activation(placement.after_conv, width)]))
+        stages = []
+        c_in = width
+        for s, c_out in enumerate(block.stage_widths(width)):
+            units = []
+            for i in range(n):
+                stride = 2 if s > 0 and i == 0 else 1
+                units.append(ResidualUnit(block, placement, c_in, c_out, stride, shortcut, gate))
+                c_in = c_out
+            stages.append(nn.Sequential(*units))
+        self.stages = nn.ModuleList(stages)
+        pool = [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
+        self.head = nn.Sequential(OrderedDict([*_activation(placement.preact, c_in), *pool]))
+        self.fc = nn.Linear(c_in, num_classes)
+        self.apply(_init_weights)
+
+    @property
+    def units(self) -> list[ResidualUnit]:
+        return [unit for stage in self.stages for unit in stage]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        checkpointed = self.checkpointing > 0 and self.training and torch.is_grad_enabled()
+        for stage in self.stages:
+            if not checkpointed:
+                x = stage(x)
+                continue
+            for segment in _segments(stage, self.checkpointing):
+                x = checkpoint(segment, x, use_reentrant=False, context_fn=_bn_stats_frozen_on_recompute(segment))
+        return self.fc(self.head(x))
+
+
+def _segments(stage: nn.Sequential, k: int) -> Iterator[nn.Sequential]:
+    """``min(k, len(stage))`` contiguous runs of units, as even as possible."""
+    k = min(k, len(stage))
+    bounds = [round(i * len(stage) / k) for i in range(k + 1)]
+    for start, stop in zip(bounds, bounds[1:]):
+        yield stage[start:stop]
+
+
+def _bn_stats_frozen_on_recompute(segment: nn.Module) -> Callable[[], tuple[Any, Any]]:
+    """A ``context_fn`` for checkpoint: the forward runs as usual, the recomputation in backward leaves
+    the BN running statistics and ``num_batches_tracked`` as the forward left them, so they are updated
+    once per step (pytorch issue 96136). The recomputation still normalises with batch statistics, as
+    the forward did. Momentum 0 makes the running update ``1 * running + 0 * batch``, exactly a no-op;
+    switching ``track_running_stats`` off instead would save fewer tensors than the forward did, which
+    checkpoint rejects. Not usable under torch.compile, which only accepts TorchDispatchMode contexts here.
+    """
+
+    @contextlib.contextmanager
+    def frozen() -> Iterator[None]:
+        bns = [m for m in segment.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+        saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
+        for bn in bns:
+            bn.momentum = 0.0
+        try:
+            yield
+        finally:
+            for bn, (momentum, batches) in zip(bns, saved):
+                bn.momentum = momentum
+                bn.num_batches_tracked.copy_(batches)
+
+    return lambda: (contextlib.nullcontext(), frozen())
+
+
+def _init_weights(module: nn.Module) -> None:
+    """He init ([V1] section 3.4; He et al. 2015 "Delving deep into rectifiers"): normal with
+    std sqrt(2 / fan_out) for convs, as resnet-1k-layers and fb.resnet.torch do; BN gamma 1, beta 0;
+    the FC keeps PyTorch's default weights with a zero bias (fb.resnet.torch). ``nn.Module.apply``
+    visits children first, so a gate's b_g overrides the zero bias its conv got."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, GatedSum):
+        nn.init.constant_(module.gate.bias, module.bias_init)
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth rule and builders
+# ---------------------------------------------------------------------------------------------
+
+
+def _fitting(depth: int, names: Sequence[str]) -> list[tuple[str, int]]:
+    return [(name, n) for name in names if (n := BLOCKS[name].units_per_stage(depth)) is not None]
+
+
+def _nearest(depth: int, names: Sequence[str]) -> str:
+    """The nearest valid depth below and above ``depth`` for each block, e.g. '98 (basic), 101 (bottleneck)'."""
+    found: dict[int, list[str]] = {}
+    for name in names:
+        block = BLOCKS[name]
+        n_below = (depth - 2) // block.layers_per_n
+        for n in sorted({max(n_below, 1), max(n_below + 1, 1)}):
+            if block.depth(n) != depth:
+                found.setdefault(block.depth(n), []).append(name)
+    return ", ".join(f"{d} ({', '.join(found[d])})" for d in sorted(found))
+
+
+def _rule(names: Sequence[str]) -> str:
+    return " or ".join(f"{BLOCKS[name].layers_per_n}n+2 ({name})" for name in names)
+
+
+def resolve_block(depth: int, block: str = "auto") -> tuple[str, int]:
+    """The block type and units per stage ``n`` for a depth: basic is 6n+2, bottleneck 9n+2, n >= 1.
+
+    ``auto`` follows the papers: basic units below depth 164 ([V1] ResNet-20 ... -110), bottleneck
+    units from 164 up ([V2] ResNet-164, -1001), each falling back to the other block when only that
+    one fits (ResNet-1202 stays basic; depth 29 becomes a bottleneck net). 20, 56, 110 and 164 fit both.
+    """
+    if _choice("block", block, ("auto", *BLOCKS)) == "auto":
+        names = ["bottleneck", "basic"] if depth >= _BOTTLENECK_FROM_DEPTH else ["basic", "bottleneck"]
+    else:
+        names = [block]
+    fits = _fitting(depth, names)
+    if fits:
+        return fits[0]
+    names = sorted(names)
+    if block == "auto":
+        problem = f"depth {depth} fits no block type"
+        hint = ""
+    else:
+        problem = f"depth {depth} does not fit the {block} block"
+        other = [name for name, _ in _fitting(depth, [b for b in BLOCKS if b != block])]
+        hint = f"; it fits the {other[0]} block" if other else ""
+    raise DepthbenchError(
+        f"{problem}: depth must be {_rule(names)} with n >= 1; nearest valid depths: {_nearest(depth, names)}{hint}"
+    )
+
+
+def valid_depths(block: str, max_depth: int) -> list[int]:
+    """Every valid depth up to ``max_depth`` for a block (``auto``: for either block), ascending."""
+    names = list(BLOCKS) if _choice("block", block, ("auto", *BLOCKS)) == "auto" else [block]
+    blocks = [BLOCKS[name] for name in names]
+    return sorted({d for b in blocks for d in range(b.depth(1), max_depth + 1, b.layers_per_n)})
+
+
+def _choice(kind: str, value: str | None, choices: Sequence[str] | dict[str, Any]) -> str:
+    if value not in choices:
+        raise DepthbenchError(
+            f"unknown {kind} '{value}'{did_you_mean(str(value), choices)}; one of {', '.join(choices)}"
+        )
+    return value
+
+
+def build_model(
+    version: str,
+    depth: int,
+    num_classes: int = 10,
+    *,
+    block: str = "auto",
+    shortcut: str = "auto",
+    width: int = 16,
+    unit: str | None = None,
+    shortcut_gate: str = "identity",
+    shortcut_scale: float = 1.0,
+    residual_scale: float = 1.0,
+    gate_bias: float = 0.0,
+    shortcut_dropout: float = 0.5,
+    checkpointing: int = 0,
+    in_channels: int = 3,
+) -> ResNet:
+    """A CIFAR ResNet of ``version`` v1 ([V1], original units) or v2 ([V2], full pre-activation units).
+
+    ``unit`` overrides the placement that the version implies (a key of :data:`PLACEMENTS`).
+    ``shortcut`` is the shortcut where dimensions change: A (zero-pad) or B (1x1 projection);
+    ``auto`` is A for basic nets ([V1] CIFAR) and B for bottleneck nets ([V2], resnet-1k-layers).
+    ``shortcut_gate`` and its settings change the shortcut of the other units (:data:`SHORTCUT_GATES`).
+    """
+    _choice("version", version, VERSION_UNIT)
+    placement = PLACEMENTS[_choice("unit", unit or VERSION_UNIT[version], PLACEMENTS)]
+    _choice("shortcut", shortcut, ("auto", "A", "B"))
+    gate_kind = _choice("shortcut_gate", shortcut_gate, SHORTCUT_GATES)
+    gate = ShortcutGate(gate_kind, shortcut_scale, residual_scale, gate_bias, shortcut_dropout)
+    block_name, n = resolve_block(depth, block)
+    if shortcut == "auto":
+        shortcut = "A" if block_name == "basic" else "B"
+    return ResNet(
+        BLOCKS[block_name],
+        n,
+        placement,
+        shortcut=shortcut,
+        gate=gate,
+        width=width,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        checkpointing=checkpointing,
+    )
+
+
+def model_from_config(version: str, depth: int, model_cfg: Any, num_classes: int, in_channels: int = 3) -> ResNet:
+    """``build_model`` with the fields of a :class:`depthbench.config.ModelConfig`."""
+    return build_model(version, depth, num_classes, in_channels=in_channels, **model_cfg.model_dump())
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters, BN's gamma and beta included (as the papers count them)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(model: nn.Module, image_size: int = 32, in_channels: int = 3) -> int:
+    """FLOPs of one forward pass of one image: 2 x the multiply-accumulates of every conv and linear
+    layer, measured with forward hooks on a dummy input. BN, ReLU, additions, gates' sigmoids, pooling
+    and biases are not counted. ResNet-20 comes to 2 x 40.55M; [V1] section 4.2 quotes ~41M for it.
+    The model is run in eval mode under no_grad, so its BN statistics and train/eval modes are untouched.
+    """
+    macs = 0
+
+    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            macs += output.numel() * per_output
+        else:
+            macs += output.numel() * module.in_features
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(count) for m in layers]
+    modes = {m: m.training for m in model.modules()}
+    param = next(model.parameters())
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, in_channels, image_size, image_size, device=param.device, dtype=param.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, training in modes.items():
+            m.training = training
+    return 2 * macs
+
+
+__all__ = [
+    "BLOCKS",
+    "PLACEMENTS",
+    "SHORTCUT_GATES",
+    "VERSION_UNIT",
+    "ResNet",
+    "ResidualUnit",
+    "build_model",
+    "count_params",
+    "forward_flops",
+    "model_from_config",
+    "resolve_block",
+    "valid_depths",
+]

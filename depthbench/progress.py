@@ -1,0 +1,75 @@
+"""Live sweep progress in the terminal: runs done and left, the current run's step, loss, accuracy, speed."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from depthbench.config import RunConfig
+from depthbench.sweep import RunOutcome
+from depthbench.train import Progress as StepProgress
+
+_MARK = {"completed": "[green]✓[/]", "diverged": "[yellow]≈[/]", "failed": "[red]✗[/]",
+         "interrupted": "[yellow]‖[/]", "busy": "[blue]…[/]", "skipped": "[dim]-[/]"}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+class RichReporter:
+    """Implements :class:`depthbench.sweep.Reporter` with a rich live display and one line per finished run."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+            console=console, transient=True,
+        )
+        self.sweep_task = self.live.add_task("runs", total=0, stats="")
+        self.run_task = self.live.add_task("", total=1, stats="", visible=False)
+
+    def __enter__(self) -> RichReporter:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.stop()
+
+    def plan(self, todo: list[RunConfig], done: int, total: int) -> None:
+        self.live.update(self.sweep_task, total=total, completed=done)
+        skipped = f", {done} already done (skipped)" if done else ""
+        self.console.print(f"{total} runs in the sweep{skipped}, {len(todo)} to do")
+
+    def run_started(self, cfg: RunConfig) -> None:
+        self.live.reset(self.run_task, total=cfg.train.steps, description=cfg.run_id, stats="", visible=True)
+
+    def progress(self, cfg: RunConfig, progress: StepProgress) -> None:
+        if progress.row is None:
+            self.live.update(self.run_task, completed=progress.step)
+            return
+        row = progress.row
+        stats = f"loss {row['train_loss']:.3f} acc {_pct(row['train_acc'])}"
+        if "test_acc" in row:
+            stats += f" test {_pct(row['test_acc'])}"
+        stats += f" {row['img_per_s']:.0f} img/s"
+        self.live.update(self.run_task, completed=progress.step, stats=stats)
+
+    def run_finished(self, outcome: RunOutcome) -> None:
+        self.live.update(self.run_task, visible=False)
+        if outcome.status != "busy":
+            self.live.advance(self.sweep_task)
+        for note in outcome.notes:
+            self.console.print(f"[yellow]note:[/] {note}")
+        run_id, result = outcome.cfg.run_id, outcome.result or {}
+        if outcome.status in ("completed", "diverged"):
+            detail = (f"test acc {_pct(result.get('test_acc'))}, train loss {result.get('train_loss') or math.nan:.3f}, "
+                      f"{result.get('wall_s', 0):.1f} s")
+            if outcome.status == "diverged":
+                detail = f"diverged (non-finite loss) at step {result.get('steps')}"
+        else:
+            detail = outcome.message or outcome.status
+        self.console.print(f"{_MARK.get(outcome.status, '?')} {run_id}  {detail}", highlight=False)

@@ -1,0 +1,87 @@
+"""The results table: one row per run, rebuilt from the run folders at any time.
+
+Nothing here is a source of truth: ``results.csv`` is derived from each run's ``config.yaml`` and
+``result.json``, so it can be deleted, or lost in a crash, and rebuilt by ``depthbench report``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from depthbench import storage
+from depthbench.config import RunConfig, SuccessConfig
+from depthbench.train import CONFIG, RESULT
+
+RESULTS_CSV = "results.csv"
+# The columns every results.csv starts with, in this order; settings that vary between runs follow.
+COLUMNS = [
+    "run_id", "version", "depth", "seed", "block", "params", "status", "success", "steps",
+    "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "wall_s", "img_per_s",
+]
+_IDENTITY = {"name", "version", "depth", "seed"}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def _sweep_success(sweep_dir: Path) -> SuccessConfig | None:
+    """The success rule of the sweep's latest config, which may be newer than the runs' own."""
+    try:
+        data = yaml.safe_load((sweep_dir / "sweep.yaml").read_text(encoding="utf-8"))
+        return SuccessConfig.model_validate(data["success"])
+    except Exception:  # noqa: BLE001 - no usable sweep.yaml: each run's own rule applies
+        return None
+
+
+def collect(sweep_dir: Path) -> pd.DataFrame:
+    """A row per run folder of a sweep, finished or not, with the settings that differ between runs."""
+    rule = _sweep_success(sweep_dir)
+    rows, settings = [], []
+    for run_dir in sorted(p for p in sweep_dir.iterdir() if (p / CONFIG).is_file()):
+        try:
+            cfg = RunConfig.model_validate(yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")))
+        except Exception:  # noqa: BLE001 - a damaged config.yaml only hides that run from the table
+            continue
+        result = storage.read_json(run_dir / RESULT)
+        result = result if isinstance(result, dict) and "status" in result else {}
+        status = result.get("status") or ("partial" if (run_dir / "checkpoint.pt").exists() else "pending")
+        row = {"run_id": run_dir.name, "version": cfg.version, "depth": cfg.depth, "seed": cfg.seed}
+        row.update({k: result.get(k) for k in COLUMNS if k not in row})
+        row["status"] = status
+        metrics = {k: (v if v is not None else math.nan) for k, v in result.items() if isinstance(v, float | int | None)}
+        row["success"] = status == "completed" and (rule or cfg.success)(metrics)
+        row["error"] = result.get("error", "")
+        rows.append(row)
+        settings.append(_flatten(cfg.model_dump(mode="json", exclude=_IDENTITY | {"success"})))
+    table = pd.DataFrame(rows, columns=[*COLUMNS, "error"])
+    if not rows:
+        return table
+    flat = pd.DataFrame(settings)
+    varying = [c for c in flat.columns if flat[c].astype(str).nunique() > 1]
+    for column in varying:
+        table[column] = flat[column].map(lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v)
+    return table.sort_values(["version", "depth", *varying, "seed"], kind="stable").reset_index(drop=True)
+
+
+def setting_columns(table: pd.DataFrame) -> list[str]:
+    """The varying-setting columns of a results table (``model.width``, ``train.lr``, ...)."""
+    return [c for c in table.columns if "." in c]
+
+
+def write_results(sweep_dir: Path) -> pd.DataFrame:
+    table = collect(sweep_dir)
+    storage.write_text(sweep_dir / RESULTS_CSV, table.to_csv(index=False))
+    return table

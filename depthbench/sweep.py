@@ -1,0 +1,244 @@
+"""Running a sweep: plan which runs are left, claim each with a lock, train it, record the outcome.
+
+Runs live in ``<out>/<sweep name>/<run id>/``; the run id names the run's content, so re-running a
+sweep skips finished runs, resumes interrupted ones from their checkpoint, and a changed setting
+gets a new folder instead of overwriting an old result. :func:`execute_run` is the unit of work
+every executor calls, in this process or on a cluster worker.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from filelock import FileLock, Timeout
+
+from depthbench import storage
+from depthbench.config import RunConfig, SweepConfig
+from depthbench.errors import DepthbenchError
+from depthbench.train import CHECKPOINT, ERROR_LOG, RESULT, Progress, RunInterrupted, train_run
+
+Status = Literal["completed", "diverged", "failed", "interrupted", "skipped", "busy"]
+SWEEP_FILE = "sweep.yaml"
+LOCK = ".lock"
+
+
+@dataclass
+class RunOutcome:
+    cfg: RunConfig
+    status: Status
+    result: dict[str, Any] | None = None
+    message: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+class Reporter(Protocol):
+    """What a sweep tells its user; the CLI shows it with rich, tests can record it."""
+
+    def plan(self, todo: list[RunConfig], done: int, total: int) -> None: ...
+    def run_started(self, cfg: RunConfig) -> None: ...
+    def progress(self, cfg: RunConfig, progress: Progress) -> None: ...
+    def run_finished(self, outcome: RunOutcome) -> None: ...
+
+
+def run_state(run_dir: Path) -> str:
+    """'completed', 'diverged' or 'failed' from result.json; 'partial' with only a checkpoint; else 'pending'."""
+    result = storage.read_json(run_dir / RESULT)
+    if isinstance(result, dict) and result.get("status") in ("completed", "diverged", "failed"):
+        return result["status"]
+    return "partial" if (run_dir / CHECKPOINT).exists() else "pending"
+
+
+def _failure_message(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "out of memory" in str(err).lower() or type(err).__name__ == "OutOfMemoryError":
+        return (f"out of memory ({text[:120]}); lower train.batch_size or set model.checkpointing: true "
+                "to trade compute for activation memory")
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"disk full while writing ({err.filename or 'run files'}); free space and re-run to resume"
+    return f"{type(err).__name__}: {text}"
+
+
+def execute_run(
+    cfg: RunConfig,
+    sweep_dir: Path,
+    *,
+    retry_failed: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RunOutcome:
+    """Claim, train and record one run; never raises for a failure inside the run itself."""
+    run_dir = sweep_dir / cfg.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / LOCK)
+    try:
+        # flock is released by the OS when its holder dies, so a killed sweep leaves no stale claim.
+        lock.acquire(timeout=0)
+    except Timeout:
+        return RunOutcome(cfg, "busy", message="being trained by another process")
+    try:
+        state = run_state(run_dir)
+        if state in ("completed", "diverged") or (state == "failed" and not retry_failed):
+            return RunOutcome(cfg, "skipped", storage.read_json(run_dir / RESULT))
+        notes: list[str] = []
+        if state in ("partial", "pending") and (run_dir / RESULT).exists():
+            notes.append(f"{cfg.run_id}: result.json is unreadable, redoing the run")
+        if state == "failed":
+            (run_dir / RESULT).unlink()
+        try:
+            result = train_run(cfg, run_dir, on_progress=on_progress, should_stop=should_stop, notes=notes)
+        except RunInterrupted:
+            return RunOutcome(cfg, "interrupted", notes=notes)
+        except DepthbenchError:
+            raise  # bad input is the user's to fix, not one run's failure
+        except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, and the sweep goes on
+            message = _failure_message(err)
+            try:
+                (run_dir / ERROR_LOG).write_text(traceback.format_exc(), encoding="utf-8")
+                storage.write_json(run_dir / RESULT, {"run_id": cfg.run_id, "status": "failed", "error": message})
+            except OSError:
+                pass  # the disk may be the failure; the console line still tells the user
+            return RunOutcome(cfg, "failed", message=message, notes=notes)
+        return RunOutcome(cfg, result["status"], result, notes=notes)
+    finally:
+        lock.release()
+
+
+class Executor(Protocol):
+    """Runs pending runs somewhere and yields their outcomes as they finish."""
+
+    def execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]: ...
+
+
+@dataclass
+class RunOptions:
+    retry_failed: bool = False
+    reporter: Reporter | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class LocalExecutor:
+    """One run after another in this process, so the dataset is loaded once for the whole sweep."""
+
+    def execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]:
+        reporter = options.reporter
+        for cfg in runs:
+            if options.stop.is_set():
+                return
+            if reporter:
+                reporter.run_started(cfg)
+            yield execute_run(
+                cfg, sweep_dir, retry_failed=options.retry_failed,
+                on_progress=(lambda p, c=cfg: reporter.progress(c, p)) if reporter else None,
+                should_stop=options.stop.is_set,
+            )
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: Path
+    outcomes: list[RunOutcome]
+    interrupted: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+
+def sweep_dir_for(sweep: SweepConfig, out: Path) -> Path:
+    return Path(out) / sweep.name
+
+
+def plan(sweep: SweepConfig, out: Path, *, device: str | None = None, retry_failed: bool = False
+         ) -> tuple[list[RunConfig], list[RunConfig]]:
+    """(all runs, runs still to do) for a sweep, with an optional device override applied."""
+    runs = sweep.runs()
+    if device:
+        runs = [r.model_copy(update={"train": r.train.model_copy(update={"device": device})}) for r in runs]
+    folder = sweep_dir_for(sweep, out)
+    finished = ("completed", "diverged") if retry_failed else ("completed", "diverged", "failed")
+    todo = [r for r in runs if run_state(folder / r.run_id) not in finished]
+    return runs, todo
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise DepthbenchError(f"cannot write to output folder '{folder}': {err.strerror or err}; "
+                              "choose another with --out") from None
+
+
+def run_sweep(
+    sweep: SweepConfig,
+    out: Path,
+    *,
+    device: str | None = None,
+    retry_failed: bool = False,
+    fail_fast: bool = False,
+    executor: Executor | None = None,
+    reporter: Reporter | None = None,
+    handle_signals: bool = True,
+) -> SweepOutcome:
+    """Train every run of the sweep that is not finished yet, then rebuild ``results.csv``."""
+    from depthbench.results import write_results  # results imports pandas; keep it off the planning path
+
+    folder = sweep_dir_for(sweep, out)
+    _check_writable(folder)
+    storage.write_text(folder / SWEEP_FILE, sweep_yaml(sweep))
+    runs, todo = plan(sweep, out, device=device, retry_failed=retry_failed)
+    if reporter:
+        reporter.plan(todo, len(runs) - len(todo), len(runs))
+
+    options = RunOptions(retry_failed=retry_failed, reporter=reporter)
+    restore = _install_stop_handlers(options.stop) if handle_signals else None
+    outcomes: list[RunOutcome] = []
+    try:
+        for outcome in (executor or LocalExecutor()).execute(todo, folder, options):
+            outcomes.append(outcome)
+            if reporter:
+                reporter.run_finished(outcome)
+            write_results(folder)
+            if outcome.status == "failed" and fail_fast:
+                break
+    finally:
+        if restore:
+            restore()
+    write_results(folder)
+    return SweepOutcome(folder, outcomes, interrupted=options.stop.is_set())
+
+
+def sweep_yaml(sweep: SweepConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
+
+
+def _install_stop_handlers(stop: threading.Event) -> Callable[[], None] | None:
+    """First Ctrl-C/SIGTERM asks the current run to checkpoint and stop; a second one aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny real configs, and the shared CIFAR-10 tarball when this machine has it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from depthbench.config import RunConfig, SweepConfig, parse_sweep
+
+ROOT = Path(__file__).parents[1]
+CIFAR_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def tiny_sweep(name: str = "tiny", **sections: dict) -> SweepConfig:
+    """A synthetic-data sweep that trains in about a second per run on one core."""
+    data = {
+        "name": name,
+        "dataset": {"name": "synthetic", "train_subset": 128, "test_subset": 64, "image_size": 8},
+        "model": {"width": 4},
+        "train": {"steps": 8, "batch_size": 16, "lr": 0.05, "eval_every": 4, "log_every": 2,
+                  "checkpoint_every": 4, "device": "cpu"},
+        "success": {"metric": "test_acc", "min": 0.0},
+        "grid": {"version": ["v1", "v2"], "depth": [8], "seed": [0]},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return parse_sweep(data)
+
+
+def tiny_run(**sections: dict) -> RunConfig:
+    return tiny_sweep(**sections).runs()[-1]
+
+
+@pytest.fixture(autouse=True)
+def _data_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keep every test's dataset cache out of the user's home and out of the repo.
+    monkeypatch.setenv("DEPTHBENCH_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+
+
+requires_cifar = pytest.mark.skipif(not CIFAR_JPEG.exists(), reason=f"{CIFAR_JPEG} is not on this machine")
