@@ -41,7 +41,7 @@ def command(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except DepthbenchError as err:
-            err_console.print(f"error: {err}", markup=False)
+            err_console.print(f"error: {err}", markup=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
 
     app.command()(wrapper)
@@ -75,7 +75,7 @@ def sweep(
     with RichReporter(console) as reporter:
         outcome = run_sweep(cfg, out, device=device, retry_failed=retry_failed, fail_fast=fail_fast, reporter=reporter)
     folder = sweep_dir_for(cfg, out)
-    failed, busy = outcome.count("failed"), outcome.count("busy")
+    failed, busy = len(outcome.failed), outcome.count("busy")
     console.print(f"results: {folder / 'results.csv'}")
     if busy:
         console.print(f"{busy} run(s) are being trained by another process; re-run later to pick up what is left")
@@ -166,6 +166,41 @@ def models(
             table.add_row(block, str(depth), str((depth - 2) // step), f"{count_params(nets['v1']):,}",
                           f"{count_params(nets['v2']):,}", f"{flops / 1e9:.3f}")
     console.print(table)
+
+
+@command
+def bench(
+    version: Annotated[str, typer.Option(help="v1 or v2.")] = "v2",
+    depth: Annotated[int, typer.Option(help="Depth of the net to time.")] = 56,
+    depths: Annotated[str | None, typer.Option(
+        help="Comma-separated depths, e.g. 20,56,110,164: a table of time and memory against depth, "
+             "with and without checkpointing, instead of the comparison.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 128,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per measurement, after the warmup.")] = 20,
+    warmup: Annotated[int, typer.Option(min=1, help="Untimed steps first (the first one is reported apart).")] = 3,
+    device: DeviceOption = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = "auto",
+    checkpointing: Annotated[bool, typer.Option("--checkpointing", help="Activation checkpointing, one segment per unit.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the trainer's model; compile time is reported apart.")] = False,
+    data: Annotated[str, typer.Option(
+        help="auto (the shared CIFAR-10 tarball if present, else synthetic), synthetic, or an image folder / .tar.gz.")] = "auto",
+    train_subset: Annotated[int, typer.Option(min=1, help="Training images to load.")] = 5000,
+    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers of the usual pipeline; default min(4, cores).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """Time the trainer against the usual torchvision + DataLoader script: images/s, speedup, MFU, memory."""
+    import json
+
+    from depthbench.bench import BenchSpec, parse_depths, render_bench, render_scaling, run_bench, run_scaling
+
+    spec = BenchSpec(version=version, depth=depth, batch_size=batch_size, steps=steps, warmup=warmup,
+                     device=device or "auto", precision=precision, checkpointing=checkpointing, compile=compile,
+                     data=data, train_subset=train_subset, workers=workers)
+    result = run_scaling(spec, parse_depths(depths)) if depths else run_bench(spec)
+    if json_output:
+        typer.echo(json.dumps(result))
+    else:
+        console.print(render_scaling(result) if depths else render_bench(result))
 
 
 def main() -> None:

@@ -89,6 +89,7 @@ class TrainConfig(_Section):
     compile: bool = False
     checkpoint_every: int = Field(1000, gt=0)
     keep_checkpoint: Literal["weights", "full", "none"] = "weights"
+    diagnose_steps: tuple[int, ...] = Field((), description="steps at which to record gradient/signal flow")
 
     @field_validator("device")
     @classmethod
@@ -183,7 +184,7 @@ class RunConfig(_Section):
     def content_hash(self) -> str:
         """Short hash of every setting that changes what is trained (not where or how it is logged)."""
         ident = self.model_dump(mode="json", exclude={"name", "version", "depth", "seed", "success"})
-        for key in _EXECUTION_KEYS:
+        for key in EXECUTION_KEYS:
             ident["train"].pop(key)
         blob = json.dumps(ident, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
@@ -191,7 +192,114 @@ class RunConfig(_Section):
 
 # Settings that change where or how a run executes and logs, never what it learns;
 # changing them must not orphan finished results, so they stay out of the run id.
-_EXECUTION_KEYS = ("device", "eval_every", "log_every", "eval_batch_size", "checkpoint_every", "keep_checkpoint", "compile")
+EXECUTION_KEYS = (
+    "device", "eval_every", "log_every", "eval_batch_size", "checkpoint_every", "keep_checkpoint", "compile",
+    "diagnose_steps",
+)
+
+
+Grid = dict[str, list[Any]]
+
+
+def _flatten_nested(grid: dict[Any, Any]) -> dict[str, Any]:
+    """`grid: {model: {width: [4, 8]}}` is the same axis as `grid: {model.width: [4, 8]}`."""
+    flat: dict[str, Any] = {}
+    for key, value in grid.items():
+        if isinstance(value, dict):
+            for sub, inner in _flatten_nested(value).items():
+                flat[f"{key}.{sub}"] = inner
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def _check_grid(grid: Grid) -> None:
+    for key in ("version", "depth"):
+        if key not in grid:
+            raise ValueError(f"needs a '{key}' list")
+    for key, values in grid.items():
+        if key not in GRID_RUN_KEYS:
+            _check_dotted(key)
+        if not isinstance(values, list):
+            raise ValueError(f"'{key}' must be a list of values, e.g. [{json.dumps(values)}]")
+        if not values:
+            raise ValueError(f"'{key}' is an empty list: give at least one value")
+        seen = [json.dumps(v, sort_keys=True) for v in values]
+        dupes = sorted({v for v in seen if seen.count(v) > 1})
+        if dupes:
+            raise ValueError(f"'{key}' lists {', '.join(dupes)} more than once")
+
+
+class ReferenceRow(_Section):
+    """One row of a published table: the settings that pick its runs, and the test error printed for them.
+
+    ``match`` holds ``version``, ``depth`` and dotted settings (``model.gate_bias: -6``); a run matches
+    when each equals the run's resolved value, ``model.unit`` counting the unit the version implies.
+    """
+
+    match: dict[str, Any] = Field(description="version, depth and dotted settings that pick the runs")
+    error: float | Literal["fail"] = Field(description="published test error in %, or 'fail' (above 20%)")
+    label: str = Field("", description="the row's name in the published table")
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _keys(cls, match: Any) -> Any:
+        if not isinstance(match, dict) or not match:
+            raise ValueError("must be a non-empty mapping of setting: value, e.g. {version: v1, depth: 110}")
+        match = _flatten_nested(match)
+        for key, value in match.items():
+            if key not in GRID_RUN_KEYS:
+                _check_dotted(key)
+            if isinstance(value, dict | list):
+                raise ValueError(f"'{key}' must be a single value, not {type(value).__name__}")
+        return match
+
+    @field_validator("error", mode="before")
+    @classmethod
+    def _percent(cls, value: Any) -> Any:
+        if value == "fail" or (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100):
+            return value
+        raise ValueError(f"must be a test error in percent (0 to 100) or 'fail' (got {value!r})")
+
+    def matches(self, run: RunConfig) -> bool:
+        from depthbench.models import VERSION_UNIT  # models imports nothing from here at module level
+
+        values = run.model_dump(mode="json")
+        for key, want in self.match.items():
+            have: Any = values
+            for part in key.split("."):
+                have = have.get(part) if isinstance(have, dict) else None
+            if key == "model.unit" and have is None:
+                have = VERSION_UNIT[run.version]
+            if not _same(have, want):
+                return False
+        return True
+
+    def describe(self) -> str:
+        return self.label or ", ".join(f"{k}={v}" for k, v in self.match.items())
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, where YAML's -6 and a float field's -6.0 are equal."""
+    number = (int, float)
+    if isinstance(a, number) and isinstance(b, number) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def _check_reference(sweep: SweepConfig, runs: list[RunConfig]) -> None:
+    """Every reference row picks some run, and no run is picked by two rows."""
+    picked: dict[str, int] = {}
+    for i, row in enumerate(sweep.reference):
+        hits = [run for run in runs if row.matches(run)]
+        if not hits:
+            raise ConfigError(f"reference[{i}] ({row.describe()}) matches no run of the grid")
+        for run in hits:
+            if run.run_id in picked:
+                other = sweep.reference[picked[run.run_id]].describe()
+                raise ConfigError(f"reference[{i}] ({row.describe()}) and reference[{picked[run.run_id]}] ({other}) "
+                                  f"both match run {run.run_id}; give them distinct settings")
+            picked[run.run_id] = i
 
 
 class SweepConfig(_Section):
@@ -201,7 +309,10 @@ class SweepConfig(_Section):
     train: TrainConfig = TrainConfig()
     success: SuccessConfig = SuccessConfig()
     resources: ResourcesConfig = ResourcesConfig()
-    grid: dict[str, list[Any]]
+    # One grid mapping, or a list of them (sub-grids) whose runs are concatenated: a paper table whose
+    # rows are not one cartesian product is a list of products. Runs shared by sub-grids train once.
+    grid: Grid | list[Grid]
+    reference: tuple[ReferenceRow, ...] = Field((), description="published results to report beside ours")
 
     @field_validator("name")
     @classmethod
@@ -212,57 +323,63 @@ class SweepConfig(_Section):
 
     @field_validator("grid", mode="before")
     @classmethod
-    def _flatten_nested(cls, grid: Any) -> Any:
-        # `grid: {model: {width: [4, 8]}}` is the same axis as `grid: {model.width: [4, 8]}`.
-        if not isinstance(grid, dict):
+    def _grid(cls, grid: Any) -> Any:
+        if isinstance(grid, dict):
+            grid = _flatten_nested(grid)
+            _check_grid(grid)
             return grid
-        flat: dict[str, Any] = {}
-        for key, value in grid.items():
-            if isinstance(value, dict):
-                for sub, inner in cls._flatten_nested(value).items():
-                    flat[f"{key}.{sub}"] = inner
-            else:
-                flat[str(key)] = value
+        if not isinstance(grid, list) or not grid:
+            raise ValueError("must be a mapping of setting: [values], or a non-empty list of such mappings")
+        flat = []
+        for i, sub in enumerate(grid):
+            where = f"sub-grid {i + 1} of {len(grid)}"
+            if not isinstance(sub, dict):
+                raise ValueError(f"{where} must be a mapping of setting: [values]")
+            try:
+                _check_grid(sub := _flatten_nested(sub))
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            flat.append(sub)
         return flat
 
-    @field_validator("grid")
-    @classmethod
-    def _grid(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for key in ("version", "depth"):
-            if key not in grid:
-                raise ValueError(f"needs a '{key}' list")
-        for key, values in grid.items():
-            if key not in GRID_RUN_KEYS:
-                _check_dotted(key)
-            if not values:
-                raise ValueError(f"'{key}' is an empty list: give at least one value")
-            seen = [json.dumps(v, sort_keys=True) for v in values]
-            dupes = sorted({v for v in seen if seen.count(v) > 1})
-            if dupes:
-                raise ValueError(f"'{key}' lists {', '.join(dupes)} more than once")
-        return grid
+    def grids(self) -> list[Grid]:
+        """Each (sub-)grid with a default seed axis, in a stable order: version, depth, seed, then the rest."""
+        ordered = []
+        for grid in self.grid if isinstance(self.grid, list) else [self.grid]:
+            grid = {"seed": [0], **grid}
+            order = [k for k in GRID_RUN_KEYS if k in grid] + [k for k in grid if k not in GRID_RUN_KEYS]
+            ordered.append({k: grid[k] for k in order})
+        return ordered
 
-    def axes(self) -> dict[str, list[Any]]:
-        """The grid with a default seed axis, in a stable order: version, depth, seed, then the rest."""
-        grid = {"seed": [0], **self.grid}
-        order = [k for k in GRID_RUN_KEYS if k in grid] + [k for k in grid if k not in GRID_RUN_KEYS]
-        return {k: grid[k] for k in order}
+    def axes(self) -> Grid:
+        """Every axis of the grid with the values any sub-grid gives it, in first-seen order."""
+        axes: Grid = {}
+        for grid in self.grids():
+            for key, values in grid.items():
+                known = axes.setdefault(key, [])
+                known += [v for v in values if v not in known]
+        return axes
 
     def runs(self) -> list[RunConfig]:
-        """Every grid combination as a validated RunConfig, in grid order."""
-        axes = self.axes()
-        base = self.model_dump(exclude={"grid", "resources"})
-        runs = []
-        for combo in itertools.product(*axes.values()):
-            data = json.loads(json.dumps(base))
-            for key, value in zip(axes, combo, strict=True):
-                _set_dotted(data, key, value)
-            try:
-                runs.append(RunConfig.model_validate(data))
-            except ValidationError as err:
-                setting = ", ".join(f"{k}={v}" for k, v in zip(axes, combo, strict=True))
-                raise ConfigError(f"{_first_error(err, RunConfig, prefix_grid=True)} (in grid run {setting})") from None
-        return runs
+        """Every grid combination as a validated RunConfig, in grid order (sub-grid by sub-grid)."""
+        base = self.model_dump(exclude={"grid", "resources", "reference"})
+        grids = self.grids()
+        runs: dict[str, RunConfig] = {}
+        for i, axes in enumerate(grids):
+            where = f"sub-grid {i + 1}, " if len(grids) > 1 else ""
+            for combo in itertools.product(*axes.values()):
+                data = json.loads(json.dumps(base))
+                for key, value in zip(axes, combo, strict=True):
+                    _set_dotted(data, key, value)
+                try:
+                    run = RunConfig.model_validate(data)
+                except ValidationError as err:
+                    setting = ", ".join(f"{k}={v}" for k, v in zip(axes, combo, strict=True))
+                    raise ConfigError(
+                        f"{_first_error(err, RunConfig, prefix_grid=True)} (in grid run {where}{setting})"
+                    ) from None
+                runs.setdefault(run.run_id, run)
+        return list(runs.values())
 
 
 GRID_RUN_KEYS = ("version", "depth", "seed")
@@ -335,7 +452,7 @@ def parse_sweep(data: Any, source: str = "config") -> SweepConfig:
     except ValidationError as err:
         raise ConfigError(f"{source}: {_first_error(err, SweepConfig)}") from None
     try:
-        sweep.runs()
+        _check_reference(sweep, sweep.runs())
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return sweep
@@ -379,6 +496,7 @@ __all__ = [
     "ConfigError",
     "DatasetConfig",
     "ModelConfig",
+    "ReferenceRow",
     "ResourcesConfig",
     "RunConfig",
     "SuccessConfig",

@@ -89,7 +89,7 @@ class TensorData:
 def data_root(cfg: DatasetConfig | None = None) -> Path:
     """Where datasets are read from and downloaded to: ``cfg.root``, else $DEPTHBENCH_DATA, else ~/.cache/depthbench.
 
-    Without a config it is the cache home, where decoded tensors and extracted archives go.
+    Without a config it is the cache home, where the decoded tensors are kept (``cache/``).
     """
     if cfg is not None and cfg.root is not None:
         return Path(cfg.root).expanduser()
@@ -411,8 +411,11 @@ def _tree_root(folder: Path) -> Path:
 
 
 def _scan_folder(folder: Path) -> tuple[_Tree, str]:
-    """Every non-hidden folder and file below train/ and test/, and a hash of the files' paths, sizes and
-    mtimes, so that any edit gives a new cache key. os.scandir lists CIFAR-10's 60,000 files in 0.2 s."""
+    """Every non-hidden folder and file below train/ and test/, and a fingerprint of them.
+
+    The fingerprint hashes each file's path, size and mtime, so any edit gives a new cache key.
+    os.scandir lists and stats CIFAR-10's 60,000 files in about 0.2 s.
+    """
     dirs, files, stamps = set(), [], []
     prefix = len(str(folder)) + 1
     stack = [str(folder / split) for split in ("train", "test") if (folder / split).is_dir()]
@@ -585,8 +588,8 @@ def _load_synthetic(cfg: DatasetConfig) -> TensorData:
     """A generated, learnable task that needs no files: small networks learn it in a few dozen steps.
 
     Each class has a fixed smooth colour template (a random 4x4 field per channel, upsampled). A sample
-    is its class template plus a smooth random field of similar strength (so a single pixel does not
-    give the class away) and pixel noise. Labels cycle through the classes, so every class gets
+    is its class template plus a weaker smooth random field of its own (so no single pixel gives the
+    class away) and pixel noise. Labels cycle through the classes, so every class gets
     ``n // C`` samples and the first ``n % C`` one more, as with the subsets of real datasets.
     """
     size = cfg.image_size or 32

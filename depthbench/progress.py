@@ -33,13 +33,15 @@ class RichReporter:
         self.run_task = self.live.add_task("", total=1, stats="", visible=False)
 
     def __enter__(self) -> RichReporter:
-        self.live.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.live.stop()
+        if self.live.live.is_started:  # stopping an unstarted display would still print a blank line
+            self.live.stop()
 
     def plan(self, todo: list[RunConfig], done: int, total: int) -> None:
+        # The live display starts only once the sweep is valid, so an error stays a clean single line.
+        self.live.start()
         self.live.update(self.sweep_task, total=total, completed=done)
         skipped = f", {done} already done (skipped)" if done else ""
         self.console.print(f"{total} runs in the sweep{skipped}, {len(todo)} to do")

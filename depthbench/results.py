@@ -14,7 +14,7 @@ import pandas as pd
 import yaml
 
 from depthbench import storage
-from depthbench.config import RunConfig, SuccessConfig
+from depthbench.config import EXECUTION_KEYS, RunConfig, SuccessConfig
 from depthbench.train import CONFIG, RESULT
 
 RESULTS_CSV = "results.csv"
@@ -70,7 +70,8 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     if not rows:
         return table
     flat = pd.DataFrame(settings)
-    varying = [c for c in flat.columns if flat[c].astype(str).nunique() > 1]
+    execution = {f"train.{key}" for key in EXECUTION_KEYS}  # where a run ran is not what it studied
+    varying = [c for c in flat.columns if c not in execution and flat[c].astype(str).nunique() > 1]
     for column in varying:
         table[column] = flat[column].map(lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v)
     return table.sort_values(["version", "depth", *varying, "seed"], kind="stable").reset_index(drop=True)

@@ -21,9 +21,9 @@ from typing import Any, Literal, Protocol
 from filelock import FileLock, Timeout
 
 from depthbench import storage
-from depthbench.config import RunConfig, SweepConfig
+from depthbench.config import RunConfig, SweepConfig, dump_run_config
 from depthbench.errors import DepthbenchError
-from depthbench.train import CHECKPOINT, ERROR_LOG, RESULT, Progress, RunInterrupted, train_run
+from depthbench.train import CHECKPOINT, CONFIG, ERROR_LOG, RESULT, Progress, RunInterrupted, train_run
 
 Status = Literal["completed", "diverged", "failed", "interrupted", "skipped", "busy"]
 SWEEP_FILE = "sweep.yaml"
@@ -73,6 +73,7 @@ def execute_run(
     retry_failed: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    tensorboard: bool = False,
 ) -> RunOutcome:
     """Claim, train and record one run; never raises for a failure inside the run itself."""
     run_dir = sweep_dir / cfg.run_id
@@ -92,22 +93,28 @@ def execute_run(
             notes.append(f"{cfg.run_id}: result.json is unreadable, redoing the run")
         if state == "failed":
             (run_dir / RESULT).unlink()
+        if tensorboard:
+            from depthbench.tracking import TensorBoardLogger
+
+            on_progress = TensorBoardLogger(run_dir, forward=on_progress)
         try:
             result = train_run(cfg, run_dir, on_progress=on_progress, should_stop=should_stop, notes=notes)
         except RunInterrupted:
             return RunOutcome(cfg, "interrupted", notes=notes)
-        except DepthbenchError:
-            raise  # bad input is the user's to fix, not one run's failure
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, and the sweep goes on
             message = _failure_message(err)
             try:
                 (run_dir / ERROR_LOG).write_text(traceback.format_exc(), encoding="utf-8")
+                if not (run_dir / CONFIG).exists():  # it failed before the trainer wrote it
+                    storage.write_text(run_dir / CONFIG, dump_run_config(cfg))
                 storage.write_json(run_dir / RESULT, {"run_id": cfg.run_id, "status": "failed", "error": message})
             except OSError:
                 pass  # the disk may be the failure; the console line still tells the user
             return RunOutcome(cfg, "failed", message=message, notes=notes)
         return RunOutcome(cfg, result["status"], result, notes=notes)
     finally:
+        if tensorboard and on_progress is not None and hasattr(on_progress, "close"):
+            on_progress.close()
         lock.release()
 
 
@@ -120,6 +127,7 @@ class Executor(Protocol):
 @dataclass
 class RunOptions:
     retry_failed: bool = False
+    tensorboard: bool = False
     reporter: Reporter | None = None
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -137,7 +145,7 @@ class LocalExecutor:
             yield execute_run(
                 cfg, sweep_dir, retry_failed=options.retry_failed,
                 on_progress=(lambda p, c=cfg: reporter.progress(c, p)) if reporter else None,
-                should_stop=options.stop.is_set,
+                should_stop=options.stop.is_set, tensorboard=options.tensorboard,
             )
 
 
@@ -146,6 +154,7 @@ class SweepOutcome:
     sweep_dir: Path
     outcomes: list[RunOutcome]
     interrupted: bool = False
+    failed: list[str] = field(default_factory=list)  # every failed run of the sweep, this time or before
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -188,33 +197,60 @@ def run_sweep(
     executor: Executor | None = None,
     reporter: Reporter | None = None,
     handle_signals: bool = True,
+    tensorboard: bool = False,
 ) -> SweepOutcome:
     """Train every run of the sweep that is not finished yet, then rebuild ``results.csv``."""
-    from depthbench.results import write_results  # results imports pandas; keep it off the planning path
-
     folder = sweep_dir_for(sweep, out)
-    _check_writable(folder)
-    storage.write_text(folder / SWEEP_FILE, sweep_yaml(sweep))
     runs, todo = plan(sweep, out, device=device, retry_failed=retry_failed)
+    preflight(todo)
+    _check_writable(folder)
+    try:
+        storage.write_text(folder / SWEEP_FILE, sweep_yaml(sweep))
+    except OSError as err:
+        raise DepthbenchError(f"cannot write {folder / SWEEP_FILE}: {err.strerror or err}") from None
     if reporter:
         reporter.plan(todo, len(runs) - len(todo), len(runs))
 
-    options = RunOptions(retry_failed=retry_failed, reporter=reporter)
+    options = RunOptions(retry_failed=retry_failed, tensorboard=tensorboard, reporter=reporter)
     restore = _install_stop_handlers(options.stop) if handle_signals else None
     outcomes: list[RunOutcome] = []
     try:
         for outcome in (executor or LocalExecutor()).execute(todo, folder, options):
             outcomes.append(outcome)
+            _refresh_results(folder, outcome)
             if reporter:
                 reporter.run_finished(outcome)
-            write_results(folder)
             if outcome.status == "failed" and fail_fast:
                 break
     finally:
         if restore:
             restore()
-    write_results(folder)
-    return SweepOutcome(folder, outcomes, interrupted=options.stop.is_set())
+    _refresh_results(folder)
+    failed = [r.run_id for r in runs if run_state(folder / r.run_id) == "failed"]
+    return SweepOutcome(folder, outcomes, interrupted=options.stop.is_set(), failed=failed)
+
+
+def preflight(runs: list[RunConfig]) -> None:
+    """Fail before anything is written if a device or dataset the runs need is not there."""
+    from depthbench.data import load_dataset
+    from depthbench.train import resolve_device
+
+    for device in sorted({r.train.device for r in runs}):
+        resolve_device(device)
+    for dataset in {r.dataset.model_dump_json(): r.dataset for r in runs}.values():
+        load_dataset(dataset)  # also warms the in-process cache the runs will use
+
+
+def _refresh_results(folder: Path, outcome: RunOutcome | None = None) -> None:
+    from depthbench.results import write_results  # results imports pandas; keep it off the planning path
+
+    try:
+        write_results(folder)
+    except OSError as err:
+        # The previous results.csv stays whole (atomic write); `depthbench report` rebuilds it later.
+        if outcome is not None:
+            outcome.notes.append(f"could not update results.csv ({err.strerror or err}); "
+                                 "run `depthbench report` once the problem is fixed")
 
 
 def sweep_yaml(sweep: SweepConfig) -> str:

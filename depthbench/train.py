@@ -136,6 +136,23 @@ def evaluate(
     return loss_sum.item() / len(x), correct.item() / len(x)
 
 
+def sgd_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+    autocast: Callable[[], Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward, backward and optimizer step on a prepared batch; the loss and logits, detached.
+
+    The trainer's step, shared with ``depthbench bench`` so that what is timed is what trains.
+    """
+    with autocast():
+        logits = model(xb)
+        loss = F.cross_entropy(logits.float(), yb)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
@@ -257,15 +274,14 @@ def train_run(
             xb = augment_batch(xb, gen)
         xb = normalize(xb, mean, std).contiguous(memory_format=memory_format)
         yb = train_y[idx]
+        if step in tc.diagnose_steps:
+            from depthbench.diagnose import record_step  # leaves weights, BN statistics and RNG untouched
+
+            record_step(model, xb, yb, step, run_dir)
         t_step = time.perf_counter()
-        with autocast():
-            logits = step_model(xb)
-            loss = F.cross_entropy(logits.float(), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach().double() * len(yb)
-        correct += (logits.detach().argmax(1) == yb).sum()
+        loss, logits = sgd_step(step_model, optimizer, xb, yb, autocast)
+        loss_sum += loss.double() * len(yb)
+        correct += (logits.argmax(1) == yb).sum()
         seen += len(yb)
         step += 1
         if tc.compile and compile_s == 0.0:

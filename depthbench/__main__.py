@@ -1,0 +1,5 @@
+"""`python -m depthbench` is the `depthbench` command."""
+
+from depthbench.cli import main
+
+main()

@@ -1,0 +1,199 @@
+"""The study's figures, as PNG files: error against depth, training curves, gradient flow per unit.
+
+Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no display, no global
+state), so plotting works on headless machines and from worker threads. Each function takes tidy
+data, writes one PNG and returns its path, or None when there is nothing to draw.
+
+A *series* is one line: a version with the settings that set it apart (``v1``, ``v2 unit=full_preact``).
+Colours follow the series, line styles the training step, so V1 and V2 read the same in every figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+_STYLES = ("-", "--", ":", "-.")
+_DPI = 100
+
+
+def _colours(labels: Sequence[str]) -> dict[str, str]:
+    palette = [f"C{i}" for i in range(10)] + ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79"]
+    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+
+
+def _depth_axis(ax: Axes, depths: Sequence[int]) -> None:
+    """Depth on a log axis when it spans a decade (20 ... 1001), labelled with the depths themselves."""
+    depths = sorted(set(depths))
+    if depths[0] > 0 and depths[-1] / depths[0] >= 10:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(depths)
+    ax.set_xticklabels([str(d) for d in depths])
+    ax.set_xlabel("depth (weight layers)")
+
+
+def _spans_decades(values: Sequence[float]) -> bool:
+    positive = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    return bool(positive) and max(positive) / min(positive) >= 10
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    return path
+
+
+def error_vs_depth(table: pd.DataFrame, series: Sequence[str], path: Path, title: str = "") -> Path | None:
+    """Final test error (%) against depth, a line per series: mean over seeds with ± 1 std error bars.
+
+    ``table`` has one row per run (``depth``, ``status``, ``test_acc`` and the ``series`` columns);
+    only completed runs count. A point's label gives its n where seeds are missing.
+    """
+    done = table[(table.status == "completed") & table.test_acc.notna()].copy()
+    if done.empty:
+        return None
+    done["error"] = 100 * (1 - done.test_acc.astype(float))
+    done["series"] = series_labels(done, series)
+    labels = list(dict.fromkeys(done.sort_values(list(series)).series))
+    colours = _colours(labels)
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for label in labels:
+        stats = done[done.series == label].groupby("depth").error.agg(["mean", "std", "count"]).reset_index()
+        ax.errorbar(stats.depth, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=4,
+                    color=colours[label], label=f"{label} (n = {_counts(stats['count'])})")
+    _depth_axis(ax, done.depth.tolist())
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title or "Final test error against depth (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _counts(counts: pd.Series) -> str:
+    values = sorted(set(int(c) for c in counts))
+    return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
+def series_labels(table: pd.DataFrame, series: Sequence[str]) -> pd.Series:
+    """``v1``, ``v2 unit=full_preact``: the version, then each other series setting as short key=value."""
+
+    def label(row: pd.Series) -> str:
+        parts = []
+        for key in series:
+            value = row[key]
+            if key == "version":
+                parts.insert(0, str(value))
+            elif not (isinstance(value, float) and math.isnan(value)):
+                parts.append(f"{key.split('.')[-1]}={value}")
+        return " ".join(parts)
+
+    return table.apply(label, axis=1) if len(table) else pd.Series(dtype=str)
+
+
+def training_curves(
+    curves: pd.DataFrame, path: Path, title: str = "",
+) -> Path | None:
+    """Training loss and test error against step, a column per depth, a line per series (the views of
+    [V1] Fig. 1 and [V2] Fig. 1/6). ``curves`` is tidy: ``series, depth, seed, step, train_loss, test_error``.
+    Lines are the mean over seeds, bands their min..max."""
+    if curves.empty:
+        return None
+    depths = sorted(curves.depth.unique())
+    labels = list(dict.fromkeys(curves.series))
+    colours = _colours(labels)
+    fig = Figure(figsize=(4.2 * len(depths), 6.4), layout="constrained")
+    axes = fig.subplots(2, len(depths), squeeze=False, sharex="col")
+    for col, depth in enumerate(depths):
+        top, bottom = axes[0][col], axes[1][col]
+        for label in labels:
+            part = curves[(curves.depth == depth) & (curves.series == label)]
+            for ax, column in ((top, "train_loss"), (bottom, "test_error")):
+                values = part.dropna(subset=[column]).groupby("step")[column].agg(["mean", "min", "max", "count"])
+                if values.empty:
+                    continue
+                n = int(values["count"].max())
+                ax.plot(values.index, values["mean"], color=colours[label], label=f"{label} (n = {n})")
+                if n > 1:
+                    ax.fill_between(values.index, values["min"], values["max"], color=colours[label], alpha=0.15)
+        top.set_title(f"depth {depth}")
+        if _spans_decades(curves.loc[curves.depth == depth, "train_loss"].tolist()):
+            top.set_yscale("log")
+        top.set_ylabel("training loss (cross-entropy)")
+        bottom.set_ylabel("test error (%)")
+        bottom.set_xlabel("training step (iterations)")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+        top.legend(fontsize="small")
+    fig.suptitle(title or "Training loss and test error against step (mean over seeds, band = min..max)")
+    return _save(fig, path)
+
+
+FLOW_MEASURES: dict[str, tuple[str, bool]] = {
+    # measure: (axis label, log scale)
+    "grad_input": ("||dL/dx_l|| at the unit's input", True),
+    "grad_params": ("||dL/dW_l|| of the unit's weights", True),
+    "cosine": ("cos(x_l, x_l+1)", False),
+    "shortcut_zeroed": ("shortcut energy zeroed by ReLU", False),
+}
+
+
+def unit_flow(
+    entries: Sequence[dict[str, Any]], path: Path, measures: Sequence[str] = ("grad_input",), title: str = "",
+) -> Path | None:
+    """Per-unit measures against unit index (a row per measure, a column per depth), a line per series
+    and step. ``entries`` are ``{"series", "depth", "step", "units"}``, ``units`` as :func:`depthbench.
+    diagnose.measure` gives them; entries that share series, depth and step (seeds) are averaged
+    (geometrically for gradient norms). Dotted verticals mark the first unit of each stage."""
+    if not entries:
+        return None
+    grouped: dict[tuple[str, int, int], list[list[dict[str, Any]]]] = defaultdict(list)
+    for entry in entries:
+        grouped[(entry["series"], int(entry["depth"]), int(entry["step"]))].append(entry["units"])
+    depths = sorted({k[1] for k in grouped})
+    labels = list(dict.fromkeys(k[0] for k in grouped))
+    colours = _colours(labels)
+    fig = Figure(figsize=(max(5.0, 4.6 * len(depths)), 2.9 * len(measures) + 0.6), layout="constrained")
+    axes = fig.subplots(len(measures), len(depths), squeeze=False, sharex="col")
+    for col, depth in enumerate(depths):
+        keys = sorted((k for k in grouped if k[1] == depth), key=lambda k: (labels.index(k[0]), k[2]))
+        steps = sorted({k[2] for k in keys})
+        for row, measure in enumerate(measures):
+            ax = axes[row][col]
+            label_text, log = FLOW_MEASURES[measure]
+            for key in keys:
+                runs = grouped[key]
+                values = np.array([[np.nan if u[measure] is None else u[measure] for u in units] for units in runs])
+                if np.all(np.isnan(values)):
+                    continue
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    line = np.exp(np.nanmean(np.log(values), axis=0)) if log else np.nanmean(values, axis=0)
+                step_text = "init" if key[2] == 0 else f"step {key[2]}"
+                n = f", n = {len(runs)}" if len(runs) > 1 else ""
+                ax.plot(np.arange(len(line)), line, color=colours[key[0]], lw=1.4,
+                        ls=_STYLES[steps.index(key[2]) % len(_STYLES)], label=f"{key[0]}, {step_text}{n}")
+            if log:
+                ax.set_yscale("log")
+            for index, unit in enumerate(grouped[keys[0]][0]):
+                if unit["reshapes"] and index > 0:
+                    ax.axvline(index, color="grey", ls=":", lw=0.8)
+            ax.set_ylabel(label_text)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(f"depth {depth} ({len(grouped[keys[0]][0])} residual units)")
+                ax.legend(fontsize="small")
+        axes[-1][col].set_xlabel("residual unit index (input side = 0)")
+    fig.suptitle(title or "Gradient flow per residual unit")
+    return _save(fig, path)
+
+
+__all__ = ["FLOW_MEASURES", "error_vs_depth", "series_labels", "training_curves", "unit_flow"]

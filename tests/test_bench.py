@@ -1,0 +1,157 @@
+"""`depthbench bench`: the fast path learns what the usual one does, and its figures add up.
+
+No timing is asserted (a shared machine makes timings flaky): the tests check that the trainer's
+fast path computes the usual pipeline's losses, and the structure and arithmetic of what bench reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from typer.testing import CliRunner
+
+from depthbench import bench
+from depthbench.augment import normalize
+from depthbench.cli import app
+from depthbench.config import DatasetConfig
+from depthbench.data import load_dataset
+from depthbench.models import build_model, count_params, forward_flops
+from depthbench.train import resolve_precision, sgd_step
+
+runner = CliRunner()
+TINY = ("--batch-size", "16", "--steps", "2", "--warmup", "1", "--data", "synthetic", "--train-subset", "64",
+        "--workers", "1")
+
+
+@pytest.fixture(autouse=True)
+def _small_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real peak uses 2048-4096 square matrices (seconds on a CPU); the arithmetic is the same.
+    monkeypatch.setattr(bench, "MATMUL_SIZES", {"cpu": (256,), "cuda": (256,)})
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["bench", *args], catch_exceptions=False)
+
+
+def test_fast_path_gives_the_usual_pipelines_losses() -> None:
+    """uint8 batch + normalize + channels_last + the trainer's sgd_step (fp32, no augmentation) against
+    torchvision ToTensor + Normalize on PIL images through a DataLoader into an NCHW model: same init,
+    same batches, same losses step after step."""
+    data = load_dataset(DatasetConfig(name="synthetic", train_subset=96, test_subset=10))
+    assert resolve_precision("auto", torch.device("cpu")) is None  # fp32 is what the trainer runs here
+    torch.manual_seed(0)
+    fast = build_model("v2", 8).to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(fast).to(memory_format=torch.contiguous_format)
+    assert fast.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.stem.conv.weight.is_contiguous()
+    sgd = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+    opt_fast, opt_plain = torch.optim.SGD(fast.parameters(), **sgd), torch.optim.SGD(plain.parameters(), **sgd)
+    batches = [torch.randperm(96, generator=torch.Generator().manual_seed(s))[:32].tolist() for s in range(5)]
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    usual = DataLoader(bench.PILImageSet(data.train_x, data.train_y, bench.usual_transform(data, augment=False)),
+                       batch_sampler=batches)
+
+    losses_fast, losses_plain = [], []
+    for idx, (x_plain, y_plain) in zip(batches, usual, strict=True):
+        x_fast = normalize(data.train_x[idx], mean, std).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(x_fast, x_plain, rtol=0, atol=1e-5)
+        assert torch.equal(data.train_y[idx], y_plain)
+        loss, _ = sgd_step(fast, opt_fast, x_fast, data.train_y[idx], nullcontext)
+        losses_fast.append(loss.item())
+
+        loss = F.cross_entropy(plain(x_plain), y_plain)
+        opt_plain.zero_grad()
+        loss.backward()
+        opt_plain.step()
+        losses_plain.append(loss.item())
+
+    assert losses_fast == pytest.approx(losses_plain, rel=1e-4, abs=1e-5)
+    assert losses_fast[-1] < losses_fast[0]  # and they are learning, not sitting still
+    for a, b in zip(fast.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_bench_json_reports_consistent_figures() -> None:
+    result = invoke("--depth", "8", *TINY, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    for key in ("img_per_s", "baseline_img_per_s", "speedup", "mfu", "peak_mem_mb", "step_s", "baseline_step_s",
+                "train_flops_per_img", "achieved_flops", "matmul_peak_flops", "eval_img_per_s", "setup_s",
+                "first_step_s", "overhead_s", "data_load_s"):
+        assert out[key] > 0, key
+    assert out["speedup"] == pytest.approx(out["img_per_s"] / out["baseline_img_per_s"])
+    assert out["step_s"] == pytest.approx(16 / out["img_per_s"])
+    assert out["baseline_step_s"] == pytest.approx(16 / out["baseline_img_per_s"])
+    assert out["achieved_flops"] == pytest.approx(out["train_flops_per_img"] * out["img_per_s"])
+    assert out["mfu"] == pytest.approx(out["achieved_flops"] / out["matmul_peak_flops"])
+    assert out["overhead_s"] >= out["data_load_s"] + out["setup_s"]
+    assert out["paper_run_h"] == pytest.approx(64_000 * out["step_s"] / 3600)
+    net = build_model("v2", 8)
+    assert out["train_flops_per_img"] == 3 * forward_flops(net) and out["params"] == count_params(net)
+    assert (out["depth"], out["block"], out["units_per_stage"], out["workers"]) == (8, "basic", 1, 1)
+    assert (out["device"], out["precision"], out["channels_last"], out["compile"]) == ("cpu", "float32", True, False)
+    assert out["data"].startswith("synthetic") and out["matmul_peak_size"] == 256
+    assert out["peak_mem_total_mb"] > out["peak_mem_mb"]
+
+
+def test_bench_scaling_prints_a_row_per_depth_with_and_without_checkpointing() -> None:
+    result = invoke("--depths", "8,11", *TINY)
+    assert result.exit_code == 0, result.output
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^│\s*(\d+) │.*$", result.stdout, re.MULTILINE)}
+    assert sorted(rows, key=int) == ["8", "11"]
+    assert "basic (1)" in rows["8"] and "bottleneck (1)" in rows["11"]
+    assert "1.00x" in rows["8"]  # time vs FLOPs is relative to the first depth
+    assert all(len(re.findall(r"\d MB", row)) == 2 for row in rows.values())  # memory without and with checkpointing
+    assert "note: " in result.stdout
+
+
+def test_linearity_notes_say_where_cost_is_not_linear() -> None:
+    rows = [
+        {"depth": 20, "block": "basic", "units_per_stage": 3, "train_flops_per_img": 1.0, "step_s": 1.0,
+         "peak_mem_mb": 90.0, "peak_mem_mb_ckpt": 30.0},
+        {"depth": 56, "block": "basic", "units_per_stage": 9, "train_flops_per_img": 3.0, "step_s": 3.3,
+         "peak_mem_mb": 270.0, "peak_mem_mb_ckpt": 60.0},
+        {"depth": 164, "block": "bottleneck", "units_per_stage": 18, "train_flops_per_img": 6.0, "step_s": 9.0,
+         "peak_mem_mb": 1000.0, "peak_mem_mb_ckpt": 100.0},
+    ]
+    bench._add_linearity(rows)
+    assert [r["time_vs_flops"] for r in rows] == pytest.approx([1.0, 1.1, 1.5])
+    assert [r["mem_per_unit_mb"] for r in rows] == pytest.approx([10.0, 10.0, 1000 / 54])
+    notes = bench.linearity_notes(rows)
+    assert notes == [
+        "depth 164 (bottleneck): a step takes 1.50x the time its FLOPs predict from depth 20",
+        "basic units: training memory per unit (MB) 20: 10.0, 56: 10.0: linear in depth",
+    ]
+
+
+def test_peak_memory_sees_an_allocation_and_not_what_came_before() -> None:
+    before = torch.ones(32 * 2**20)  # 128 MiB resident before the window: not counted
+    peak = bench.PeakMemory(torch.device("cpu"))
+    peak.start()
+    inside = torch.ones(64 * 2**20)  # 256 MiB allocated and touched inside it
+    del inside
+    above, total = peak.stop()
+    del before
+    assert 250 < above < 400 and total > above
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--depth", "57"), "error: depth 57 fits no block type: depth must be 6n+2 (basic) or 9n+2 (bottleneck)"),
+    (("--depths", "20,x"), "error: --depths '20,x' must be comma-separated whole numbers"),
+    (("--data", "/no/such/folder"), "error: --data '/no/such/folder' is neither auto, synthetic nor an existing"),
+    (("--precision", "fp16"), "error: --precision 'fp16' is unknown; auto, fp32 or bf16"),
+    (("--checkpointing", "--compile"), "error: --checkpointing and --compile do not combine"),
+])
+def test_bench_user_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith(message), result.output
+    assert "Traceback" not in result.output
