@@ -95,7 +95,8 @@ def bench_dataset(data: str, train_subset: int) -> tuple[DatasetConfig, str]:
     if not root.exists():
         raise DepthbenchError(f"--data '{data}' is neither auto, synthetic nor an existing image folder or archive")
     cfg = DatasetConfig(name="imagefolder", root=str(root), train_subset=train_subset, test_subset=TEST_SUBSET)
-    return cfg, f"{root.name}, {train_subset} train images"
+    what = "real CIFAR-10 (the shared JPEG tarball)" if root.resolve() == SHARED_CIFAR else f"images of {root}"
+    return cfg, f"{what}, {train_subset} train images"
 
 
 def run_config(spec: BenchSpec, dataset: DatasetConfig, depth: int | None = None, checkpointing: bool | None = None,
@@ -109,6 +110,7 @@ def run_config(spec: BenchSpec, dataset: DatasetConfig, depth: int | None = None
         raise DepthbenchError(f"--precision '{spec.precision}' is unknown; auto, fp32 or bf16")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec.device):
         raise DepthbenchError(f"--device '{spec.device}' is unknown; auto, cpu, cuda or cuda:N")
+    resolve_device(spec.device)  # no GPU for --device cuda is an error now, not after the data loaded
     ckpt = spec.checkpointing if checkpointing is None else checkpointing
     if ckpt and spec.compile:
         raise DepthbenchError("--checkpointing and --compile do not combine: the checkpoint's BN guard cannot be compiled")
@@ -359,7 +361,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> tup
     for n in MATMUL_SIZES["cuda" if device.type == "cuda" else "cpu"]:
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         out = torch.empty_like(a)
-        once = _timed(device, lambda: torch.mm(a, b, out=out))  # also the warmup
+        _timed(device, lambda: torch.mm(a, b, out=out))  # warmup: library handles, kernel choice
+        once = _timed(device, lambda: torch.mm(a, b, out=out))
         reps = max(1, math.ceil(0.25 / max(once, 1e-6)))
         for _ in range(3):
             seconds = _timed(device, lambda: [torch.mm(a, b, out=out) for _ in range(reps)])

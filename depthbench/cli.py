@@ -56,6 +56,30 @@ def sweep(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state; train nothing.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Re-run runs that failed before.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed run.")] = False,
+    tensorboard: Annotated[bool, typer.Option(
+        "--tensorboard", help="Also write TensorBoard event files into each run folder (needs tensorboard).")] = False,
+    executor: Annotated[str, typer.Option(
+        "--executor", help="Where runs train: local (this machine), ray (a Ray cluster) or slurm (SLURM jobs); "
+                           "see docs/cluster.md.")] = "local",
+    jobs: Annotated[int, typer.Option(
+        "--jobs", min=1, help="local: runs at once, each in its own process and, with several GPUs, on its own GPU.")] = 1,
+    address: Annotated[str | None, typer.Option(
+        "--address", help="ray: the cluster's address, or 'auto' for the one on this machine; "
+                          "default: start a private Ray instance here.")] = None,
+    max_restarts: Annotated[int | None, typer.Option(
+        "--max-restarts", min=0, help="ray, slurm: restarts of a run whose worker dies or job times out "
+                                      "(default: resources.max_restarts).")] = None,
+    partition: Annotated[str | None, typer.Option(
+        "--partition", help="slurm: the partition (default: resources.partition).")] = None,
+    time_min: Annotated[int | None, typer.Option(
+        "--time-min", min=1, help="slurm: time limit per job in minutes; longer runs are checkpointed and "
+                                  "requeued (default: resources.time_min).")] = None,
+    array_parallelism: Annotated[int | None, typer.Option(
+        "--array-parallelism", min=1, help="slurm: most jobs running at once (default: resources.array_parallelism).")
+    ] = None,
+    slurm_local: Annotated[bool, typer.Option(
+        "--slurm-local", help="slurm: run the jobs with submitit's local executor on this machine, to try a sweep "
+                              "before submitting it.")] = False,
 ) -> None:
     """Train every run of a sweep that is not finished yet; write runs/<name>/results.csv."""
     from depthbench.config import load_sweep
@@ -69,11 +93,23 @@ def sweep(
     if dry_run:
         _show_plan(cfg, out, device, retry_failed)
         return
+    if tensorboard:
+        from depthbench.tracking import require_tensorboard
+
+        require_tensorboard()  # fail before training anything
+    from depthbench.executors import make_executor
+
+    runner = make_executor(
+        executor, cfg.resources, jobs=jobs, address=address, slurm_local=slurm_local,
+        log=lambda line: console.print(line, markup=False, highlight=False),
+        max_restarts=max_restarts, partition=partition, time_min=time_min, array_parallelism=array_parallelism,
+    )
 
     from depthbench.progress import RichReporter
 
     with RichReporter(console) as reporter:
-        outcome = run_sweep(cfg, out, device=device, retry_failed=retry_failed, fail_fast=fail_fast, reporter=reporter)
+        outcome = run_sweep(cfg, out, device=device, retry_failed=retry_failed, fail_fast=fail_fast, reporter=reporter,
+                            tensorboard=tensorboard, executor=runner)
     folder = sweep_dir_for(cfg, out)
     failed, busy = len(outcome.failed), outcome.count("busy")
     console.print(f"results: {folder / 'results.csv'}")
@@ -113,9 +149,15 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> N
 def report(
     sweep_dir: Annotated[Path | None, typer.Argument(help="A sweep folder; default: every sweep under --out.")] = None,
     out: OutOption = Path("runs"),
+    group_by: Annotated[list[str] | None, typer.Option(
+        "--group-by", help="Grid axis that makes a table row, e.g. model.unit; repeat for more "
+                           "(default: depth and every varying setting). Runs differing in other axes are pooled.")] = None,
+    sort: Annotated[list[str] | None, typer.Option(
+        "--sort", help="Order rows by a row axis, e.g. depth or model.unit:desc; repeat for ties.")] = None,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG figures into the sweep folder.")] = True,
 ) -> None:
-    """Rebuild results.csv and write summary.csv and report.md: V1 vs V2 side by side per depth."""
-    from depthbench.report import build_report, find_sweeps, report_rows
+    """Rebuild results.csv; write summary.csv, report.md and plots: V1 vs V2 side by side per depth."""
+    from depthbench.report import build_report, find_sweeps
 
     root = sweep_dir or out
     if not root.is_dir():
@@ -124,22 +166,30 @@ def report(
     if not sweeps:
         raise DepthbenchError(f"no sweep results under '{root}'; run `depthbench sweep CONFIG` first")
     for folder in sweeps:
-        rep = build_report(folder)
+        rep = build_report(folder, group_by=group_by, sort=sort or (), plots=plots)
         if rep.summary.empty:
             console.print(f"{folder.name}: no runs yet")
             continue
-        header, cells = report_rows(rep.summary, rep.comparisons)
         done = int(rep.table.status.isin(("completed", "diverged", "failed")).sum())
-        table = Table(title=f"{folder.name}: V1 vs V2 by depth ({done}/{len(rep.table)} runs finished)",
+        by = rep.title.split(": ", 1)[1].removeprefix("ResNet ")
+        table = Table(title=f"{folder.name}: {by} ({done}/{len(rep.table)} runs finished)",
                       caption="acc = final test accuracy %, mean ± std over seeds")
-        for column in header:
+        for column in rep.header:
             table.add_column(column, justify="right")
-        for row in cells:
+        for row in rep.cells:
             table.add_row(*row)
         console.print(table)
-        for note in sorted({c.note for c in rep.comparisons if c.note}):
-            console.print(f"note: {note}")
-        console.print(f"wrote {folder / 'report.md'}, {folder / 'summary.csv'}, {folder / 'results.csv'}")
+        for note in rep.notes:
+            console.print(note.replace("Warning:", "warning:", 1).replace("Note:", "note:", 1))
+        if rep.reference:
+            ref = Table(title=f"{folder.name}: paper vs measured (test error %, fail = above 20%)")
+            for column in rep.reference[0]:
+                ref.add_column(column, justify="right")
+            for row in rep.reference[1]:
+                ref.add_row(*row)
+            console.print(ref)
+        written = [folder / "report.md", folder / "summary.csv", folder / "results.csv", *rep.plots.values()]
+        console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
 @command
@@ -201,6 +251,60 @@ def bench(
         typer.echo(json.dumps(result))
     else:
         console.print(render_scaling(result) if depths else render_bench(result))
+
+
+@command
+def diagnose(
+    version: Annotated[list[str] | None, typer.Option("--version", help="v1 or v2; repeat to compare (default: both).")] = None,
+    depth: Annotated[list[int] | None, typer.Option("--depth", help="Depth; repeat for several (default: 110).")] = None,
+    unit: Annotated[list[str] | None, typer.Option(
+        "--unit", help="Unit placement overriding the version's (original, bn_after_add, ...); repeat for several.")] = None,
+    shortcut_gate: Annotated[str, typer.Option("--shortcut-gate", help="Shortcut of same-shape units.")] = "identity",
+    gate_bias: Annotated[float, typer.Option("--gate-bias", help="Initial b_g of gating shortcuts.")] = 0.0,
+    width: Annotated[int, typer.Option(help="Base width (16 in the papers).")] = 16,
+    dataset: Annotated[str, typer.Option(help="cifar10, cifar100, imagefolder, digits or synthetic.")] = "cifar10",
+    data_root: Annotated[Path | None, typer.Option(help="Data folder or archive (imagefolder: required).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Resize images to this size.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images in the measured batch.")] = 16,
+    steps: Annotated[int, typer.Option(help="Also measure after this many SGD steps (0: initialisation only).")] = 0,
+    lr: Annotated[float, typer.Option(help="Constant learning rate of those steps.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the batch.")] = 0,
+    device: DeviceOption = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the run folders, diagnose.json/.csv/.png.")] = Path(
+        "runs/diagnose"),
+) -> None:
+    """Gradient and signal flow per residual unit at initialisation (and after --steps): V1 vs V2."""
+    from depthbench.diagnose import build_configs, diagnose as run_diagnose, summarize_row, write_outputs
+
+    if steps < 0:
+        raise DepthbenchError(f"--steps must be 0 or more (got {steps})")
+    configs = build_configs(
+        versions=version or ["v1", "v2"], depths=depth or [110], units=unit or [None],
+        model={"shortcut_gate": shortcut_gate, "gate_bias": gate_bias, "width": width},
+        dataset={"name": dataset, "root": str(data_root) if data_root else None, "image_size": image_size},
+        batch_size=batch_size, steps=steps, seed=seed, lr=lr, device=device or "auto",
+    )
+    diagnoses = run_diagnose(configs, out)
+    table = Table(title=f"Gradient and signal flow (batch of {batch_size} images, seed {seed})",
+                  caption="||g|| = norm of dL/dx at a unit's input; cos = mean cos(x_l, x_l+1); "
+                          "zeroed = share of shortcut energy a ReLU after the addition zeroes")
+    for column in ("net", "depth", "units", "step", "loss", "||g|| first", "||g|| middle", "||g|| last",
+                   "first/last", "mean cos", "zeroed", "seconds"):
+        table.add_column(column, justify="right")
+    for d in diagnoses:
+        for row in d.rows:
+            sm = summarize_row(row)
+            table.add_row(d.label, str(d.cfg.depth), str(sm["units"]), str(sm["step"]), _num(sm["loss"], ".3f"),
+                          _num(sm["grad_first"], ".3g"), _num(sm["grad_middle"], ".3g"), _num(sm["grad_last"], ".3g"),
+                          _num(sm["grad_first_over_last"], ".3g"), _num(sm["mean_cosine"], ".3f"),
+                          _num(sm["mean_shortcut_zeroed"], ".2%"), f"{d.seconds:.1f}")
+    console.print(table)
+    files = write_outputs(diagnoses, out)
+    console.print(f"wrote {', '.join(str(p) for p in files.values())}")
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def main() -> None:

@@ -97,13 +97,12 @@ def data_root(cfg: DatasetConfig | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "depthbench"
 
 
-def load_dataset(cfg: DatasetConfig, *, seed: int = 0) -> TensorData:
+def load_dataset(cfg: DatasetConfig) -> TensorData:
     """Load the dataset ``cfg`` describes, from the in-process memo or the disk cache when possible.
 
-    ``seed`` is accepted so callers can pass the run seed, but the data never depends on it: subsets
-    and splits use fixed seeds so that every run of a sweep sees the same images.
+    The data never depends on a run's seed: subsets and splits use fixed seeds so that every run of
+    a sweep sees the same images.
     """
-    del seed
     key = _memo_key(cfg)
     if key not in _MEMO:
         _MEMO[key] = _LOADERS[cfg.name](cfg)

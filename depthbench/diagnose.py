@@ -36,10 +36,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
 from depthbench import storage
 from depthbench.config import DatasetConfig, ModelConfig, RunConfig, TrainConfig
+from depthbench.errors import ConfigError, DepthbenchError
 from depthbench.models import GatedSum, ResNet
 
 DIAGNOSTICS = "diagnostics.jsonl"
@@ -202,10 +204,9 @@ def diagnosis_config(
     version: str, depth: int, *, dataset: DatasetConfig, model: ModelConfig, batch_size: int, steps: int,
     seed: int = 0, lr: float = 0.1, device: str = "auto",
 ) -> RunConfig:
-    """The run that ``diagnose`` trains: ``steps + 1`` SGD steps at a constant rate on un-augmented batches,
-    measured before the first step (initialisation) and before step ``steps + 1`` (after ``steps``
-    updates). The extra step is what the trainer needs to reach that point; its test evaluation is one
-    batch's worth of images."""
+    """The run that ``diagnose`` measures: measured before its first SGD step (initialisation) and, when
+    ``steps > 0``, again after ``steps`` updates at a constant learning rate on un-augmented batches. The
+    trainer measures before a step, so the run has ``steps + 1`` steps; its test evaluation is one batch."""
     return RunConfig(
         name="diagnose", version=version, depth=depth, seed=seed,
         dataset=dataset.model_copy(update={"augment": False, "test_subset": dataset.test_subset or batch_size}),
@@ -218,18 +219,82 @@ def diagnosis_config(
     )
 
 
+def build_configs(
+    *, versions: Sequence[str], depths: Sequence[int], units: Sequence[str | None], model: dict[str, Any],
+    dataset: dict[str, Any], batch_size: int, steps: int, seed: int = 0, lr: float = 0.1, device: str = "auto",
+) -> list[RunConfig]:
+    """The diagnosis runs for every (depth, version, unit), validated: a bad value is one ConfigError line
+    naming the setting."""
+    dataset_cfg = _validated(DatasetConfig, dataset, "dataset.")
+    model_cfgs = [_validated(ModelConfig, {**model, "unit": unit}, "model.") for unit in units]
+    return [
+        _validated(diagnosis_config, dict(
+            version=version, depth=depth, dataset=dataset_cfg, model=model_cfg, batch_size=batch_size, steps=steps,
+            seed=seed, lr=lr, device=device,
+        ))
+        for depth in depths for version in versions for model_cfg in model_cfgs
+    ]
+
+
+def _validated(build: Any, values: dict[str, Any], prefix: str = "") -> Any:
+    """``build(**values)`` (a config class or function), its first validation error as one ConfigError line."""
+    try:
+        return build.model_validate(values) if hasattr(build, "model_validate") else build(**values)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a check across fields (depth against block): its message says it all
+            raise ConfigError(message) from None
+        key = prefix + ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{key}: {message[0].lower()}{message[1:]} (got {first.get('input')!r})") from None
+
+
 def diagnose(configs: Sequence[RunConfig], out: Path) -> list[Diagnosis]:
-    """Train each config (see :func:`diagnosis_config`) into ``out/<run id>`` and read its measurements."""
+    """Measure each config (see :func:`diagnosis_config`) in ``out/<run id>`` and read the measurements back.
+
+    With a measurement at step 0 only, the net is built and measured without training (half the time of
+    a trained step, which matters at depth 1001 on a CPU); otherwise the one trainer runs it."""
     from depthbench.train import train_run  # the trainer imports this module; import it only when used
 
     found = []
     for cfg in configs:
         run_dir = Path(out) / cfg.run_id
         t0 = time.perf_counter()
-        train_run(cfg, run_dir)
+        if cfg.train.diagnose_steps == (0,):
+            measure_at_init(cfg, run_dir)
+        else:
+            train_run(cfg, run_dir)
         rows = [r for r in read_diagnostics(run_dir) if r["step"] in cfg.train.diagnose_steps]
         found.append(Diagnosis(cfg, run_dir, rows, time.perf_counter() - t0))
     return found
+
+
+def measure_at_init(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """Record what :func:`depthbench.train.train_run` records at step 0 of ``cfg``, without training: the
+    same seeded initial weights and the same first (un-augmented) batch. tests/test_diagnose.py checks
+    that the two rows agree, since this mirrors the trainer's seeding."""
+    from depthbench.augment import normalize
+    from depthbench.config import dump_run_config
+    from depthbench.data import load_dataset
+    from depthbench.models import model_from_config
+    from depthbench.train import CONFIG, BatchOrder, _mix, resolve_device
+
+    if cfg.dataset.augment:
+        raise DepthbenchError("measure_at_init reproduces un-augmented runs only; set dataset.augment to false")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.write_text(run_dir / CONFIG, dump_run_config(cfg))
+    data = load_dataset(cfg.dataset)
+    device = resolve_device(cfg.train.device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    torch.manual_seed(_mix(cfg.seed, 0, 2))  # the trainer's init seed for this run
+    model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels)
+    model = model.to(device=device, memory_format=memory_format).train()
+    idx = BatchOrder(len(data.train_x), cfg.train.batch_size, cfg.seed, torch.device("cpu"))(0)
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    xb = normalize(data.train_x[idx].to(device), mean, std).contiguous(memory_format=memory_format)
+    torch.manual_seed(_mix(cfg.seed, 0, 4))  # the global RNG state of the trainer's step 0 (dropout shortcuts)
+    return record_step(model, xb, data.train_y[idx].to(device), 0, run_dir)
 
 
 def tidy(diagnoses: Sequence[Diagnosis]) -> list[dict[str, Any]]:
@@ -240,5 +305,31 @@ def tidy(diagnoses: Sequence[Diagnosis]) -> list[dict[str, Any]]:
     ]
 
 
-__all__ = ["DIAGNOSTICS", "Diagnosis", "diagnose", "diagnosis_config", "measure", "read_diagnostics",
-           "record_step", "summarize_row", "tidy"]
+def write_outputs(diagnoses: Sequence[Diagnosis], out: Path) -> dict[str, Path]:
+    """``diagnose.json`` (per net and step: the summary and every unit), ``diagnose.csv`` (one row per unit)
+    and ``diagnose.png`` (gradient norm, cosine and zeroed shortcut energy per unit) in ``out``."""
+    import pandas as pd
+
+    from depthbench.plots import unit_flow
+
+    out = Path(out)
+    records = [
+        {"net": d.label, "version": d.cfg.version, "depth": d.cfg.depth, "seed": d.cfg.seed, "run_id": d.cfg.run_id,
+         "batch": row["batch"], "seconds": round(d.seconds, 2), **summarize_row(row), "units_detail": row["units"]}
+        for d in diagnoses for row in d.rows
+    ]
+    files = {"json": out / "diagnose.json", "csv": out / "diagnose.csv", "png": out / "diagnose.png"}
+    storage.write_json(files["json"], records)
+    storage.write_text(files["csv"], pd.DataFrame(tidy(diagnoses)).to_csv(index=False))
+    entries = [{"series": d.label, "depth": d.cfg.depth, "step": row["step"], "units": row["units"]}
+               for d in diagnoses for row in d.rows]
+    batch = diagnoses[0].cfg.train.batch_size if diagnoses else 0
+    unit_flow(entries, files["png"], measures=("grad_input", "cosine", "shortcut_zeroed"),
+              title=f"Gradient and signal flow per residual unit (one batch of {batch} images)")
+    return files
+
+
+__all__ = [
+    "DIAGNOSTICS", "Diagnosis", "build_configs", "diagnose", "diagnosis_config", "measure", "measure_at_init", "read_diagnostics",
+    "record_step", "summarize_row", "tidy", "write_outputs",
+]

@@ -11,6 +11,7 @@ Colours follow the series, line styles the training step, so V1 and V2 read the 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -175,7 +176,8 @@ def unit_flow(
                 values = np.array([[np.nan if u[measure] is None else u[measure] for u in units] for units in runs])
                 if np.all(np.isnan(values)):
                     continue
-                with np.errstate(divide="ignore", invalid="ignore"):
+                with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-None columns: units without the measure
                     line = np.exp(np.nanmean(np.log(values), axis=0)) if log else np.nanmean(values, axis=0)
                 step_text = "init" if key[2] == 0 else f"step {key[2]}"
                 n = f", n = {len(runs)}" if len(runs) > 1 else ""

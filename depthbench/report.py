@@ -1,31 +1,90 @@
-"""V1-vs-V2 statistics by depth, from a sweep's results table.
+"""V1-vs-V2 statistics by depth (or by any grid axis), published values beside ours, and the study's plots.
 
-For each configuration (depth, plus any other setting the grid varies) and version: how many runs
-finished, the success rate, test accuracy mean +- std over seeds, its 95% confidence interval, the
-median (the statistic the V2 paper reports) and the best, and the final training loss. Where both
-versions have results, the V2 - V1 difference of mean accuracy with a Welch t-test p-value.
+For each configuration (by default depth plus every other setting the grid varies; ``group_by`` picks
+other axes) and version: how many runs finished, the success rate, test accuracy mean ± sample std over
+seeds with its 95% t-interval, the median (the statistic [V2] reports) and the best, and the final
+training loss. Where both versions have results, V2 − V1 of mean accuracy with Welch's t-test: the
+p-value and the 95% interval of the difference (Welch–Satterthwaite degrees of freedom). Too few runs
+to test anything are said so in words, not left to a blank cell.
+
+A sweep whose config carries a ``reference`` (the paper's table, see configs/paper/) gets a second
+table: each published row beside the median test error of the runs it names, "fail" meaning an error
+above 20% as in [V2] Table 1. ``build_report`` also draws the figures of :mod:`depthbench.plots` into
+the sweep folder and links them from ``report.md``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from scipy import stats
 
 from depthbench import storage
+from depthbench.errors import DepthbenchError, did_you_mean
 from depthbench.results import setting_columns, write_results
 
 SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
 FINISHED = ("completed", "diverged", "failed")
+FAIL_ERROR = 20.0  # [V2] Table 1: "fail" means a test error above 20%
+WEAK_N = 5  # below this many runs per version a test can only flag large effects
+PLOT_FILES = {
+    "error_vs_depth": "error_vs_depth.png",
+    "curves": "curves.png",
+    "grad_flow": "grad_flow.png",
+}
 
 
-def summarize(table: pd.DataFrame) -> pd.DataFrame:
+# ---------------------------------------------------------------------------------------------
+# Grouping
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare(table: pd.DataFrame) -> pd.DataFrame:
+    """The results table as the report reads it: where ``model.unit`` varies, runs that left it to their
+    version show the unit that version implies (original for v1, full_preact for v2)."""
+    from depthbench.models import VERSION_UNIT
+
+    table = table.copy()
+    if "model.unit" in table.columns:
+        implied = table.version.map(VERSION_UNIT)
+        table["model.unit"] = table["model.unit"].where(table["model.unit"].notna(), implied)
+    return table
+
+
+def row_keys(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[str]:
+    """The axes that make a row of the report: ``group_by`` as given (checked against the grid's axes),
+    else depth and every varying setting. Version, unless grouped by, is the column split instead."""
+    axes = ["version", "depth", "seed", *setting_columns(table)]
+    if not group_by:
+        return ["depth", *setting_columns(table)]
+    for key in group_by:
+        if key not in axes:
+            raise DepthbenchError(
+                f"cannot group by '{key}'{did_you_mean(key, axes)}: it is not an axis that varies in this sweep; "
+                f"one of {', '.join(axes)}"
+            )
+    return list(dict.fromkeys(group_by))
+
+
+def _split(keys: Sequence[str]) -> list[str]:
+    return [] if "version" in keys else ["version"]
+
+
+def _key_tuple(key: Any) -> tuple:
+    return key if isinstance(key, tuple) else (key,)
+
+
+def summarize(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per (configuration, version) with the statistics over its seeds."""
-    keys = ["depth", *setting_columns(table), "version"]
+    table = prepare(table)
+    keys = [*row_keys(table, group_by), *_split(row_keys(table, group_by))]
     rows = []
     for key, group in table.groupby(keys, sort=True, dropna=False):
         finished = group[group.status.isin(FINISHED)]
@@ -34,7 +93,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
         mean, std = (acc.mean(), acc.std(ddof=1) if n > 1 else math.nan) if n else (math.nan, math.nan)
         half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
         rows.append({
-            **dict(zip(keys, key, strict=True)),
+            **dict(zip(keys, _key_tuple(key), strict=True)),
             "runs": len(group),
             "finished": len(finished),
             "success_rate": finished.success.astype(bool).mean() if len(finished) else math.nan,
@@ -52,19 +111,31 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# ---------------------------------------------------------------------------------------------
+# V2 - V1
+# ---------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """V2 minus V1 at one configuration."""
+    """V2 minus V1 of mean test accuracy at one configuration, with Welch's test and interval."""
 
     config: tuple
     diff: float
     p_value: float
     note: str
+    n_v1: int = 0
+    n_v2: int = 0
+    ci_low: float = math.nan
+    ci_high: float = math.nan
 
 
-def compare(table: pd.DataFrame) -> list[Comparison]:
+def compare(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[Comparison]:
     """Welch's t-test of V2 against V1 test accuracy at each configuration where both have runs."""
-    keys = ["depth", *setting_columns(table)]
+    table = prepare(table)
+    keys = row_keys(table, group_by)
+    if "version" in keys:
+        return []
     done = table[table.status == "completed"]
     comparisons = []
     for key, group in done.groupby(keys, sort=True, dropna=False):
@@ -73,19 +144,34 @@ def compare(table: pd.DataFrame) -> list[Comparison]:
         if v1.empty or v2.empty:
             continue
         diff = v2.mean() - v1.mean()
+        low = high = math.nan
         if min(len(v1), len(v2)) < 2:
             p, note = math.nan, "n < 2 per version: no test possible"
         else:
-            p = float(stats.ttest_ind(v2, v1, equal_var=False).pvalue)
-            note = "n < 5 per version: weak evidence" if min(len(v1), len(v2)) < 5 else ""
-            if math.isnan(p):  # identical values on both sides
+            test = stats.ttest_ind(v2, v1, equal_var=False)
+            p = float(test.pvalue)
+            note = f"n < {WEAK_N} per version: weak evidence" if min(len(v1), len(v2)) < WEAK_N else ""
+            if math.isnan(p):  # identical values on both sides: no spread to test against
                 p = 1.0 if diff == 0 else 0.0
-        comparisons.append(Comparison(key if isinstance(key, tuple) else (key,), diff, p, note))
+                low = high = diff
+            else:
+                interval = test.confidence_interval(0.95)
+                low, high = float(interval.low), float(interval.high)
+        comparisons.append(Comparison(_key_tuple(key), diff, p, note, len(v1), len(v2), low, high))
     return comparisons
 
 
+# ---------------------------------------------------------------------------------------------
+# The table, as strings for the console and report.md
+# ---------------------------------------------------------------------------------------------
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _pct(value: float) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+    return "-" if _missing(value) else f"{100 * value:.2f}"
 
 
 def _acc(row: pd.Series) -> str:
@@ -95,59 +181,256 @@ def _acc(row: pd.Series) -> str:
     return f"{100 * row.test_acc_mean:.2f}{spread}"
 
 
-def report_rows(summary: pd.DataFrame, comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
-    """The side-by-side table as header and string cells, shared by the console and report.md."""
-    config_keys = [c for c in summary.columns if c == "depth" or "." in c]
-    versions = sorted(summary.version.unique())
-    header = [*config_keys]
+def _ci(low: float, high: float, scale: float = 100, sign: str = "") -> str:
+    return "-" if _missing(low) else f"[{scale * low:{sign}.2f}, {scale * high:{sign}.2f}]"
+
+
+def _cell(value: Any) -> str:
+    if _missing(value):
+        return "-"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _stat_cells(row: pd.Series | None) -> list[str]:
+    if row is None:
+        return ["-"] * 7
+    return [
+        f"{row.finished}/{row.runs}",
+        "-" if math.isnan(row.success_rate) else f"{100 * row.success_rate:.0f}%",
+        _acc(row), _pct(row.test_acc_median), _pct(row.test_acc_best),
+        "-" if math.isnan(row.train_loss_mean) else f"{row.train_loss_mean:.3f}",
+        _ci(row.test_acc_ci95_low, row.test_acc_ci95_high),
+    ]
+
+
+_STAT_NAMES = ("runs", "success", "acc % mean ± std", "median", "best", "train loss", "95% CI")
+
+
+def _sort_value(value: Any) -> tuple:
+    # Missing values last, numbers by value, anything else by its text.
+    if _missing(value):
+        return (2, 0, "")
+    if isinstance(value, numbers.Real):
+        return (0, float(value), "")
+    return (1, 0, str(value))
+
+
+def parse_sort(sort: Sequence[str], keys: Sequence[str]) -> list[tuple[str, bool]]:
+    """``["depth", "model.unit:desc"]`` as (key, descending) pairs, each key one of the row keys."""
+    order = []
+    for item in sort:
+        key, _, direction = item.partition(":")
+        if direction not in ("", "asc", "desc"):
+            raise DepthbenchError(f"--sort {item}: the direction after ':' must be asc or desc")
+        if key not in keys:
+            raise DepthbenchError(
+                f"cannot sort by '{key}'{did_you_mean(key, keys)}: sort by a row key of the table, "
+                f"one of {', '.join(keys)} (use --group-by to change them)"
+            )
+        order.append((key, direction == "desc"))
+    return order
+
+
+def report_rows(
+    summary: pd.DataFrame, comparisons: list[Comparison], keys: Sequence[str] | None = None,
+    sort: Sequence[str] = (),
+) -> tuple[list[str], list[list[str]]]:
+    """The side-by-side table as header and string cells, shared by the console and report.md.
+
+    Rows are ``keys`` (default: depth and the varying settings), versions side by side unless
+    ``version`` is a row key. ``sort`` orders rows by row keys (``key`` or ``key:desc``)."""
+    keys = list(keys) if keys is not None else [c for c in summary.columns if c == "depth" or "." in c]
+    split = _split(keys)
+    versions = sorted(summary.version.unique()) if split else [None]
+    header = [*keys]
     for v in versions:
-        header += [f"{v.upper()} runs", f"{v.upper()} success", f"{v.upper()} acc % mean ± std",
-                   f"{v.upper()} median", f"{v.upper()} best", f"{v.upper()} train loss"]
+        header += [f"{v.upper()} {name}" if v else name for name in _STAT_NAMES]
     if comparisons:
-        header += ["V2−V1 (pts)", "p (Welch)"]
+        header += ["V2−V1 (pts)", "V2−V1 95% CI", "p (Welch)"]
     by_config = {c.config: c for c in comparisons}
-    cells = []
-    for key, group in summary.groupby(config_keys, sort=True, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        line = [str(k) for k in key]
+    rows: list[tuple[tuple, list[str]]] = []
+    for key, group in summary.groupby(keys, sort=True, dropna=False):
+        key = _key_tuple(key)
+        line = [_cell(k) for k in key]
         for v in versions:
-            match = group[group.version == v]
-            row = match.iloc[0] if len(match) else None
-            if row is None:
-                line += ["-"] * 6
-                continue
-            line += [
-                f"{row.finished}/{row.runs}",
-                "-" if math.isnan(row.success_rate) else f"{100 * row.success_rate:.0f}%",
-                _acc(row), _pct(row.test_acc_median), _pct(row.test_acc_best),
-                "-" if math.isnan(row.train_loss_mean) else f"{row.train_loss_mean:.3f}",
-            ]
+            match = group[group.version == v] if v else group
+            line += _stat_cells(match.iloc[0] if len(match) else None)
         if comparisons:
             c = by_config.get(key)
-            line += ["-", "-"] if c is None else [f"{100 * c.diff:+.2f}", "-" if math.isnan(c.p_value) else f"{c.p_value:.3f}"]
-        cells.append(line)
+            line += ["-"] * 3 if c is None else [
+                f"{100 * c.diff:+.2f}", _ci(c.ci_low, c.ci_high, sign="+"),
+                "-" if math.isnan(c.p_value) else f"{c.p_value:.3f}",
+            ]
+        rows.append((key, line))
+    for name, descending in reversed(parse_sort(sort, keys)):
+        index = keys.index(name)
+        rows.sort(key=lambda r: _sort_value(r[0][index]), reverse=descending)
+    return header, [line for _, line in rows]
+
+
+def _describe(keys: Sequence[str], config: tuple) -> str:
+    return ", ".join(f"{k} {_cell(v)}" for k, v in zip(keys, config, strict=True))
+
+
+def warnings(summary: pd.DataFrame, comparisons: list[Comparison], keys: Sequence[str]) -> list[str]:
+    """What the numbers cannot say, in words: too few runs to test, too few for more than a rough test."""
+    lines = []
+    untestable = [c for c in comparisons if min(c.n_v1, c.n_v2) < 2]
+    if untestable:
+        where = "; ".join(f"{_describe(keys, c.config)} (V1 n = {c.n_v1}, V2 n = {c.n_v2})" for c in untestable)
+        lines.append(f"Warning: too few runs to say anything about V2 − V1 at {where}: with one run a side the "
+                     "difference may be seed noise of any size. Run 2 or more seeds per version (5 for a usable test).")
+    weak = [c for c in comparisons if 2 <= min(c.n_v1, c.n_v2) < WEAK_N]
+    if weak:
+        where = "; ".join(_describe(keys, c.config) for c in weak)
+        lines.append(f"Note: n < {WEAK_N} per version: weak evidence at {where}. With so few seeds only a large "
+                     "difference can reach a small p-value, and a large p-value does not mean the versions are equal.")
+    single = int((summary.n < 2).sum()) if "n" in summary.columns else 0
+    if single and not untestable:
+        lines.append(f"Note: {single} configuration(s) have fewer than 2 completed runs: no spread or interval there.")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Published values beside ours
+# ---------------------------------------------------------------------------------------------
+
+
+def fail_error(success: Any) -> float:
+    """The test error (%) above which a run "fails": the sweep's success rule when it sets a minimum
+    test accuracy (0.80 for CIFAR-10, as [V2] Table 1's 20%), else 20%."""
+    if success.metric == "test_acc" and success.min is not None:
+        return 100 * (1 - success.min)
+    return FAIL_ERROR
+
+
+def reference_rows(
+    sweep: Any, sweep_dir: Path, table: pd.DataFrame,
+) -> tuple[list[str], list[list[str]]] | None:
+    """Each row of the sweep's ``reference`` beside the median test error of the runs it matches, or
+    None when the sweep has no reference. Diverged runs count as failed ones (no usable error); "fail"
+    is a median error above :func:`fail_error`."""
+    from depthbench.config import load_run_config
+    from depthbench.errors import ConfigError
+    from depthbench.train import CONFIG
+
+    if sweep is None or not sweep.reference:
+        return None
+    threshold = fail_error(sweep.success)
+    by_id = table.set_index("run_id")
+    configs = {}
+    for run_id in table.run_id:
+        try:
+            configs[run_id] = load_run_config(sweep_dir / run_id / CONFIG)
+        except (ConfigError, OSError):
+            continue
+    header = ["paper row", "settings", "paper error %", "our error % (median)", "ours mean ± std", "runs", "ours − paper"]
+    cells = []
+    for row in sweep.reference:
+        runs = by_id.loc[[run_id for run_id, cfg in configs.items() if row.matches(cfg)]]
+        done = runs[runs.status == "completed"]
+        errors = [100 * (1 - a) for a in done.test_acc.astype(float).dropna()]
+        errors += [math.inf] * int((runs.status == "diverged").sum())
+        median = float(pd.Series(errors).median()) if errors else math.nan
+        finite = pd.Series([e for e in errors if math.isfinite(e)])
+        if _missing(median):
+            ours = "-"
+        elif median > threshold:
+            ours = f"fail ({median:.2f})" if math.isfinite(median) else "fail (diverged)"
+        else:
+            ours = f"{median:.2f}"
+        spread = f"{finite.mean():.2f} ± {finite.std(ddof=1):.2f}" if len(finite) > 1 else (
+            f"{finite.iloc[0]:.2f}" if len(finite) else "-")
+        paper = "fail" if row.error == "fail" else f"{row.error:.2f}"
+        delta = (f"{median - row.error:+.2f}" if row.error != "fail" and math.isfinite(median) else "-")
+        settings = ", ".join(f"{k}={v}" for k, v in row.match.items())
+        finished = int(runs.status.isin(FINISHED).sum())
+        cells.append([row.label or "-", settings, paper, ours, spread, f"{finished}/{len(runs)}", delta])
     return header, cells
 
 
-def markdown(sweep_dir: Path, table: pd.DataFrame, summary: pd.DataFrame, comparisons: list[Comparison]) -> str:
-    header, cells = report_rows(summary, comparisons)
-    done = int(table.status.isin(FINISHED).sum())
-    lines = [
-        f"# {sweep_dir.name}: ResNet V1 vs V2 by depth",
-        "",
-        f"{done} of {len(table)} runs finished ({int((table.status == 'completed').sum())} completed, "
-        f"{int((table.status == 'diverged').sum())} diverged, {int((table.status == 'failed').sum())} failed). "
-        "Accuracy is final test accuracy in percent over completed runs (mean ± sample std over seeds); "
-        "success rate is over finished runs.",
-        "",
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _series(table: pd.DataFrame) -> list[str]:
+    """What tells the lines of a figure apart: the version and every varying setting (depth is the x axis)."""
+    return ["version", *setting_columns(table)]
+
+
+def _curves(sweep_dir: Path, table: pd.DataFrame, series: list[str]) -> pd.DataFrame:
+    from depthbench.plots import series_labels
+    from depthbench.train import METRICS
+
+    runs = table[table.status.isin(("completed", "diverged"))]
+    labels = series_labels(runs, series)
+    frames = []
+    for (_, run), label in zip(runs.iterrows(), labels, strict=True):
+        rows = storage.read_jsonl(sweep_dir / run.run_id / METRICS)
+        if not rows:
+            continue
+        frame = pd.DataFrame(rows)
+        frame["test_error"] = 100 * (1 - frame["test_acc"]) if "test_acc" in frame else math.nan
+        frame = frame.assign(series=label, depth=run.depth, seed=run.seed)
+        frames.append(frame[["series", "depth", "seed", "step", "train_loss", "test_error"]])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _flow_entries(sweep_dir: Path, table: pd.DataFrame, series: list[str]) -> list[dict[str, Any]]:
+    from depthbench.diagnose import read_diagnostics
+    from depthbench.plots import series_labels
+
+    labels = series_labels(table, series)
+    entries = []
+    for (_, run), label in zip(table.iterrows(), labels, strict=True):
+        for row in read_diagnostics(sweep_dir / run.run_id):
+            entries.append({"series": label, "depth": run.depth, "step": row["step"], "units": row["units"]})
+    return entries
+
+
+def draw_plots(sweep_dir: Path, table: pd.DataFrame) -> dict[str, Path]:
+    """Every figure the sweep has data for, written into the sweep folder: {name: path}."""
+    from depthbench import plots
+
+    table = prepare(table)
+    series = _series(table)
+    drawn = {
+        "error_vs_depth": plots.error_vs_depth(
+            table, series, sweep_dir / PLOT_FILES["error_vs_depth"],
+            title=f"{sweep_dir.name}: final test error against depth (mean ± std over seeds)"),
+        "curves": plots.training_curves(
+            _curves(sweep_dir, table, series), sweep_dir / PLOT_FILES["curves"],
+            title=f"{sweep_dir.name}: training loss and test error against step (mean over seeds, band = min..max)"),
+        "grad_flow": plots.unit_flow(
+            _flow_entries(sweep_dir, table, series), sweep_dir / PLOT_FILES["grad_flow"],
+            title=f"{sweep_dir.name}: gradient norm reaching each residual unit (geometric mean over seeds)"),
+    }
+    for name, path in drawn.items():
+        if path is None:  # nothing to draw now: drop a figure left from an earlier report
+            (sweep_dir / PLOT_FILES[name]).unlink(missing_ok=True)
+    return {name: path for name, path in drawn.items() if path is not None}
+
+
+_PLOT_CAPTIONS = {
+    "error_vs_depth": "Final test error against depth, one line per version (and setting), error bars ± 1 std over seeds.",
+    "curves": "Training loss (top) and test error (bottom) against step for each depth, the views of [V2] Fig. 1 and 6.",
+    "grad_flow": "Norm of the loss gradient reaching each residual unit's input (from diagnostics.jsonl, "
+                 "recorded at train.diagnose_steps); dotted lines mark the first unit of each stage.",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# report.md
+# ---------------------------------------------------------------------------------------------
+
+
+def _markdown_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> list[str]:
+    return [
         "| " + " | ".join(header) + " |",
         "| " + " | ".join("---" for _ in header) + " |",
         *("| " + " | ".join(row) + " |" for row in cells),
-        "",
     ]
-    notes = sorted({c.note for c in comparisons if c.note})
-    lines += [f"- Note: {n}." for n in notes]
-    return "\n".join(lines).rstrip() + "\n"
 
 
 @dataclass
@@ -157,17 +440,88 @@ class Report:
     summary: pd.DataFrame
     comparisons: list[Comparison]
     markdown: str
+    keys: list[str] = field(default_factory=list)
+    header: list[str] = field(default_factory=list)
+    cells: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    reference: tuple[list[str], list[list[str]]] | None = None
+    plots: dict[str, Path] = field(default_factory=dict)
+    fail_error: float = FAIL_ERROR
+
+    @property
+    def title(self) -> str:
+        default = self.keys == ["depth", *setting_columns(self.table)]
+        return f"{self.sweep_dir.name}: ResNet V1 vs V2 by {'depth' if default else ', '.join(self.keys)}"
 
 
-def build_report(sweep_dir: Path) -> Report:
-    """Rebuild results.csv from the run folders, then write summary.csv and report.md beside it."""
+def markdown(rep: Report) -> str:
+    table = rep.table
+    done = int(table.status.isin(FINISHED).sum())
+    pooled = [k for k in ["depth", *setting_columns(table)] if k not in rep.keys]
+    lines = [
+        f"# {rep.title}",
+        "",
+        f"{done} of {len(table)} runs finished ({int((table.status == 'completed').sum())} completed, "
+        f"{int((table.status == 'diverged').sum())} diverged, {int((table.status == 'failed').sum())} failed). "
+        "Accuracy is final test accuracy in percent over completed runs (mean ± sample std over seeds, "
+        "95% CI a t-interval of the mean); success rate is over finished runs."
+        + (f" Rows pool the runs of every {', '.join(pooled)}." if pooled else ""),
+        "",
+        *_markdown_table(rep.header, rep.cells),
+        "",
+        *(f"- {note}" for note in rep.notes),
+    ]
+    if rep.comparisons:
+        lines += ["", "V2−V1 is the difference of mean accuracy in percentage points; its 95% CI and p-value are "
+                  "Welch's t-test (unequal variances), which needs 2 or more completed runs per version."]
+    if rep.reference:
+        lines += ["", "## Paper vs measured", "",
+                  f"Test error in percent; the paper reports the median of 5 runs. \"fail\" means an error above "
+                  f"{rep.fail_error:g}% ([V2] Table 1 uses 20%; here the sweep's success rule); diverged runs "
+                  "count as failed.", "",
+                  *_markdown_table(*rep.reference)]
+    if rep.plots:
+        lines += ["", "## Plots", ""]
+        for name, path in rep.plots.items():
+            lines += [f"![{name}]({path.name})", "", _PLOT_CAPTIONS[name], ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _sweep_config(sweep_dir: Path) -> Any:
+    """The sweep's config as ``run_sweep`` saved it, or None when it is missing or no longer valid."""
+    from depthbench.config import load_sweep
+    from depthbench.errors import ConfigError
+
+    try:
+        return load_sweep(sweep_dir / "sweep.yaml")
+    except ConfigError:
+        return None
+
+
+def build_report(
+    sweep_dir: Path, *, group_by: Sequence[str] | None = None, sort: Sequence[str] = (), plots: bool = True,
+) -> Report:
+    """Rebuild results.csv from the run folders, then write summary.csv, report.md and the plots beside it."""
+    sweep_dir = Path(sweep_dir)
     table = write_results(sweep_dir)
-    summary = summarize(table) if len(table) else pd.DataFrame()
-    comparisons = compare(table) if len(table) else []
-    text = markdown(sweep_dir, table, summary, comparisons) if len(table) else f"# {sweep_dir.name}\n\nNo runs yet.\n"
+    if not len(table):
+        text = f"# {sweep_dir.name}\n\nNo runs yet.\n"
+        storage.write_text(sweep_dir / SUMMARY_CSV, pd.DataFrame().to_csv(index=False))
+        storage.write_text(sweep_dir / REPORT_MD, text)
+        return Report(sweep_dir, table, pd.DataFrame(), [], text)
+    keys = row_keys(prepare(table), group_by)
+    summary = summarize(table, keys)
+    comparisons = compare(table, keys)
+    header, cells = report_rows(summary, comparisons, keys, sort)
+    sweep = _sweep_config(sweep_dir)
+    rep = Report(sweep_dir, table, summary, comparisons, "", keys, header, cells,
+                 warnings(summary, comparisons, keys), reference_rows(sweep, sweep_dir, table),
+                 draw_plots(sweep_dir, table) if plots else {},
+                 fail_error(sweep.success) if sweep else FAIL_ERROR)
+    rep.markdown = markdown(rep)
     storage.write_text(sweep_dir / SUMMARY_CSV, summary.to_csv(index=False))
-    storage.write_text(sweep_dir / REPORT_MD, text)
-    return Report(sweep_dir, table, summary, comparisons, text)
+    storage.write_text(sweep_dir / REPORT_MD, rep.markdown)
+    return rep
 
 
 def find_sweeps(root: Path) -> list[Path]:

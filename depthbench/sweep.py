@@ -99,8 +99,8 @@ def execute_run(
             on_progress = TensorBoardLogger(run_dir, forward=on_progress)
         try:
             result = train_run(cfg, run_dir, on_progress=on_progress, should_stop=should_stop, notes=notes)
-        except RunInterrupted:
-            return RunOutcome(cfg, "interrupted", notes=notes)
+        except RunInterrupted as stop:
+            return RunOutcome(cfg, "interrupted", message=str(stop), notes=notes)
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, and the sweep goes on
             message = _failure_message(err)
             try:
@@ -119,7 +119,12 @@ def execute_run(
 
 
 class Executor(Protocol):
-    """Runs pending runs somewhere and yields their outcomes as they finish."""
+    """Runs pending runs somewhere and yields their outcomes as they finish.
+
+    ``remote`` is true when the runs train on other machines, whose devices this one cannot check.
+    """
+
+    remote: bool
 
     def execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]: ...
 
@@ -134,6 +139,8 @@ class RunOptions:
 
 class LocalExecutor:
     """One run after another in this process, so the dataset is loaded once for the whole sweep."""
+
+    remote = False
 
     def execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]:
         reporter = options.reporter
@@ -202,7 +209,7 @@ def run_sweep(
     """Train every run of the sweep that is not finished yet, then rebuild ``results.csv``."""
     folder = sweep_dir_for(sweep, out)
     runs, todo = plan(sweep, out, device=device, retry_failed=retry_failed)
-    preflight(todo)
+    preflight(todo, devices=not getattr(executor, "remote", False))
     _check_writable(folder)
     try:
         storage.write_text(folder / SWEEP_FILE, sweep_yaml(sweep))
@@ -230,12 +237,12 @@ def run_sweep(
     return SweepOutcome(folder, outcomes, interrupted=options.stop.is_set(), failed=failed)
 
 
-def preflight(runs: list[RunConfig]) -> None:
-    """Fail before anything is written if a device or dataset the runs need is not there."""
+def preflight(runs: list[RunConfig], *, devices: bool = True) -> None:
+    """Fail before anything is written if a device (when ``devices``) or dataset the runs need is not there."""
     from depthbench.data import load_dataset
     from depthbench.train import resolve_device
 
-    for device in sorted({r.train.device for r in runs}):
+    for device in sorted({r.train.device for r in runs}) if devices else ():
         resolve_device(device)
     for dataset in {r.dataset.model_dump_json(): r.dataset for r in runs}.values():
         load_dataset(dataset)  # also warms the in-process cache the runs will use

@@ -222,7 +222,7 @@ def train_run(
         notes.append(f"{cfg.run_id}: checkpoint is unreadable, starting the run over")
         (run_dir / CHECKPOINT).unlink()
     if state is None:
-        step, best, elapsed_before, window, rows_written = 0, float("nan"), 0.0, (0.0, 0, 0), 0
+        step, best, elapsed_before, window, rows_written = 0, float("nan"), 0.0, (0.0, 0, 0, 0.0), 0
         last_eval: dict[str, float] = {}
         metrics_path.unlink(missing_ok=True)
     else:
@@ -241,17 +241,17 @@ def train_run(
 
     loss_sum = torch.tensor(window[0], device=device, dtype=torch.float64)
     correct = torch.tensor(window[1], device=device, dtype=torch.int64)
-    seen = window[2]
+    seen, train_s_window = window[2], window[3]  # the open log window: sums, images, seconds
     compile_s = 0.0
     t_resume = time.perf_counter()
-    t_window, train_s_window = time.perf_counter(), 0.0
+    t_window = time.perf_counter()
     status = "completed"
 
-    def checkpoint(final: dict[str, Any] | None = None) -> None:
+    def checkpoint(final: dict[str, Any] | None = None, window_s: float = 0.0) -> None:
         storage.save_torch(run_dir / CHECKPOINT, {
             "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "best_test_acc": best, "last_eval": last_eval, "final": final, "rows": rows_written,
-            "window": (loss_sum.item(), correct.item(), seen),
+            "window": (loss_sum.item(), correct.item(), seen, window_s),
             "elapsed_s": elapsed_before + time.perf_counter() - t_resume, "config": cfg.model_dump(mode="json"),
         })
 
@@ -260,8 +260,8 @@ def train_run(
     while final is None and step < tc.steps:
         # Stop requests are honoured between steps, after which the checkpoint is exact.
         if should_stop and should_stop():
-            checkpoint()
-            raise RunInterrupted(cfg.run_id)
+            checkpoint(window_s=train_s_window + time.perf_counter() - t_window)
+            raise RunInterrupted(f"stopped at step {step}/{tc.steps}, checkpoint saved")
 
         # One SGD step on an augmented batch.
         for group in optimizer.param_groups:

@@ -26,6 +26,7 @@ from depthbench.models import build_model, count_params, forward_flops
 from depthbench.train import resolve_precision, sgd_step
 
 runner = CliRunner()
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))
 TINY = ("--batch-size", "16", "--steps", "2", "--warmup", "1", "--data", "synthetic", "--train-subset", "64",
         "--workers", "1")
 
@@ -40,43 +41,44 @@ def invoke(*args: str):
     return runner.invoke(app, ["bench", *args], catch_exceptions=False)
 
 
-def test_fast_path_gives_the_usual_pipelines_losses() -> None:
-    """uint8 batch + normalize + channels_last + the trainer's sgd_step (fp32, no augmentation) against
-    torchvision ToTensor + Normalize on PIL images through a DataLoader into an NCHW model: same init,
-    same batches, same losses step after step."""
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_fast_path_gives_the_usual_pipelines_losses(device: str) -> None:
+    """uint8 batch on the device + normalize + channels_last + the trainer's sgd_step (fp32, no augmentation)
+    against torchvision ToTensor + Normalize on PIL images through a DataLoader into an NCHW model: same
+    init, same batches, same losses step after step."""
     data = load_dataset(DatasetConfig(name="synthetic", train_subset=96, test_subset=10))
-    assert resolve_precision("auto", torch.device("cpu")) is None  # fp32 is what the trainer runs here
     torch.manual_seed(0)
-    fast = build_model("v2", 8).to(memory_format=torch.channels_last)
+    fast = build_model("v2", 8).to(device=device, memory_format=torch.channels_last)
     plain = copy.deepcopy(fast).to(memory_format=torch.contiguous_format)
     assert fast.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert plain.stem.conv.weight.is_contiguous()
     sgd = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
     opt_fast, opt_plain = torch.optim.SGD(fast.parameters(), **sgd), torch.optim.SGD(plain.parameters(), **sgd)
-    batches = [torch.randperm(96, generator=torch.Generator().manual_seed(s))[:32].tolist() for s in range(5)]
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    batches = [torch.randperm(96, generator=torch.Generator().manual_seed(s))[:64].tolist() for s in range(4)]
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
     usual = DataLoader(bench.PILImageSet(data.train_x, data.train_y, bench.usual_transform(data, augment=False)),
                        batch_sampler=batches)
 
     losses_fast, losses_plain = [], []
-    for idx, (x_plain, y_plain) in zip(batches, usual, strict=True):
-        x_fast = normalize(data.train_x[idx], mean, std).contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(x_fast, x_plain, rtol=0, atol=1e-5)
-        assert torch.equal(data.train_y[idx], y_plain)
-        loss, _ = sgd_step(fast, opt_fast, x_fast, data.train_y[idx], nullcontext)
-        losses_fast.append(loss.item())
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 means fp32 on CUDA too
+        for idx, (x_plain, y_plain) in zip(batches, usual, strict=True):
+            x_plain, y_plain = x_plain.to(device), y_plain.to(device)
+            x_fast = normalize(train_x[idx], mean, std).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(x_fast, x_plain, rtol=0, atol=1e-5)
+            assert torch.equal(train_y[idx], y_plain)
+            loss, _ = sgd_step(fast, opt_fast, x_fast, train_y[idx], nullcontext)
+            losses_fast.append(loss.item())
 
-        loss = F.cross_entropy(plain(x_plain), y_plain)
-        opt_plain.zero_grad()
-        loss.backward()
-        opt_plain.step()
-        losses_plain.append(loss.item())
+            loss = F.cross_entropy(plain(x_plain), y_plain)
+            opt_plain.zero_grad()
+            loss.backward()
+            opt_plain.step()
+            losses_plain.append(loss.item())
 
     assert losses_fast == pytest.approx(losses_plain, rel=1e-4, abs=1e-5)
     assert losses_fast[-1] < losses_fast[0]  # and they are learning, not sitting still
-    for a, b in zip(fast.parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_bench_json_reports_consistent_figures() -> None:
@@ -111,6 +113,23 @@ def test_bench_scaling_prints_a_row_per_depth_with_and_without_checkpointing() -
     assert "1.00x" in rows["8"]  # time vs FLOPs is relative to the first depth
     assert all(len(re.findall(r"\d MB", row)) == 2 for row in rows.values())  # memory without and with checkpointing
     assert "note: " in result.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_bench_runs_bf16_and_reports_the_allocator_peak() -> None:
+    assert resolve_precision("auto", torch.device("cuda")) == torch.bfloat16
+    result = invoke("--depth", "8", *TINY, "--device", "cuda", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert (out["device"], out["precision"]) == ("cuda", "bfloat16")
+    assert out["peak_mem_mb"] > 0 and out["peak_mem_total_mb"] > out["peak_mem_mb"]
+    assert out["speedup"] == pytest.approx(out["img_per_s"] / out["baseline_img_per_s"])
+    assert out["mfu"] == pytest.approx(out["achieved_flops"] / out["matmul_peak_flops"])
+
+
+def test_cpu_auto_precision_is_fp32_on_a_cpu_without_bf16_units() -> None:
+    # bf16 autocast on a CPU without AVX512-BF16/AMX is emulated and slower than fp32 (BENCHMARKS.md).
+    assert resolve_precision("auto", torch.device("cpu")) is None
 
 
 def test_linearity_notes_say_where_cost_is_not_linear() -> None:

@@ -1,0 +1,303 @@
+"""The executors on real engines: worker processes, a local Ray instance, submitit's local stand-in for SLURM.
+
+Each sweep here must give the same learned numbers as the plain in-process executor. CPU results
+depend on torch's thread count, and every executor's workers train on one thread here (2 cores,
+2 jobs; resources.cpus_per_run 1), so the reference sweep does too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from depthbench import storage
+from depthbench.cli import app
+from depthbench.config import SweepConfig
+from depthbench.executors import ParallelExecutor, RayExecutor, SlurmExecutor
+from depthbench.sweep import SweepOutcome, run_sweep, sweep_yaml
+from tests.conftest import tiny_sweep
+
+runner = CliRunner()
+# What a run learned; wall time and speed differ between any two runs.
+LEARNED = ["run_id", "version", "depth", "seed", "block", "params", "status", "success", "steps",
+           "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc"]
+CRASH_SWEEP = "crash"  # Ray workers kill themselves once in a sweep of this name, see `ray_cluster`
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sweep(out: Path, cfg: SweepConfig, executor: object = None) -> SweepOutcome:
+    return run_sweep(cfg, out, executor=executor, handle_signals=False)
+
+
+def learned(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "results.csv")[LEARNED]
+
+
+def steps(run_dir: Path) -> list[int]:
+    return [row["step"] for row in storage.read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def write_config(path: Path, cfg: SweepConfig) -> Path:
+    path.write_text(sweep_yaml(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> pd.DataFrame:
+    """The tiny sweep (v1 and v2, depth 8, seed 0) trained one run after another in this process."""
+    out = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEPTHBENCH_DATA", str(out / "data"))
+        sweep(out, tiny_sweep())
+    table = learned(out / "tiny")
+    assert list(table.status) == ["completed", "completed"]
+    return table
+
+
+# --- local --jobs -----------------------------------------------------------------------------------
+
+
+def test_local_jobs_2_matches_sequential(reference: pd.DataFrame, tmp_path: Path) -> None:
+    lines: list[str] = []
+    outcome = sweep(tmp_path, tiny_sweep(), ParallelExecutor(2, log=lines.append))
+    assert sorted(o.status for o in outcome.outcomes) == ["completed", "completed"]
+    pd.testing.assert_frame_equal(learned(tmp_path / "tiny"), reference)
+    assert sum("up: 1 CPU thread(s)" in line for line in lines) == 2  # 2 cores split between 2 workers
+    assert sum(line.startswith("started ") for line in lines) == 2
+
+
+def test_local_jobs_pin_each_worker_to_its_own_gpu() -> None:
+    # The GPU list is given, so this runs anywhere: what is checked is the assignment itself,
+    # made in each worker before torch could initialise CUDA (the workers never touch a GPU here).
+    pool, events, _ = ParallelExecutor(2)._open_pool(["0", "1"])
+    with pool:
+        assert list(pool.map(abs, [-1, -2])) == [1, 2]  # each submit starts a worker, up to --jobs
+        workers = dict(events.get(timeout=60)[1:] for _ in range(2))
+    assert len(workers) == 2 and sorted(gpu for gpu, _ in workers.values()) == ["0", "1"]
+
+
+# --- ray --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real Ray instance on loopback, 2 CPUs, a small object store; yields its scratch folder.
+
+    Every worker runs a setup hook: in a sweep named CRASH_SWEEP, the first checkpoint written kills
+    its worker process (SIGKILL, as the OOM killer would), once, after saving a copy of the metrics
+    log as it was, so the test can tell a resumed run from a restarted one.
+    """
+    ray = pytest.importorskip("ray")
+    scratch = tmp_path_factory.mktemp("ray")
+    marker = scratch / "killed"
+
+    def die_after_first_checkpoint() -> None:
+        from depthbench import storage as worker_storage
+
+        save = worker_storage.save_torch
+
+        def save_then_die(path: Path, obj: object) -> None:
+            save(path, obj)
+            if path.name == "checkpoint.pt" and path.parent.parent.name == CRASH_SWEEP and not marker.exists():
+                marker.write_text((path.parent / "metrics.jsonl").read_text())
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        worker_storage.save_torch = save_then_die
+
+    with pytest.MonkeyPatch.context() as mp:
+        # Ray binds to loopback only when it believes multi-node clusters are off (read at import).
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setattr("ray._private.ray_constants.ENABLE_RAY_CLUSTER", False)
+        mp.setenv("DEPTHBENCH_DATA", str(scratch / "data"))
+        ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+                 runtime_env={"worker_process_setup_hook": die_after_first_checkpoint})
+        try:
+            yield scratch
+        finally:
+            ray.shutdown()
+
+
+def test_ray_cli_sweep_matches_local(ray_cluster: Path, reference: pd.DataFrame, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "tiny.yaml", tiny_sweep())
+    result = runner.invoke(app, ["sweep", str(config), "--executor", "ray", "--out", str(tmp_path)],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(learned(tmp_path / "tiny"), reference)
+    assert result.output.count("started v") == 2 and "on 127.0.0.1 (" in result.output
+    assert not list((tmp_path / "tiny").glob(".ray-probe*"))  # the shared-folder probe cleans up
+
+
+def test_ray_worker_killed_mid_run_resumes_from_checkpoint(
+    ray_cluster: Path, reference: pd.DataFrame, tmp_path: Path
+) -> None:
+    cfg = tiny_sweep(CRASH_SWEEP, grid={"version": ["v2"], "depth": [8], "seed": [0]})
+    lines: list[str] = []
+    outcome = sweep(tmp_path, cfg, RayExecutor(cfg.resources, log=lines.append))
+    (run,) = outcome.outcomes
+    assert run.status == "completed"
+    assert (ray_cluster / "killed").exists(), "the worker was never killed"
+    assert any("again (attempt 2" in line for line in lines)
+    run_dir = tmp_path / CRASH_SWEEP / run.cfg.run_id
+    assert steps(run_dir) == [2, 4, 6, 8]  # nothing lost, nothing repeated
+    # The rows written before the kill are byte for byte those of the first attempt, timings included:
+    # the second attempt resumed from step 4 rather than starting over.
+    before_kill = (ray_cluster / "killed").read_text()
+    assert before_kill and (run_dir / "metrics.jsonl").read_text().startswith(before_kill)
+    expected = reference[reference.run_id == run.cfg.run_id].reset_index(drop=True)
+    pd.testing.assert_frame_equal(learned(tmp_path / CRASH_SWEEP), expected)
+
+
+def test_ray_says_there_is_no_gpu_instead_of_waiting(ray_cluster: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "gpu.yaml", tiny_sweep(train={"device": "auto"}))
+    result = runner.invoke(app, ["sweep", str(config), "--executor", "ray", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: the Ray cluster has no GPU (1 node(s), 2 CPUs), but each run asks for 1 "
+        "(resources.gpus_per_run); add GPU nodes, or train on CPUs with --device cpu")
+
+
+# --- slurm through submitit's local executor -------------------------------------------------------
+
+
+def slurm_sweep(**resources: object) -> SweepConfig:
+    """Runs long enough (60 steps) to be interrupted between their first checkpoint (step 4) and their end."""
+    return tiny_sweep("slurm", train={"steps": 60, "eval_every": 20}, resources={"time_min": 1, **resources})
+
+
+def _task_training(sweep_dir: Path, run_dir: Path) -> int:
+    """The pid of the local submitit task training ``run_dir``: the child of a job's controller holding its lock."""
+    lock = str((run_dir / ".lock").resolve())
+    for job in (p.name.split("_")[0] for p in (sweep_dir / "slurm").glob("*_submitted.pkl")):
+        for task in Path(f"/proc/{job}/task/{job}/children").read_text().split():
+            if any(os.path.realpath(fd) == lock for fd in Path(f"/proc/{task}/fd").iterdir()):
+                return int(task)
+    raise AssertionError(f"no local job task holds {lock}")
+
+
+def time_out_at_first_checkpoint(sweep_dir: Path, run_dir: Path) -> dict[str, str]:
+    """Send USR2, SLURM's time-limit warning, to the task training ``run_dir`` once it wrote a checkpoint.
+
+    Returns, once the signalled task has exited, the metrics log as the first attempt left it.
+    (submitit's LocalJob._interrupt() signals the job's controller, which does not pass USR2 on.)
+    """
+    seen: dict[str, str] = {}
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        task = _task_training(sweep_dir, run_dir)
+        os.kill(task, signal.SIGUSR2)
+        while Path(f"/proc/{task}").exists():
+            time.sleep(0.005)
+        seen["metrics"] = (run_dir / "metrics.jsonl").read_text()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    return seen
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the job's task through /proc")
+def test_slurm_jobs_time_out_checkpoint_requeue_and_match_local(one_thread: None, tmp_path: Path) -> None:
+    cfg = slurm_sweep(max_restarts=1)
+    sweep(tmp_path / "local", cfg)
+    v2 = cfg.runs()[-1]
+    run_dir = tmp_path / "slurm" / v2.run_id
+    first_attempt = time_out_at_first_checkpoint(tmp_path / "slurm", run_dir)
+    lines: list[str] = []
+    outcome = sweep(tmp_path, cfg, SlurmExecutor(cfg.resources, local=True, log=lines.append))
+    assert [o.status for o in outcome.outcomes] == ["completed", "completed"]
+    pd.testing.assert_frame_equal(learned(tmp_path / "slurm"), learned(tmp_path / "local" / "slurm"))
+    assert lines[0].startswith("submitted 2 runs as local jobs")
+    logs = "".join(p.read_text() for p in (tmp_path / "slurm" / "slurm").glob("*_log.*"))
+    assert logs.count("this job is timed-out") == 1 and "Calling checkpoint method" in logs
+    assert "Requeued job" in logs and logs.count("Job completed successfully") == 2
+    assert steps(run_dir) == list(range(2, 61, 2))
+    # The requeued job resumed: the first attempt's rows are still there, timings included.
+    assert first_attempt["metrics"] and (run_dir / "metrics.jsonl").read_text().startswith(first_attempt["metrics"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the job's task through /proc")
+def test_slurm_run_timing_out_too_often_fails_then_resumes(one_thread: None, tmp_path: Path) -> None:
+    cfg = slurm_sweep(max_restarts=0).model_copy(update={"grid": {"version": ["v2"], "depth": [8]}})
+    (run,) = cfg.runs()
+    run_dir = tmp_path / "slurm" / run.run_id
+    time_out_at_first_checkpoint(tmp_path / "slurm", run_dir)
+    outcome = sweep(tmp_path, cfg, SlurmExecutor(cfg.resources, local=True))
+    (failed,) = outcome.outcomes
+    assert failed.status == "failed" and outcome.failed == [run.run_id]
+    assert failed.message.startswith(f"SLURM job {failed.message.split()[2]} timed out 1 time(s) at "
+                                     "resources.time_min = 1 min (raise time_min or max_restarts)")
+    assert pd.read_csv(tmp_path / "slurm" / "results.csv").status.tolist() == ["failed"]
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"]
+    assert 4 <= saved < 60  # the time-out still checkpointed the run
+
+    retried = run_sweep(cfg, tmp_path, retry_failed=True, handle_signals=False)
+    assert [o.status for o in retried.outcomes] == ["completed"] and retried.failed == []
+    assert steps(run_dir) == list(range(2, 61, 2))
+    sweep(tmp_path / "local", cfg)
+    pd.testing.assert_frame_equal(learned(tmp_path / "slurm"), learned(tmp_path / "local" / "slurm"))
+
+
+# --- the command line: missing packages, misplaced options ---------------------------------------
+
+
+@pytest.mark.parametrize(("executor", "module"), [("ray", "ray"), ("slurm", "submitit")])
+def test_missing_engine_is_one_line_exit_2(
+    executor: str, module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # `import ray` now fails as if it were not installed
+    config = write_config(tmp_path / "tiny.yaml", tiny_sweep())
+    result = runner.invoke(app, ["sweep", str(config), "--executor", executor, "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert result.output == (f"error: --executor {executor} needs the '{module}' package: "
+                             f"pip install 'depthbench[{executor}]'\n")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "resources", "message"),
+    [
+        (["--executor", "ray", "--jobs", "2"], {},
+         "error: --jobs is an option of --executor local, not of --executor ray"),
+        (["--partition", "gpu"], {}, "error: --partition is an option of --executor slurm, not of --executor local"),
+        (["--executor", "rai"], {}, "error: unknown executor 'rai' (did you mean 'ray'?); use local, ray or slurm"),
+        (["--executor", "slurm", "--slurm-local", "--device", "auto"], {"gpus_per_run": 0.5},
+         "error: resources.gpus_per_run is 0.5, but SLURM hands out whole GPUs; use a whole number, "
+         "or --executor ray to share a GPU between runs"),
+    ],
+)
+def test_executor_option_errors_are_one_line_exit_2(
+    args: list[str], resources: dict, message: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "tiny.yaml", tiny_sweep(resources=resources))
+    result = runner.invoke(app, ["sweep", str(config), "--out", str(tmp_path / "runs"), *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == message
+
+
+def test_resources_section_takes_the_slurm_settings(tmp_path: Path) -> None:
+    data = yaml.safe_load(sweep_yaml(tiny_sweep()))
+    data["resources"] = {"partition": "gpu", "time_min": 30, "slurm_extra": {"account": "proj"}}
+    cfg = tiny_sweep(resources=data["resources"])
+    assert (cfg.resources.partition, cfg.resources.time_min, cfg.resources.max_restarts) == ("gpu", 30, 3)
+    assert cfg.runs()[0].run_id == tiny_sweep().runs()[0].run_id  # scheduling never changes what a run is
