@@ -73,6 +73,7 @@ class BenchSpec:
     device: str = "auto"
     precision: str = "auto"
     checkpointing: bool = False
+    segments: int = 0  # checkpointed segments per stage; 0 is one per residual unit
     compile: bool = False
     data: str = "auto"
     train_subset: int = 5000
@@ -105,7 +106,8 @@ def run_config(spec: BenchSpec, dataset: DatasetConfig, depth: int | None = None
     depth = spec.depth if depth is None else depth
     resolve_block(depth)  # a clear error, with the nearest valid depths, before anything loads
     if spec.version not in ("v1", "v2"):
-        raise DepthbenchError(f"--version '{spec.version}' is unknown{did_you_mean(spec.version, ('v1', 'v2'))}; v1 or v2")
+        hint = did_you_mean(spec.version, ("v1", "v2"))
+        raise DepthbenchError(f"--version '{spec.version}' is unknown{hint}; v1 or v2")
     if spec.precision not in ("auto", "fp32", "bf16"):
         raise DepthbenchError(f"--precision '{spec.precision}' is unknown; auto, fp32 or bf16")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec.device):
@@ -113,10 +115,11 @@ def run_config(spec: BenchSpec, dataset: DatasetConfig, depth: int | None = None
     resolve_device(spec.device)  # no GPU for --device cuda is an error now, not after the data loaded
     ckpt = spec.checkpointing if checkpointing is None else checkpointing
     if ckpt and spec.compile:
-        raise DepthbenchError("--checkpointing and --compile do not combine: the checkpoint's BN guard cannot be compiled")
+        raise DepthbenchError(
+            "--checkpointing and --compile do not combine: the checkpoint's BN guard cannot be compiled")
     return RunConfig(
         name="bench", version=spec.version, depth=depth, seed=0, dataset=dataset,
-        model=ModelConfig(checkpointing=ALL_UNITS if ckpt else 0),
+        model=ModelConfig(checkpointing=(spec.segments or ALL_UNITS) if ckpt else 0),
         train=TrainConfig(batch_size=spec.batch_size, device=spec.device, precision=spec.precision,
                           compile=spec.compile),
     )
@@ -445,7 +448,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     return {
         "mode": "single", **context,
         "depth": cfg.depth, "block": block, "units_per_stage": n, "params": params,
-        "checkpointing": spec.checkpointing, "workers": workers,
+        "checkpointing": spec.checkpointing, "checkpoint_segments": cfg.model.checkpointing, "workers": workers,
         "img_per_s": img_per_s,
         "baseline_img_per_s": usual.img_per_s,
         "speedup": img_per_s / usual.img_per_s,
@@ -484,7 +487,7 @@ def run_scaling(spec: BenchSpec, depths: Sequence[int]) -> dict[str, Any]:
         plain = measure_trainer(cfg, data, steps=spec.steps, warmup=spec.warmup)
         ckpt = None
         if not spec.compile:  # checkpointing does not compile (run_config says why)
-            ckpt_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpointing": ALL_UNITS})})
+            ckpt_cfg = run_config(spec, cfg.dataset, depth=cfg.depth, checkpointing=True)
             ckpt = measure_trainer(ckpt_cfg, data, steps=spec.steps, warmup=spec.warmup)
         rows.append({
             "depth": cfg.depth, "block": block, "units_per_stage": n, "params": params,
@@ -496,7 +499,8 @@ def run_scaling(spec: BenchSpec, depths: Sequence[int]) -> dict[str, Any]:
             "peak_mem_mb_ckpt": ckpt.peak_mem_mb if ckpt else None,
         })
     _add_linearity(rows)
-    return {"mode": "scaling", **context, "matmul_peak_flops": peak, "matmul_peak_size": peak_n,
+    return {"mode": "scaling", **context, "checkpoint_segments": spec.segments or ALL_UNITS,
+            "matmul_peak_flops": peak, "matmul_peak_size": peak_n,
             "rows": rows, "notes": linearity_notes(rows), "load_1m_end": _load_avg()}
 
 
@@ -557,6 +561,10 @@ def _mb(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f} MB"
 
 
+def _segments(segments: int) -> str:
+    return "one segment per unit" if segments >= ALL_UNITS else f"{segments} segments per stage"
+
+
 def _where(result: dict[str, Any]) -> str:
     load = f", 1-min load {result['load_1m']} -> {result['load_1m_end']}" if result.get("load_1m") is not None else ""
     return (f"{result['device']} ({result['device_name']}, {result['cpu_capability']}, {result['threads']} threads), "
@@ -568,7 +576,8 @@ def render_bench(result: dict[str, Any]) -> Group:
     r = result
     header = (f"{r['version']} ResNet-{r['depth']} ({r['block']}, n={r['units_per_stage']}, {r['params']:,} params), "
               f"batch {r['batch_size']}, {r['steps']} timed steps after {r['warmup']}"
-              + (", checkpointing" if r["checkpointing"] else "") + (", compiled" if r["compile"] else ""))
+              + (f", checkpointing ({_segments(r['checkpoint_segments'])})" if r["checkpointing"] else "")
+              + (", compiled" if r["compile"] else ""))
     table = Table()
     for column in ("", "depthbench trainer", f"usual pipeline ({r['workers']} workers)"):
         table.add_column(column, justify="right")
@@ -584,7 +593,8 @@ def render_bench(result: dict[str, Any]) -> Group:
         f"per-run overhead {r['overhead_s']:.2f} s: data load {r['data_load_s']:.2f} s, setup {r['setup_s']:.2f} s, "
         f"first step {1000 * r['first_step_s']:.0f} ms vs {1000 * r['step_s']:.0f} ms steady"
         + (f" (compile {r['compile_s']:.1f} s)" if r["compile"] else "")
-        + f"; process start to bench {r['startup_s']} s; a {PAPER_STEPS:,}-step run would train {r['paper_run_h']:.1f} h",
+        + f"; process start to bench {r['startup_s']} s; "
+        f"a {PAPER_STEPS:,}-step run would train {r['paper_run_h']:.1f} h",
     ]
     return Group(header, _where(r), table, *lines)
 
@@ -593,7 +603,9 @@ def render_scaling(result: dict[str, Any]) -> Group:
     """The scaling table, one row per depth, then the notes on linearity."""
     r = result
     header = (f"{r['version']} time per step and training memory against depth, batch {r['batch_size']}, "
-              f"{r['steps']} timed steps after {r['warmup']}; matmul peak {_si(r['matmul_peak_flops'], 'FLOP/s')}")
+              f"{r['steps']} timed steps after {r['warmup']}; "
+              f"ckpt = checkpointing ({_segments(r['checkpoint_segments'])}); "
+              f"matmul peak {_si(r['matmul_peak_flops'], 'FLOP/s')}")
     table = Table()
     for column in ("depth", "block (n)", "params", "train GFLOP/img", "ms/step", "img/s", "MFU",
                    "time vs FLOPs", "memory", "ms/step ckpt", "memory ckpt"):

@@ -62,7 +62,8 @@ def sweep(
         "--executor", help="Where runs train: local (this machine), ray (a Ray cluster) or slurm (SLURM jobs); "
                            "see docs/cluster.md.")] = "local",
     jobs: Annotated[int, typer.Option(
-        "--jobs", min=1, help="local: runs at once, each in its own process and, with several GPUs, on its own GPU.")] = 1,
+        "--jobs", min=1, help="local: runs at once, each in its own process and, with several GPUs, on its own GPU.")
+    ] = 1,
     address: Annotated[str | None, typer.Option(
         "--address", help="ray: the cluster's address, or 'auto' for the one on this machine; "
                           "default: start a private Ray instance here.")] = None,
@@ -171,11 +172,10 @@ def report(
             console.print(f"{folder.name}: no runs yet")
             continue
         done = int(rep.table.status.isin(("completed", "diverged", "failed")).sum())
-        by = rep.title.split(": ", 1)[1].removeprefix("ResNet ")
-        table = Table(title=f"{folder.name}: {by} ({done}/{len(rep.table)} runs finished)",
+        table = Table(title=f"{folder.name}: V1 vs V2 by {rep.by} ({done}/{len(rep.table)} runs finished)",
                       caption="acc = final test accuracy %, mean ± std over seeds")
-        for column in rep.header:
-            table.add_column(column, justify="right")
+        for i, column in enumerate(rep.header):  # the row keys stay whole; statistics wrap if space is short
+            table.add_column(column, justify="right", no_wrap=i < len(rep.keys))
         for row in rep.cells:
             table.add_row(*row)
         console.print(table)
@@ -230,12 +230,18 @@ def bench(
     warmup: Annotated[int, typer.Option(min=1, help="Untimed steps first (the first one is reported apart).")] = 3,
     device: DeviceOption = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = "auto",
-    checkpointing: Annotated[bool, typer.Option("--checkpointing", help="Activation checkpointing, one segment per unit.")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the trainer's model; compile time is reported apart.")] = False,
+    checkpointing: Annotated[bool, typer.Option(
+        "--checkpointing", help="Activation checkpointing (model.checkpointing).")] = False,
+    segments: Annotated[int, typer.Option(
+        min=0, help="Checkpointed segments per stage; 0: one per residual unit.")] = 0,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the trainer's model; compile time is reported apart.")] = False,
     data: Annotated[str, typer.Option(
-        help="auto (the shared CIFAR-10 tarball if present, else synthetic), synthetic, or an image folder / .tar.gz.")] = "auto",
+        help="auto (the shared CIFAR-10 tarball if present, else synthetic), synthetic, "
+             "or an image folder / .tar.gz.")] = "auto",
     train_subset: Annotated[int, typer.Option(min=1, help="Training images to load.")] = 5000,
-    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers of the usual pipeline; default min(4, cores).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=0, help="DataLoader workers of the usual pipeline; default min(4, cores).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """Time the trainer against the usual torchvision + DataLoader script: images/s, speedup, MFU, memory."""
@@ -244,8 +250,8 @@ def bench(
     from depthbench.bench import BenchSpec, parse_depths, render_bench, render_scaling, run_bench, run_scaling
 
     spec = BenchSpec(version=version, depth=depth, batch_size=batch_size, steps=steps, warmup=warmup,
-                     device=device or "auto", precision=precision, checkpointing=checkpointing, compile=compile,
-                     data=data, train_subset=train_subset, workers=workers)
+                     device=device or "auto", precision=precision, checkpointing=checkpointing, segments=segments,
+                     compile=compile, data=data, train_subset=train_subset, workers=workers)
     result = run_scaling(spec, parse_depths(depths)) if depths else run_bench(spec)
     if json_output:
         typer.echo(json.dumps(result))
@@ -274,7 +280,8 @@ def diagnose(
         "runs/diagnose"),
 ) -> None:
     """Gradient and signal flow per residual unit at initialisation (and after --steps): V1 vs V2."""
-    from depthbench.diagnose import build_configs, diagnose as run_diagnose, summarize_row, write_outputs
+    from depthbench.diagnose import build_configs, summarize_row, write_outputs
+    from depthbench.diagnose import diagnose as run_diagnose
 
     if steps < 0:
         raise DepthbenchError(f"--steps must be 0 or more (got {steps})")

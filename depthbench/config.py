@@ -150,12 +150,12 @@ class SuccessConfig(_Section):
 class ResourcesConfig(_Section):
     """What one run asks of a cluster scheduler (the ray and slurm executors); none of it changes a run id."""
 
-    gpus_per_run: float = Field(1.0, ge=0.0, description="fractions share a GPU (ray); runs on train.device cpu ask none")
+    gpus_per_run: float = Field(1.0, ge=0.0, description="fractions share a GPU (ray); train.device cpu runs ask none")
     cpus_per_run: float = Field(1.0, gt=0.0)
     max_restarts: int = Field(3, ge=0, description="restarts of a run whose Ray worker dies or SLURM job times out")
     partition: str | None = Field(None, description="SLURM partition; None: the cluster's default")
     time_min: int = Field(60, gt=0, description="SLURM time limit per job; a longer run checkpoints and is requeued")
-    array_parallelism: int | None = Field(None, gt=0, description="most SLURM array tasks at once; None: submitit's 256")
+    array_parallelism: int | None = Field(None, gt=0, description="most SLURM array tasks at once; None: submitit's")
     slurm_extra: dict[str, str | int] = Field({}, description="more sbatch options, e.g. {account: proj, qos: high}")
 
 

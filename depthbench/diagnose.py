@@ -45,6 +45,7 @@ from depthbench.errors import ConfigError, DepthbenchError
 from depthbench.models import GatedSum, ResNet
 
 DIAGNOSTICS = "diagnostics.jsonl"
+DIAGNOSE_JSON = "diagnose.json"  # what `depthbench diagnose` writes beside its run folders
 UNIT_FIELDS = ("grad_input", "grad_params", "input_rms", "cosine", "norm_ratio", "relu_zeroed", "shortcut_zeroed")
 
 
@@ -225,19 +226,23 @@ def build_configs(
 ) -> list[RunConfig]:
     """The diagnosis runs for every (depth, version, unit), validated: a bad value is one ConfigError line
     naming the setting."""
-    dataset_cfg = _validated(DatasetConfig, dataset, "dataset.")
-    model_cfgs = [_validated(ModelConfig, {**model, "unit": unit}, "model.") for unit in units]
+    dataset_cfg = _validated(DatasetConfig, dataset)
+    model_cfgs = [_validated(ModelConfig, {**model, "unit": unit}) for unit in units]
     return [
-        _validated(diagnosis_config, dict(
-            version=version, depth=depth, dataset=dataset_cfg, model=model_cfg, batch_size=batch_size, steps=steps,
-            seed=seed, lr=lr, device=device,
-        ))
+        _validated(diagnosis_config, {
+            "version": version, "depth": depth, "dataset": dataset_cfg, "model": model_cfg, "batch_size": batch_size,
+            "steps": steps, "seed": seed, "lr": lr, "device": device,
+        })
         for depth in depths for version in versions for model_cfg in model_cfgs
     ]
 
 
-def _validated(build: Any, values: dict[str, Any], prefix: str = "") -> Any:
-    """``build(**values)`` (a config class or function), its first validation error as one ConfigError line."""
+_SECTIONS = {"DatasetConfig": "dataset.", "ModelConfig": "model.", "TrainConfig": "train."}
+
+
+def _validated(build: Any, values: dict[str, Any]) -> Any:
+    """``build(**values)`` (a config class or function), its first validation error as one ConfigError line
+    naming the dotted setting."""
     try:
         return build.model_validate(values) if hasattr(build, "model_validate") else build(**values)
     except ValidationError as err:
@@ -245,7 +250,7 @@ def _validated(build: Any, values: dict[str, Any], prefix: str = "") -> Any:
         message = first["msg"].removeprefix("Value error, ")
         if not first["loc"]:  # a check across fields (depth against block): its message says it all
             raise ConfigError(message) from None
-        key = prefix + ".".join(str(p) for p in first["loc"])
+        key = _SECTIONS.get(err.title, "") + ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"{key}: {message[0].lower()}{message[1:]} (got {first.get('input')!r})") from None
 
 
@@ -254,11 +259,13 @@ def diagnose(configs: Sequence[RunConfig], out: Path) -> list[Diagnosis]:
 
     With a measurement at step 0 only, the net is built and measured without training (half the time of
     a trained step, which matters at depth 1001 on a CPU); otherwise the one trainer runs it."""
+    from depthbench.data import load_dataset
     from depthbench.train import train_run  # the trainer imports this module; import it only when used
 
     found = []
     for cfg in configs:
         run_dir = Path(out) / cfg.run_id
+        load_dataset(cfg.dataset)  # loaded once and kept in memory: the time below is the net's own
         t0 = time.perf_counter()
         if cfg.train.diagnose_steps == (0,):
             measure_at_init(cfg, run_dir)
@@ -315,10 +322,10 @@ def write_outputs(diagnoses: Sequence[Diagnosis], out: Path) -> dict[str, Path]:
     out = Path(out)
     records = [
         {"net": d.label, "version": d.cfg.version, "depth": d.cfg.depth, "seed": d.cfg.seed, "run_id": d.cfg.run_id,
-         "batch": row["batch"], "seconds": round(d.seconds, 2), **summarize_row(row), "units_detail": row["units"]}
+         "batch": row["batch"], "seconds": round(d.seconds, 2), **summarize_row(row), "per_unit": row["units"]}
         for d in diagnoses for row in d.rows
     ]
-    files = {"json": out / "diagnose.json", "csv": out / "diagnose.csv", "png": out / "diagnose.png"}
+    files = {"json": out / DIAGNOSE_JSON, "csv": out / "diagnose.csv", "png": out / "diagnose.png"}
     storage.write_json(files["json"], records)
     storage.write_text(files["csv"], pd.DataFrame(tidy(diagnoses)).to_csv(index=False))
     entries = [{"series": d.label, "depth": d.cfg.depth, "step": row["step"], "units": row["units"]}
@@ -330,6 +337,6 @@ def write_outputs(diagnoses: Sequence[Diagnosis], out: Path) -> dict[str, Path]:
 
 
 __all__ = [
-    "DIAGNOSTICS", "Diagnosis", "build_configs", "diagnose", "diagnosis_config", "measure", "measure_at_init", "read_diagnostics",
-    "record_step", "summarize_row", "tidy", "write_outputs",
+    "DIAGNOSE_JSON", "DIAGNOSTICS", "Diagnosis", "build_configs", "diagnose", "diagnosis_config", "measure",
+    "measure_at_init", "read_diagnostics", "record_step", "summarize_row", "tidy", "write_outputs",
 ]

@@ -38,7 +38,7 @@ from depthbench import storage
 from depthbench.config import ResourcesConfig, RunConfig, dump_run_config
 from depthbench.errors import DepthbenchError, did_you_mean
 from depthbench.sweep import LOCK, Executor, LocalExecutor, Reporter, RunOptions, RunOutcome, execute_run, run_state
-from depthbench.train import CONFIG, ERROR_LOG, METRICS, RESULT, Progress
+from depthbench.train import CHECKPOINT, CONFIG, ERROR_LOG, METRICS, RESULT, Progress
 
 EXECUTORS = ("local", "ray", "slurm")
 LogFn = Callable[[str], None]
@@ -56,10 +56,13 @@ def make_executor(
     jobs: int = 1,
     address: str | None = None,
     slurm_local: bool = False,
+    max_restarts: int | None = None,
+    partition: str | None = None,
+    time_min: int | None = None,
+    array_parallelism: int | None = None,
     log: LogFn | None = None,
-    **overrides: Any,
 ) -> Executor:
-    """The executor the ``sweep`` command's options describe; ``overrides`` replace ``resources`` fields.
+    """The executor the ``sweep`` command's options describe; options given replace ``resources`` fields.
 
     An option that belongs to another executor is an error rather than silently ignored, and a missing
     optional package is reported here, before the sweep writes anything.
@@ -68,13 +71,16 @@ def make_executor(
         raise DepthbenchError(f"unknown executor '{name}'{did_you_mean(name, EXECUTORS)}; use local, ray or slurm")
     if jobs < 1:
         raise DepthbenchError(f"--jobs must be at least 1 (got {jobs})")
-    given = {key: value for key, value in overrides.items() if value is not None}
-    used = {**given, "jobs": jobs > 1, "address": address is not None, "slurm_local": slurm_local}
+    given = {key: value for key, value in {"max_restarts": max_restarts, "partition": partition,
+                                           "time_min": time_min, "array_parallelism": array_parallelism}.items()
+             if value is not None}
+    used = {*given, *(["jobs"] if jobs > 1 else []), *(["address"] if address is not None else []),
+            *(["slurm_local"] if slurm_local else [])}
     for option, owners in _OPTION_OWNERS.items():
-        if used.get(option) not in (None, False) and name not in owners:
+        if option in used and name not in owners:
             raise DepthbenchError(f"--{option.replace('_', '-')} is an option of --executor {' and '.join(owners)}, "
                                   f"not of --executor {name}")
-    resources = resources.model_copy(update=given)
+    resources = ResourcesConfig.model_validate({**resources.model_dump(), **given})
     if name == "local":
         return ParallelExecutor(jobs, log=log) if jobs > 1 else LocalExecutor()
     if name == "ray":
@@ -112,6 +118,7 @@ def _record_failure(cfg: RunConfig, sweep_dir: Path, message: str, details: str)
     from the checkpoint it left.
     """
     run_dir = sweep_dir / cfg.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)  # a job may have died before its run began
     lock = FileLock(run_dir / LOCK)
     try:
         lock.acquire(timeout=0)
@@ -154,13 +161,18 @@ class _LiveRuns:
         self.focus: str | None = None
         self.focus_progress: Progress | None = None
 
-    def started(self, run_id: str, where: str) -> None:
+    def started(self, run_id: str, where: str, resuming: bool = False) -> None:
         if run_id in self.finished_ids:
             return  # a late event from a run whose outcome is already in
         self.starts[run_id] += 1
+        self.over.discard(run_id)  # a requeued or retried run trains again
+        # A worker process trains one run at a time: its next start means its last run is over, even
+        # if word of that is still on its way (Ray does not order messages from different tasks).
+        for other in [other for other, place in self.running.items() if place == where]:
+            self.stopped(other)
         self.running[run_id] = where
-        again = f" again (attempt {self.starts[run_id]}, from its checkpoint)" if self.starts[run_id] > 1 else ""
-        self.say(f"started {run_id} on {where}{again}")
+        again = " again" if self.starts[run_id] > 1 else ""
+        self.say(f"started {run_id}{again} on {where}" + (", resuming from its checkpoint" if resuming else ""))
         if self.focus is None:
             self._follow(run_id)
 
@@ -172,6 +184,11 @@ class _LiveRuns:
     def stopped(self, run_id: str) -> None:
         self.running.pop(run_id, None)
         self.over.add(run_id)
+
+    def queued_again(self, run_id: str, why: str) -> None:
+        """A run whose job was requeued (time-out, pre-emption): it waits for a node again."""
+        self.running.pop(run_id, None)
+        self.say(f"{run_id} is {why}; it resumes from its checkpoint when it runs again")
 
     def ended(self, outcome: RunOutcome) -> None:
         """Count an outcome; call before yielding it to run_sweep."""
@@ -199,10 +216,11 @@ class _LiveRuns:
                  f"{waiting} waiting]")
 
     def on(self, event: tuple[str, str, Any]) -> None:
-        """Apply a worker's ("started", run id, where), ("progress", run id, Progress) or ("stopped", run id, _)."""
+        """Apply a worker's ("started", run id, (where, resuming)), ("progress", run id, Progress) or
+        ("stopped", run id, None)."""
         kind, run_id, payload = event
         if kind == "started":
-            self.started(run_id, payload)
+            self.started(run_id, *payload)
         elif kind == "progress":
             self.progress(run_id, payload)
         else:
@@ -223,7 +241,7 @@ class _Worker:
     """What a worker process of :class:`ParallelExecutor` was given when it started."""
 
     gpu: str | None
-    events: Any  # multiprocessing.Queue to the driver: ("worker" | "started" | "progress", id, payload)
+    events: Any  # multiprocessing.Queue to the driver: ("worker" | "started" | "progress" | "stopped", id, payload)
     stop: Any  # multiprocessing.Event set by the driver
 
 
@@ -255,7 +273,7 @@ def _train_in_worker(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensor
     if worker.gpu is not None:
         cfg = _on_assigned_gpu(cfg)
     where = f"process {os.getpid()}" + (f", GPU {worker.gpu}" if worker.gpu is not None else "")
-    worker.events.put(("started", cfg.run_id, where))
+    worker.events.put(("started", cfg.run_id, (where, (sweep_dir / cfg.run_id / CHECKPOINT).exists())))
 
     def progress(p: Progress) -> None:
         if p.row is not None:  # log points only: a queue message per step would cost more than the step
@@ -340,7 +358,8 @@ class ParallelExecutor:
                 return
             if event[0] == "worker":
                 _, pid, (gpu, threads) = event
-                live.say(f"worker process {pid} up: " + (f"GPU {gpu}" if gpu is not None else f"{threads} CPU thread(s)"))
+                owns = f"GPU {gpu}" if gpu is not None else f"{threads} CPU thread(s)"
+                live.say(f"worker process {pid} up: {owns}")
             else:
                 live.on(event)
 
@@ -351,12 +370,13 @@ class ParallelExecutor:
         try:
             return future.result()
         except BrokenProcessPool as err:
-            # A worker was killed from outside (the OS out-of-memory killer, say) and the pool cannot go on;
-            # runs that had not started are left as they were, for the next sweep.
+            # A worker was killed from outside (the OS out-of-memory killer, say): the pool stops every
+            # worker. Runs that were training are failed with their checkpoint kept; the others are left
+            # as they were, for the next sweep.
             if not live.starts[cfg.run_id]:
                 return None
-            return _record_failure(cfg, sweep_dir, "its worker process died (killed by the OS? out of memory?)",
-                                   repr(err))
+            return _record_failure(cfg, sweep_dir, "a worker process died (killed by the OS? out of memory?) "
+                                                   "and took the worker pool down", repr(err))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -364,34 +384,17 @@ class ParallelExecutor:
 
 
 class _Board:
-    """A small Ray actor between driver and tasks: start and progress events up, the stop request down."""
+    """A small Ray actor the tasks tell when their run starts, logs and stops; the driver drains it.
+
+    Tasks only ever send to it and never wait on it: Ray lends the CPU of a task that blocks to
+    another task, so a waiting task would let more runs train at once than there are CPUs.
+    """
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str, Any]] = []
-        self.started: set[str] = set()
-        self.stop = False
 
-    def start(self, run_id: str, where: str) -> bool:
-        """Record that a run starts; False once the sweep is stopping, so the run stays untouched."""
-        if self.stop:
-            return False
-        self.started.add(run_id)
-        self.events.append(("started", run_id, where))
-        return True
-
-    def progress(self, run_id: str, progress: Progress) -> None:
-        self.events.append(("progress", run_id, progress))
-
-    def end(self, run_id: str) -> None:
-        self.events.append(("stopped", run_id, None))
-
-    def request_stop(self) -> set[str]:
-        """Stop the sweep; returns the runs that had started, which will checkpoint and return."""
-        self.stop = True
-        return self.started
-
-    def stopping(self) -> bool:
-        return self.stop
+    def tell(self, event: tuple[str, str, Any]) -> None:
+        self.events.append(event)
 
     def drain(self) -> list[tuple[str, str, Any]]:
         events, self.events = self.events, []
@@ -407,40 +410,38 @@ def _where_in_ray() -> str:
 
 
 def _train_in_ray(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensorboard: bool, board: Any,
-                  threads: int) -> RunOutcome | None:
-    """The body of a run's Ray task; a retry after its worker died resumes from the run's checkpoint."""
+                  stop_file: Path, threads: int) -> RunOutcome | None:
+    """The body of a run's Ray task; a retry after its worker died resumes from the run's checkpoint.
+
+    The driver asks for a stop by creating ``stop_file`` in the sweep folder, which every node shares.
+    """
     import ray
     import torch
 
+    if stop_file.exists():
+        return None  # the sweep was stopped before this run began: leave it untouched
     torch.set_num_threads(threads)
     if ray.get_gpu_ids():
         cfg = _on_assigned_gpu(cfg)
-    if not ray.get(board.start.remote(cfg.run_id, _where_in_ray())):
-        return None
-    asked, stopping = 0.0, False
+    board.tell.remote(("started", cfg.run_id, (_where_in_ray(), (sweep_dir / cfg.run_id / CHECKPOINT).exists())))
+    looked, stopping = 0.0, False
 
     def should_stop() -> bool:
-        # The trainer asks every step; the board is asked at most once a second.
-        nonlocal asked, stopping
-        if not stopping and time.monotonic() - asked >= 1.0:
-            asked = time.monotonic()
-            try:
-                stopping = ray.get(board.stopping.remote(), timeout=30)
-            except ray.exceptions.RayActorError:
-                stopping = True  # the driver and its board are gone: save the run and stop
-            except ray.exceptions.GetTimeoutError:
-                pass
+        # The trainer asks every step; the shared folder is looked at once a second at most.
+        nonlocal looked, stopping
+        if not stopping and time.monotonic() - looked >= 1.0:
+            looked, stopping = time.monotonic(), stop_file.exists()
         return stopping
 
     def progress(p: Progress) -> None:
         if p.row is not None:
-            board.progress.remote(cfg.run_id, p)
+            board.tell.remote(("progress", cfg.run_id, p))
 
     try:
         return execute_run(cfg, sweep_dir, retry_failed=retry_failed, on_progress=progress, should_stop=should_stop,
                            tensorboard=tensorboard)
     finally:
-        board.end.remote(cfg.run_id)  # after the task's other calls to the board, so in order
+        board.tell.remote(("stopped", cfg.run_id, None))
 
 
 def _probe_shared(path: str, token: str) -> tuple[bool, str]:
@@ -482,6 +483,7 @@ class RayExecutor:
         refs: dict[Any, RunConfig] = {}
         pending: list[Any] = []
         board = None
+        stop_file = sweep_dir / f".ray-stop-{uuid.uuid4().hex}"
         try:
             self._check_resources(runs)
             self._check_shared(sweep_dir)
@@ -492,13 +494,12 @@ class RayExecutor:
                 ref = task.options(
                     num_cpus=self.resources.cpus_per_run, num_gpus=_gpus_for(cfg, self.resources),
                     max_retries=self.resources.max_restarts, retry_exceptions=False, name=cfg.run_id,
-                ).remote(cfg, sweep_dir, options.retry_failed, options.tensorboard, board, threads)
+                ).remote(cfg, sweep_dir, options.retry_failed, options.tensorboard, board, stop_file, threads)
                 refs[ref] = cfg
-            pending, stopping = list(refs), False
+            pending = list(refs)
             while pending:
-                if options.stop.is_set() and not stopping:
-                    stopping = True
-                    self._stop(board, pending, refs)
+                if options.stop.is_set() and not stop_file.exists():
+                    self._stop(stop_file, board, live, pending, refs)
                 ready, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
                 for event in ray.get(board.drain.remote()):
                     live.on(event)
@@ -511,7 +512,8 @@ class RayExecutor:
                     live.resume_display()
         finally:
             if board is not None:
-                self._wind_down(board, pending, refs)
+                self._wind_down(stop_file, board, live, pending, refs)
+            stop_file.unlink(missing_ok=True)
             if connected_here:
                 ray.shutdown()
 
@@ -612,26 +614,33 @@ class RayExecutor:
             return _record_failure(cfg, sweep_dir, message, str(err))
 
     @staticmethod
-    def _stop(board: Any, pending: list[Any], refs: dict[Any, RunConfig]) -> None:
-        # Runs that started checkpoint and return; the rest are cancelled before they ever start
-        # (one that slips through sees the stop in board.start and returns untouched).
+    def _stop(stop_file: Path, board: Any, live: _LiveRuns, pending: list[Any], refs: dict[Any, RunConfig]) -> None:
+        """Runs training see the stop file within a second, save a checkpoint and return; the rest are cancelled.
+
+        A run that started after the last look at the board is cancelled too: it loses the steps since its
+        last checkpoint, never more.
+        """
         import ray
 
-        started = ray.get(board.request_stop.remote())
+        stop_file.write_text("stop", encoding="utf-8")
+        for event in ray.get(board.drain.remote()):
+            live.on(event)
         for ref in pending:
-            if refs[ref].run_id not in started:
+            if refs[ref].run_id not in live.running:
                 ray.cancel(ref)
 
-    def _wind_down(self, board: Any, pending: list[Any], refs: dict[Any, RunConfig], timeout_s: float = 120) -> None:
+    def _wind_down(self, stop_file: Path, board: Any, live: _LiveRuns, pending: list[Any],
+                   refs: dict[Any, RunConfig], timeout_s: float = 120) -> None:
         """Leaving early (--fail-fast, an error): stop what still runs, so it checkpoints rather than dies."""
         import ray
 
         try:
             if pending:
-                self._stop(board, pending, refs)
+                if not stop_file.exists():
+                    self._stop(stop_file, board, live, pending, refs)
                 ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
             ray.kill(board)
-        except ray.exceptions.RayError:
+        except (ray.exceptions.RayError, OSError):
             pass  # best effort while the sweep is already ending
 
 
@@ -639,6 +648,7 @@ class RayExecutor:
 # slurm: one job-array task per run, through submitit; time-outs checkpoint and requeue
 
 _STOPPED_EXIT = 128 + signal.SIGTERM  # a run stopped by SIGTERM/SIGINT leaves no result: see _SlurmRun
+_QUEUED_AGAIN = {"PENDING", "REQUEUED", "PREEMPTED", "SUSPENDED"}  # states of a job SLURM requeued or paused
 
 
 class _SlurmRun:
@@ -736,8 +746,12 @@ class SlurmExecutor:
                         live.ended(outcome)
                         yield outcome
                         live.resume_display()
-                    elif cfg.run_id not in live.running and job.state == "RUNNING":
-                        live.started(cfg.run_id, self._where(job))
+                        continue
+                    state = job.state
+                    if cfg.run_id not in live.running and state == "RUNNING":
+                        live.started(cfg.run_id, self._where(job), (sweep_dir / cfg.run_id / CHECKPOINT).exists())
+                    elif cfg.run_id in live.running and state in _QUEUED_AGAIN:
+                        live.queued_again(cfg.run_id, f"{state.lower()} (job {job.job_id})")
                 if pending:
                     self._follow_metrics(live, sweep_dir)
                     time.sleep(self.poll_s)
@@ -765,9 +779,9 @@ class SlurmExecutor:
         import submitit
 
         cluster = "local" if self.local else "slurm"
-        if not self.local and shutil.which("sbatch") is None:
-            raise DepthbenchError("--executor slurm needs SLURM's sbatch, which is not on this machine's PATH; "
-                                  "run the sweep from a login node, or try it here with --slurm-local")
+        if not self.local and shutil.which("srun") is None:
+            raise DepthbenchError("--executor slurm needs SLURM (srun and sbatch), which is not on this machine's "
+                                  "PATH; run the sweep from a login node, or try it here with --slurm-local")
         params = self._parameters(runs, sweep_dir.name)  # before anything is written: it may refuse the config
         # submitit's job files (pickles, logs) sit in the sweep folder, which compute nodes share anyway.
         executor = submitit.AutoExecutor(folder=sweep_dir / "slurm", cluster=cluster,

@@ -10,6 +10,7 @@ Colours follow the series, line styles the training step, so V1 and V2 read the 
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from collections import defaultdict
@@ -21,6 +22,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 _STYLES = ("-", "--", ":", "-.")
 _DPI = 100
@@ -48,8 +51,14 @@ def _spans_decades(values: Sequence[float]) -> bool:
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    """Write the figure as a 256-colour PNG: line plots need no more, and the files stay small enough to
+    commit (a third of the size of full colour)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(colors=256, dither=Image.Dither.NONE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    palette.save(path, optimize=True)
     return path
 
 
@@ -68,10 +77,17 @@ def error_vs_depth(table: pd.DataFrame, series: Sequence[str], path: Path, title
     colours = _colours(labels)
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
-    for label in labels:
-        stats = done[done.series == label].groupby("depth").error.agg(["mean", "std", "count"]).reset_index()
-        ax.errorbar(stats.depth, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=4,
-                    color=colours[label], label=f"{label} (n = {_counts(stats['count'])})")
+    depths = sorted(done.depth.unique())
+    for i, label in enumerate(labels):
+        runs = done[done.series == label]
+        stats = runs.groupby("depth").error.agg(["mean", "std", "count"]).reset_index()
+        spread = stats["std"].fillna(0)
+        # error bars stop at 0% error; each run is a dot, nudged sideways so the series do not overlap
+        ax.errorbar(stats.depth, stats["mean"], yerr=[spread.clip(upper=stats["mean"]), spread], marker="o",
+                    capsize=4, color=colours[label], label=f"{label}: mean ± std (n = {_counts(stats['count'])})")
+        nudge = 1 + 0.03 * (i - (len(labels) - 1) / 2) if len(depths) > 1 else 1
+        ax.scatter(runs.depth * nudge, runs.error, s=14, color=colours[label], alpha=0.45, zorder=3,
+                   label=f"{label}: each run")
     _depth_axis(ax, done.depth.tolist())
     ax.set_ylabel("test error (%)")
     ax.set_title(title or "Final test error against depth (mean ± std over seeds)")
@@ -81,7 +97,7 @@ def error_vs_depth(table: pd.DataFrame, series: Sequence[str], path: Path, title
 
 
 def _counts(counts: pd.Series) -> str:
-    values = sorted(set(int(c) for c in counts))
+    values = sorted({int(c) for c in counts})
     return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
@@ -163,7 +179,7 @@ def unit_flow(
     depths = sorted({k[1] for k in grouped})
     labels = list(dict.fromkeys(k[0] for k in grouped))
     colours = _colours(labels)
-    fig = Figure(figsize=(max(5.0, 4.6 * len(depths)), 2.9 * len(measures) + 0.6), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 4.6 * len(depths)), 2.9 * len(measures) + 1.4), layout="constrained")
     axes = fig.subplots(len(measures), len(depths), squeeze=False, sharex="col")
     for col, depth in enumerate(depths):
         keys = sorted((k for k in grouped if k[1] == depth), key=lambda k: (labels.index(k[0]), k[2]))
@@ -190,10 +206,17 @@ def unit_flow(
                     ax.axvline(index, color="grey", ls=":", lw=0.8)
             ax.set_ylabel(label_text)
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if row == 0:
                 ax.set_title(f"depth {depth} ({len(grouped[keys[0]][0])} residual units)")
-                ax.legend(fontsize="small")
         axes[-1][col].set_xlabel("residual unit index (input side = 0)")
+    # One legend for all panels, below them: the same series and steps appear in every panel.
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(len(labels), 4),
+               fontsize="small")  # entries run series by series: a column per series
     fig.suptitle(title or "Gradient flow per residual unit")
     return _save(fig, path)
 

@@ -199,7 +199,8 @@ def _stat_cells(row: pd.Series | None) -> list[str]:
         "-" if math.isnan(row.success_rate) else f"{100 * row.success_rate:.0f}%",
         _acc(row), _pct(row.test_acc_median), _pct(row.test_acc_best),
         "-" if math.isnan(row.train_loss_mean) else f"{row.train_loss_mean:.3f}",
-        _ci(row.test_acc_ci95_low, row.test_acc_ci95_high),
+        # a t-interval ignores that accuracy lies in [0, 1]; show it cut there
+        _ci(max(row.test_acc_ci95_low, 0.0), min(row.test_acc_ci95_high, 1.0)),
     ]
 
 
@@ -449,9 +450,13 @@ class Report:
     fail_error: float = FAIL_ERROR
 
     @property
+    def by(self) -> str:
+        """What the rows are: "depth" for the default rows, else the row keys."""
+        return "depth" if self.keys == ["depth", *setting_columns(self.table)] else ", ".join(self.keys)
+
+    @property
     def title(self) -> str:
-        default = self.keys == ["depth", *setting_columns(self.table)]
-        return f"{self.sweep_dir.name}: ResNet V1 vs V2 by {'depth' if default else ', '.join(self.keys)}"
+        return f"{self.sweep_dir.name}: ResNet V1 vs V2 by {self.by}"
 
 
 def markdown(rep: Report) -> str:
@@ -464,7 +469,7 @@ def markdown(rep: Report) -> str:
         f"{done} of {len(table)} runs finished ({int((table.status == 'completed').sum())} completed, "
         f"{int((table.status == 'diverged').sum())} diverged, {int((table.status == 'failed').sum())} failed). "
         "Accuracy is final test accuracy in percent over completed runs (mean ± sample std over seeds, "
-        "95% CI a t-interval of the mean); success rate is over finished runs."
+        "95% CI a t-interval of the mean, cut at 0 and 100); success rate is over finished runs."
         + (f" Rows pool the runs of every {', '.join(pooled)}." if pooled else ""),
         "",
         *_markdown_table(rep.header, rep.cells),
@@ -472,13 +477,13 @@ def markdown(rep: Report) -> str:
         *(f"- {note}" for note in rep.notes),
     ]
     if rep.comparisons:
-        lines += ["", "V2−V1 is the difference of mean accuracy in percentage points; its 95% CI and p-value are "
-                  "Welch's t-test (unequal variances), which needs 2 or more completed runs per version."]
+        lines += ["", ("V2−V1 is the difference of mean accuracy in percentage points; its 95% CI and p-value are "
+                       "Welch's t-test (unequal variances), which needs 2 or more completed runs per version.")]
     if rep.reference:
         lines += ["", "## Paper vs measured", "",
-                  f"Test error in percent; the paper reports the median of 5 runs. \"fail\" means an error above "
-                  f"{rep.fail_error:g}% ([V2] Table 1 uses 20%; here the sweep's success rule); diverged runs "
-                  "count as failed.", "",
+                  (f"Test error in percent; the paper reports the median of 5 runs. \"fail\" means an error above "
+                   f"{rep.fail_error:g}% ([V2] Table 1 uses 20%; here the sweep's success rule); diverged runs "
+                   "count as failed."), "",
                   *_markdown_table(*rep.reference)]
     if rep.plots:
         lines += ["", "## Plots", ""]
@@ -525,8 +530,17 @@ def build_report(
 
 
 def find_sweeps(root: Path) -> list[Path]:
-    """Sweep folders under ``root``: those with a sweep.yaml or any run folder."""
-    if (root / "sweep.yaml").is_file():
+    """Sweep folders under ``root``: ``root`` itself when it is one, else its folders that are: a sweep
+    folder has a sweep.yaml or any run folder (one with a config.yaml). The output folder of
+    ``depthbench diagnose`` holds run folders too, but is not a sweep."""
+    from depthbench.diagnose import DIAGNOSE_JSON
+
+    def is_sweep(folder: Path) -> bool:
+        if (folder / DIAGNOSE_JSON).is_file():
+            return False
+        return (folder / "sweep.yaml").is_file() or any((q / "config.yaml").is_file() for q in folder.iterdir()
+                                                        if q.is_dir())
+
+    if is_sweep(root):
         return [root]
-    return sorted(p for p in root.iterdir() if p.is_dir() and (
-        (p / "sweep.yaml").is_file() or any((q / "config.yaml").is_file() for q in p.iterdir() if q.is_dir())))
+    return sorted(p for p in root.iterdir() if p.is_dir() and is_sweep(p))

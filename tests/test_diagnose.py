@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,30 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from depthbench.cli import app
-from depthbench.diagnose import (
-    DIAGNOSTICS, diagnosis_config, measure, measure_at_init, read_diagnostics, record_step, summarize_row,
-)
 from depthbench.config import DatasetConfig, ModelConfig
+from depthbench.diagnose import (
+    DIAGNOSTICS,
+    diagnosis_config,
+    measure,
+    measure_at_init,
+    read_diagnostics,
+    record_step,
+    summarize_row,
+)
 from depthbench.models import build_model
 from depthbench.train import train_run
 from tests.conftest import tiny_run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny nets gain nothing from intra-op threads, and on a busy 2-core machine the threads' spin-waits
+    # make them an order of magnitude slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 SYNTHETIC = DatasetConfig(name="synthetic", train_subset=64, test_subset=32, image_size=8)
 

@@ -1,12 +1,13 @@
 """The executors on real engines: worker processes, a local Ray instance, submitit's local stand-in for SLURM.
 
 Each sweep here must give the same learned numbers as the plain in-process executor. CPU results
-depend on torch's thread count, and every executor's workers train on one thread here (2 cores,
-2 jobs; resources.cpus_per_run 1), so the reference sweep does too.
+depend on torch's thread count, so each comparison trains its reference on as many threads as the
+executor's workers use: resources.cpus_per_run (1) on Ray and SLURM, cores // jobs with --jobs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -19,14 +20,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from depthbench import storage
 from depthbench.cli import app
 from depthbench.config import SweepConfig
-from depthbench.executors import ParallelExecutor, RayExecutor, SlurmExecutor
-from depthbench.sweep import SweepOutcome, run_sweep, sweep_yaml
+from depthbench.executors import ParallelExecutor, RayExecutor, SlurmExecutor, make_executor
+from depthbench.sweep import RunOptions, SweepOutcome, run_sweep, sweep_yaml
 from tests.conftest import tiny_sweep
 
 runner = CliRunner()
@@ -36,12 +36,20 @@ LEARNED = ["run_id", "version", "depth", "seed", "block", "params", "status", "s
 CRASH_SWEEP = "crash"  # Ray workers kill themselves once in a sweep of this name, see `ray_cluster`
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def sweep(out: Path, cfg: SweepConfig, executor: object = None) -> SweepOutcome:
@@ -61,28 +69,37 @@ def write_config(path: Path, cfg: SweepConfig) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> pd.DataFrame:
+_references: dict[int, pd.DataFrame] = {}
+
+
+def reference(tmp_path_factory: pytest.TempPathFactory, threads: int) -> pd.DataFrame:
     """The tiny sweep (v1 and v2, depth 8, seed 0) trained one run after another in this process."""
-    out = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DEPTHBENCH_DATA", str(out / "data"))
-        sweep(out, tiny_sweep())
-    table = learned(out / "tiny")
-    assert list(table.status) == ["completed", "completed"]
-    return table
+    if threads not in _references:
+        out = tmp_path_factory.mktemp(f"reference-{threads}-threads")
+        with pytest.MonkeyPatch.context() as mp, torch_threads(threads):
+            mp.setenv("DEPTHBENCH_DATA", str(out / "data"))
+            sweep(out, tiny_sweep())
+        _references[threads] = learned(out / "tiny")
+    assert list(_references[threads].status) == ["completed", "completed"]
+    return _references[threads]
+
+
+@pytest.fixture(scope="module")
+def one_thread_reference(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    return reference(tmp_path_factory, 1)
 
 
 # --- local --jobs -----------------------------------------------------------------------------------
 
+SHARE = max(1, len(os.sched_getaffinity(0)) // 2)  # the torch threads of each of 2 workers
 
-def test_local_jobs_2_matches_sequential(reference: pd.DataFrame, tmp_path: Path) -> None:
-    lines: list[str] = []
-    outcome = sweep(tmp_path, tiny_sweep(), ParallelExecutor(2, log=lines.append))
-    assert sorted(o.status for o in outcome.outcomes) == ["completed", "completed"]
-    pd.testing.assert_frame_equal(learned(tmp_path / "tiny"), reference)
-    assert sum("up: 1 CPU thread(s)" in line for line in lines) == 2  # 2 cores split between 2 workers
-    assert sum(line.startswith("started ") for line in lines) == 2
+
+def test_local_jobs_2_matches_sequential(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "tiny.yaml", tiny_sweep())
+    result = runner.invoke(app, ["sweep", str(config), "--jobs", "2", "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(learned(tmp_path / "tiny"), reference(tmp_path_factory, SHARE))
+    assert result.output.count("started v") == 2 and result.output.count("✓ v") == 2
 
 
 def test_local_jobs_pin_each_worker_to_its_own_gpu() -> None:
@@ -92,7 +109,7 @@ def test_local_jobs_pin_each_worker_to_its_own_gpu() -> None:
     with pool:
         assert list(pool.map(abs, [-1, -2])) == [1, 2]  # each submit starts a worker, up to --jobs
         workers = dict(events.get(timeout=60)[1:] for _ in range(2))
-    assert len(workers) == 2 and sorted(gpu for gpu, _ in workers.values()) == ["0", "1"]
+    assert sorted(workers.values()) == [("0", SHARE), ("1", SHARE)]  # a GPU each, and a share of the cores
 
 
 # --- ray --------------------------------------------------------------------------------------------
@@ -137,18 +154,18 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             ray.shutdown()
 
 
-def test_ray_cli_sweep_matches_local(ray_cluster: Path, reference: pd.DataFrame, tmp_path: Path) -> None:
+def test_ray_cli_sweep_matches_local(ray_cluster: Path, one_thread_reference: pd.DataFrame, tmp_path: Path) -> None:
     config = write_config(tmp_path / "tiny.yaml", tiny_sweep())
     result = runner.invoke(app, ["sweep", str(config), "--executor", "ray", "--out", str(tmp_path)],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    pd.testing.assert_frame_equal(learned(tmp_path / "tiny"), reference)
+    pd.testing.assert_frame_equal(learned(tmp_path / "tiny"), one_thread_reference)
     assert result.output.count("started v") == 2 and "on 127.0.0.1 (" in result.output
     assert not list((tmp_path / "tiny").glob(".ray-probe*"))  # the shared-folder probe cleans up
 
 
 def test_ray_worker_killed_mid_run_resumes_from_checkpoint(
-    ray_cluster: Path, reference: pd.DataFrame, tmp_path: Path
+    ray_cluster: Path, one_thread_reference: pd.DataFrame, tmp_path: Path
 ) -> None:
     cfg = tiny_sweep(CRASH_SWEEP, grid={"version": ["v2"], "depth": [8], "seed": [0]})
     lines: list[str] = []
@@ -156,14 +173,15 @@ def test_ray_worker_killed_mid_run_resumes_from_checkpoint(
     (run,) = outcome.outcomes
     assert run.status == "completed"
     assert (ray_cluster / "killed").exists(), "the worker was never killed"
-    assert any("again (attempt 2" in line for line in lines)
+    assert any(line.startswith(f"started {run.cfg.run_id} on 127.0.0.1") and "resuming from its checkpoint" in line
+               for line in lines)
     run_dir = tmp_path / CRASH_SWEEP / run.cfg.run_id
     assert steps(run_dir) == [2, 4, 6, 8]  # nothing lost, nothing repeated
     # The rows written before the kill are byte for byte those of the first attempt, timings included:
     # the second attempt resumed from step 4 rather than starting over.
     before_kill = (ray_cluster / "killed").read_text()
     assert before_kill and (run_dir / "metrics.jsonl").read_text().startswith(before_kill)
-    expected = reference[reference.run_id == run.cfg.run_id].reset_index(drop=True)
+    expected = one_thread_reference[one_thread_reference.run_id == run.cfg.run_id].reset_index(drop=True)
     pd.testing.assert_frame_equal(learned(tmp_path / CRASH_SWEEP), expected)
 
 
@@ -228,9 +246,9 @@ def test_slurm_jobs_time_out_checkpoint_requeue_and_match_local(one_thread: None
     assert [o.status for o in outcome.outcomes] == ["completed", "completed"]
     pd.testing.assert_frame_equal(learned(tmp_path / "slurm"), learned(tmp_path / "local" / "slurm"))
     assert lines[0].startswith("submitted 2 runs as local jobs")
-    logs = "".join(p.read_text() for p in (tmp_path / "slurm" / "slurm").glob("*_log.*"))
-    assert logs.count("this job is timed-out") == 1 and "Calling checkpoint method" in logs
-    assert "Requeued job" in logs and logs.count("Job completed successfully") == 2
+    logs = "".join(p.read_text() for p in (tmp_path / "slurm" / "slurm").glob("*_log.out"))
+    assert logs.count("this job is timed-out") == 1 and logs.count("Calling checkpoint method") == 1
+    assert logs.count("(0 remaining timeouts)") == 1 and logs.count("Job completed successfully") == 2
     assert steps(run_dir) == list(range(2, 61, 2))
     # The requeued job resumed: the first attempt's rows are still there, timings included.
     assert first_attempt["metrics"] and (run_dir / "metrics.jsonl").read_text().startswith(first_attempt["metrics"])
@@ -280,6 +298,8 @@ def test_missing_engine_is_one_line_exit_2(
         (["--executor", "ray", "--jobs", "2"], {},
          "error: --jobs is an option of --executor local, not of --executor ray"),
         (["--partition", "gpu"], {}, "error: --partition is an option of --executor slurm, not of --executor local"),
+        (["--max-restarts", "0"], {},
+         "error: --max-restarts is an option of --executor ray and slurm, not of --executor local"),
         (["--executor", "rai"], {}, "error: unknown executor 'rai' (did you mean 'ray'?); use local, ray or slurm"),
         (["--executor", "slurm", "--slurm-local", "--device", "auto"], {"gpus_per_run": 0.5},
          "error: resources.gpus_per_run is 0.5, but SLURM hands out whole GPUs; use a whole number, "
@@ -295,9 +315,27 @@ def test_executor_option_errors_are_one_line_exit_2(
     assert result.output.strip().splitlines()[-1] == message
 
 
-def test_resources_section_takes_the_slurm_settings(tmp_path: Path) -> None:
-    data = yaml.safe_load(sweep_yaml(tiny_sweep()))
-    data["resources"] = {"partition": "gpu", "time_min": 30, "slurm_extra": {"account": "proj"}}
-    cfg = tiny_sweep(resources=data["resources"])
-    assert (cfg.resources.partition, cfg.resources.time_min, cfg.resources.max_restarts) == ("gpu", 30, 3)
-    assert cfg.runs()[0].run_id == tiny_sweep().runs()[0].run_id  # scheduling never changes what a run is
+def test_slurm_submission_script_carries_the_resources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No SLURM here: stand-ins for srun and sbatch on PATH let submitit write and "submit" the real
+    # job-array script, which the fake sbatch keeps for inspection.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/job.sh\necho "Submitted batch job 4242"\n')
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    cfg = tiny_sweep(train={"device": "cuda:1"}, resources={
+        "partition": "gpu", "time_min": 30, "cpus_per_run": 2.5, "slurm_extra": {"account": "proj"}})
+    executor = make_executor("slurm", cfg.resources, time_min=90, array_parallelism=1, max_restarts=5)
+    jobs = executor._submit(cfg.runs(), tmp_path / "tiny", RunOptions())
+    assert [job.job_id for job in jobs] == ["4242_0", "4242_1"]
+    script = (tmp_path / "job.sh").read_text()
+    for line in ("--array=0-1%1", "--partition=gpu", "--time=90", "--signal=USR2@90", "--gpus-per-node=1",
+                 "--cpus-per-task=3", "--nodes=1", "--ntasks-per-node=1", "--account=proj",
+                 "--job-name=depthbench-tiny"):
+        assert f"#SBATCH {line}\n" in script
+    assert f"--output={tmp_path}/tiny/slurm/%A_%a_0_log.out" in script
+    pickled = jobs[1].submission()
+    assert pickled._timeout_countdown == 5 and pickled.function.cfg.train.device == "cuda"  # its GPU is cuda:0
+    assert callable(pickled.function.checkpoint)

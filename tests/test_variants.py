@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from depthbench.cli import app
@@ -23,6 +25,18 @@ from tests.conftest import ROOT
 
 UNITS = list(PLACEMENTS)
 GATES = list(SHORTCUT_GATES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny nets gain nothing from intra-op threads, and on a busy 2-core machine the threads' spin-waits
+    # make them an order of magnitude slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = {
     "dataset": {"name": "synthetic", "train_subset": 64, "test_subset": 32, "image_size": 8},
     "model": {"width": 4, "shortcut_scale": 0.5, "gate_bias": -2.0},
@@ -47,7 +61,7 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFra
 
 
 def test_every_unit_and_gate_trains_to_a_finite_loss(variants: tuple[Path, pd.DataFrame, list]) -> None:
-    folder, table, outcomes = variants
+    _, table, outcomes = variants
     # the unit sub-grid's "original" runs and the gate sub-grid's "identity" runs differ only in whether
     # model.unit is set, which is part of what a run is: 10 + 12 distinct runs
     assert len(outcomes) == 22 and {o.status for o in outcomes} == {"completed"}

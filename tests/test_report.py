@@ -1,0 +1,222 @@
+"""The report's statistics checked by hand, grouping and sorting by any axis, paper values beside ours, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+from typer.testing import CliRunner
+
+from depthbench.cli import app
+from depthbench.config import dump_run_config, parse_sweep
+from depthbench.errors import DepthbenchError
+from depthbench.report import Report, build_report
+from depthbench.sweep import run_sweep, sweep_yaml
+from tests.conftest import tiny_sweep
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny nets gain nothing from intra-op threads, and on a busy 2-core machine the threads' spin-waits
+    # make them an order of magnitude slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+runner = CliRunner()
+
+
+def _fake_run(folder: Path, version: str, depth: int, seed: int, acc: float | None, status: str = "completed",
+              **model: object) -> None:
+    """A finished run folder as the trainer leaves it, with a known accuracy and model settings."""
+    cfg = tiny_sweep().runs()[0]
+    cfg = cfg.model_copy(update={"version": version, "depth": depth, "seed": seed,
+                                 "model": cfg.model.model_copy(update=model)})
+    run_dir = folder / cfg.run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_run_config(cfg))
+    result = {"run_id": cfg.run_id, "status": status, "version": version, "depth": depth, "seed": seed,
+              "block": "basic", "params": 1, "steps": 8, "train_loss": 0.5, "train_acc": 0.9,
+              "test_loss": 1.0, "test_acc": acc, "best_test_acc": acc, "wall_s": 1.0}
+    (run_dir / "result.json").write_text(json.dumps(result))
+
+
+def _row(rep: Report, **key: object) -> dict[str, str]:
+    """The table line whose leading cells are ``key``'s values."""
+    want = [str(v) for v in key.values()]
+    (line,) = [c for c in rep.cells if c[: len(want)] == want]
+    return dict(zip(rep.header, line, strict=True))
+
+
+def test_welch_interval_and_p_value_match_the_formula(tmp_path: Path) -> None:
+    v1, v2 = [0.80, 0.90, 0.70], [0.85, 0.95, 0.90, 0.92]
+    for seed, acc in enumerate(v1):
+        _fake_run(tmp_path, "v1", 20, seed, acc)
+    for seed, acc in enumerate(v2):
+        _fake_run(tmp_path, "v2", 20, seed, acc)
+    rep = build_report(tmp_path, plots=False)
+    (c,) = rep.comparisons
+    # Welch by hand: standard error and Welch-Satterthwaite degrees of freedom
+    a, b = np.array(v2), np.array(v1)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se, df = math.sqrt(va + vb), (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    diff = a.mean() - b.mean()
+    half = stats.t.ppf(0.975, df) * se
+    assert (c.n_v1, c.n_v2) == (3, 4) and c.diff == pytest.approx(diff)
+    assert (c.ci_low, c.ci_high) == pytest.approx((diff - half, diff + half))
+    assert c.p_value == pytest.approx(2 * stats.t.sf(abs(diff / se), df))
+    row = _row(rep, depth=20)
+    assert row["V2−V1 (pts)"] == f"{100 * diff:+.2f}"
+    assert row["V2−V1 95% CI"] == f"[{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}]"
+    # the per-version t-interval of the mean, 0.8 +- t(0.975, 2) * 0.1 / sqrt(3), cut at 100%
+    assert row["V1 95% CI"] == "[55.16, 100.00]"
+    assert any("weak evidence at depth 20" in n for n in rep.notes)
+
+
+def test_one_run_a_side_is_a_clear_warning_not_a_number(tmp_path: Path) -> None:
+    _fake_run(tmp_path, "v1", 20, 0, 0.8)
+    _fake_run(tmp_path, "v2", 20, 0, 0.9)
+    rep = build_report(tmp_path, plots=False)
+    (c,) = rep.comparisons
+    assert math.isnan(c.p_value) and c.note == "n < 2 per version: no test possible"
+    assert _row(rep, depth=20)["p (Welch)"] == "-"
+    assert rep.notes[0].startswith("Warning: too few runs to say anything about V2 − V1 at depth 20 "
+                                   "(V1 n = 1, V2 n = 1)")
+    assert "- Warning: too few runs" in rep.markdown
+    result = runner.invoke(app, ["report", str(tmp_path), "--no-plots"])
+    assert "warning: too few runs to say anything" in result.output
+
+
+@pytest.fixture
+def units_study(tmp_path: Path) -> Path:
+    """v1 runs with each unit at two depths, v2 presets at both; accuracies that make orders visible."""
+    acc = {"original": 0.70, "bn_after_add": 0.60, "full_preact": 0.90}
+    for depth, bonus in ((20, 0.0), (56, 0.05)):
+        for unit, value in acc.items():
+            for seed in (0, 1):
+                _fake_run(tmp_path, "v1", depth, seed, value + bonus + seed / 100, unit=unit)
+        for seed in (0, 1):
+            _fake_run(tmp_path, "v2", depth, seed, 0.88 + bonus + seed / 100)
+    return tmp_path
+
+
+def test_default_rows_are_depth_and_every_varying_setting(units_study: Path) -> None:
+    rep = build_report(units_study, plots=False)
+    assert rep.keys == ["depth", "model.unit"] and rep.title.endswith("ResNet V1 vs V2 by depth")
+    # v2 runs left model.unit to their version: they show the unit v2 implies, full_preact
+    assert [c[:2] for c in rep.cells] == [["20", "bn_after_add"], ["20", "full_preact"], ["20", "original"],
+                                          ["56", "bn_after_add"], ["56", "full_preact"], ["56", "original"]]
+    row = _row(rep, depth=20, **{"model.unit": "full_preact"})
+    assert row["V1 acc % mean ± std"] == "90.50 ± 0.71" and row["V2 acc % mean ± std"] == "88.50 ± 0.71"
+    assert row["V2−V1 (pts)"] == "-2.00"
+
+
+def test_group_by_any_axis_pools_the_others_and_says_so(units_study: Path) -> None:
+    rep = build_report(units_study, group_by=["model.unit"], plots=False)
+    assert rep.keys == ["model.unit"] and rep.title.endswith("ResNet V1 vs V2 by model.unit")
+    row = _row(rep, **{"model.unit": "original"})
+    assert row["V1 runs"] == "4/4" and row["V1 median"] == "73.00"  # 0.70, 0.71, 0.75, 0.76 pooled over depth
+    assert "Rows pool the runs of every depth." in rep.markdown
+    assert len(rep.summary) == 4  # (unit, version) pairs that have runs
+
+
+def test_group_by_version_drops_the_side_by_side_split(units_study: Path) -> None:
+    rep = build_report(units_study, group_by=["version", "depth"], plots=False)
+    assert rep.header[:4] == ["version", "depth", "runs", "success"] and not rep.comparisons
+    assert _row(rep, version="v2", depth=56)["acc % mean ± std"] == "93.50 ± 0.71"
+
+
+def test_sort_by_axes_ascending_and_descending(units_study: Path) -> None:
+    rep = build_report(units_study, sort=["model.unit:desc", "depth:desc"], plots=False)
+    assert [c[:2] for c in rep.cells] == [["56", "original"], ["20", "original"], ["56", "full_preact"],
+                                          ["20", "full_preact"], ["56", "bn_after_add"], ["20", "bn_after_add"]]
+    result = runner.invoke(app, ["report", str(units_study), "--group-by", "model.unit", "--sort", "model.unit:desc",
+                                 "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert "V1 vs V2 by model.unit" in result.output
+    assert result.output.index("original") < result.output.index("full_preact") < result.output.index("bn_after_add")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"group_by": ["model.unti"]}, "cannot group by 'model.unti' (did you mean 'model.unit'?)"),
+        ({"group_by": ["model.width"]}, "it is not an axis that varies in this sweep"),
+        ({"sort": ["seed"]}, "cannot sort by 'seed': sort by a row key of the table, one of depth, model.unit"),
+        ({"sort": ["depth:down"]}, "--sort depth:down: the direction after ':' must be asc or desc"),
+    ],
+)
+def test_bad_group_or_sort_is_one_clear_error(units_study: Path, options: dict, message: str) -> None:
+    with pytest.raises(DepthbenchError) as info:
+        build_report(units_study, plots=False, **options)
+    assert message in str(info.value)
+
+
+def test_paper_values_beside_ours(tmp_path: Path) -> None:
+    sweep = parse_sweep({
+        "name": "paper", "dataset": {"name": "synthetic"}, "success": {"metric": "test_acc", "min": 0.8},
+        "grid": [{"version": ["v1"], "depth": [20], "seed": [0, 1, 2]},
+                 {"version": ["v1"], "depth": [20], "seed": [0, 1, 2], "model.shortcut_gate": ["dropout"]},
+                 {"version": ["v1"], "depth": [20], "seed": [0, 1, 2], "model.shortcut_gate": ["conv1x1"]}],
+        "reference": [
+            {"label": "original", "error": 6.61, "match": {"model.shortcut_gate": "identity"}},
+            {"label": "dropout shortcut", "error": "fail", "match": {"model.shortcut_gate": "dropout"}},
+            {"label": "1x1 conv", "error": 12.22, "match": {"model.shortcut_gate": "conv1x1"}},
+        ],
+    })
+    (tmp_path / "sweep.yaml").write_text(sweep_yaml(sweep))
+    for seed, acc in enumerate([0.93, 0.94, 0.92]):
+        _fake_run(tmp_path, "v1", 20, seed, acc)
+    for seed, acc in enumerate([0.30, 0.25]):
+        _fake_run(tmp_path, "v1", 20, seed, acc, shortcut_gate="dropout")
+    _fake_run(tmp_path, "v1", 20, 2, None, status="diverged", shortcut_gate="dropout")
+    _fake_run(tmp_path, "v1", 20, 0, 0.88, shortcut_gate="conv1x1")
+    rep = build_report(tmp_path, plots=False)
+    header, cells = rep.reference
+    rows = {c[0]: dict(zip(header, c, strict=True)) for c in cells}
+    assert rows["original"]["paper error %"] == "6.61" and rows["original"]["our error % (median)"] == "7.00"
+    assert rows["original"]["ours mean ± std"] == "7.00 ± 1.00" and rows["original"]["ours − paper"] == "+0.39"
+    # errors 70, 75 and a diverged run (no error: counts as failed): the median is 75%, a fail
+    assert rows["dropout shortcut"]["paper error %"] == "fail"
+    assert rows["dropout shortcut"]["our error % (median)"] == "fail (75.00)"
+    assert rows["dropout shortcut"]["runs"] == "3/3" and rows["dropout shortcut"]["ours − paper"] == "-"
+    assert rows["1x1 conv"]["our error % (median)"] == "12.00" and rows["1x1 conv"]["ours mean ± std"] == "12.00"
+    assert "## Paper vs measured" in rep.markdown and '"fail" means an error above 20%' in rep.markdown
+    result = runner.invoke(app, ["report", str(tmp_path), "--no-plots"])
+    assert "paper vs measured" in result.output and "fail (75.00)" in result.output
+
+
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real tiny sweep with diagnostics: 2 versions x 2 depths x 2 seeds, a few seconds."""
+    sweep = tiny_sweep("plots", train={"diagnose_steps": [0, 4], "keep_checkpoint": "none"})
+    sweep = sweep.model_copy(update={"grid": {"version": ["v1", "v2"], "depth": [8, 11], "seed": [0, 1]}})
+    return run_sweep(sweep, tmp_path_factory.mktemp("runs"), handle_signals=False).sweep_dir
+
+
+def test_report_draws_the_three_plots_and_embeds_them(real_sweep: Path) -> None:
+    result = runner.invoke(app, ["report", str(real_sweep)])
+    assert result.exit_code == 0, result.output
+    text = (real_sweep / "report.md").read_text()
+    for name in ("error_vs_depth", "curves", "grad_flow"):
+        png = real_sweep / f"{name}.png"
+        assert f"![{name}]({name}.png)" in text and str(png) in result.output
+        assert 10_000 < png.stat().st_size < 200_000
+        with Image.open(png) as image:
+            assert image.width > 500 and image.height > 300
+    with Image.open(real_sweep / "curves.png") as image:  # a column per depth: wider than tall
+        assert image.width > image.height
+
+
+def test_no_plots_leaves_them_out_of_the_report(real_sweep: Path) -> None:
+    rep = build_report(real_sweep, plots=False)
+    assert rep.plots == {} and "## Plots" not in rep.markdown
