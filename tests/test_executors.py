@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from depthbench import storage
 from depthbench.cli import app
 from depthbench.config import SweepConfig
-from depthbench.executors import ParallelExecutor, RayExecutor, SlurmExecutor, make_executor
+from depthbench.executors import ParallelExecutor, RayExecutor, SlurmExecutor, _cores, make_executor
 from depthbench.sweep import RunOptions, SweepOutcome, run_sweep, sweep_yaml
 from tests.conftest import tiny_sweep
 
@@ -91,7 +91,7 @@ def one_thread_reference(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFra
 
 # --- local --jobs -----------------------------------------------------------------------------------
 
-SHARE = max(1, len(os.sched_getaffinity(0)) // 2)  # the torch threads of each of 2 workers
+SHARE = max(1, _cores() // 2)  # the torch threads of each of 2 workers
 
 
 def test_local_jobs_2_matches_sequential(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
