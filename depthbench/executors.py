@@ -35,10 +35,12 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from depthbench import storage
-from depthbench.config import ResourcesConfig, RunConfig, dump_run_config
+from depthbench.config import ResourcesConfig, RunConfig
 from depthbench.errors import DepthbenchError, did_you_mean
-from depthbench.sweep import LOCK, Executor, LocalExecutor, Reporter, RunOptions, RunOutcome, execute_run, run_state
-from depthbench.train import CHECKPOINT, CONFIG, ERROR_LOG, METRICS, RESULT, Progress
+from depthbench.sweep import (
+    LOCK, Executor, LocalExecutor, Reporter, RunOptions, RunOutcome, execute_run, run_state, write_failure,
+)
+from depthbench.train import CHECKPOINT, METRICS, RESULT, Progress
 
 EXECUTORS = ("local", "ray", "slurm")
 LogFn = Callable[[str], None]
@@ -127,12 +129,7 @@ def _record_failure(cfg: RunConfig, sweep_dir: Path, message: str, details: str)
     try:
         if run_state(run_dir) in ("completed", "diverged"):
             return RunOutcome(cfg, "skipped", storage.read_json(run_dir / RESULT))
-        (run_dir / ERROR_LOG).write_text(f"{message}\n\n{details}", encoding="utf-8")
-        if not (run_dir / CONFIG).exists():
-            storage.write_text(run_dir / CONFIG, dump_run_config(cfg))
-        storage.write_json(run_dir / RESULT, {"run_id": cfg.run_id, "status": "failed", "error": message})
-    except OSError:
-        pass  # the console line still tells the user
+        write_failure(cfg, run_dir, message, f"{message}\n\n{details}")
     finally:
         lock.release()
     return RunOutcome(cfg, "failed", message=message)

@@ -66,6 +66,21 @@ def _failure_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
+def write_failure(cfg: RunConfig, run_dir: Path, message: str, details: str) -> None:
+    """Record a failed run: ``error.log`` with the details, ``result.json`` with status and message.
+
+    The caller holds the run's lock. A failed run counts in results.csv and the exit code, is skipped
+    by a plain re-run, and ``--retry-failed`` resumes it from whatever checkpoint it left.
+    """
+    try:
+        (run_dir / ERROR_LOG).write_text(details, encoding="utf-8")
+        if not (run_dir / CONFIG).exists():  # it failed before the trainer wrote it
+            storage.write_text(run_dir / CONFIG, dump_run_config(cfg))
+        storage.write_json(run_dir / RESULT, {"run_id": cfg.run_id, "status": "failed", "error": message})
+    except OSError:
+        pass  # the disk may be the failure; the console line still tells the user
+
+
 def execute_run(
     cfg: RunConfig,
     sweep_dir: Path,
@@ -103,13 +118,7 @@ def execute_run(
             return RunOutcome(cfg, "interrupted", message=str(stop), notes=notes)
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, and the sweep goes on
             message = _failure_message(err)
-            try:
-                (run_dir / ERROR_LOG).write_text(traceback.format_exc(), encoding="utf-8")
-                if not (run_dir / CONFIG).exists():  # it failed before the trainer wrote it
-                    storage.write_text(run_dir / CONFIG, dump_run_config(cfg))
-                storage.write_json(run_dir / RESULT, {"run_id": cfg.run_id, "status": "failed", "error": message})
-            except OSError:
-                pass  # the disk may be the failure; the console line still tells the user
+            write_failure(cfg, run_dir, message, traceback.format_exc())
             return RunOutcome(cfg, "failed", message=message, notes=notes)
         return RunOutcome(cfg, result["status"], result, notes=notes)
     finally:
