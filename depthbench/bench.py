@@ -24,6 +24,7 @@ buffers, activations and batch of the steps, not the interpreter, the data or th
 from __future__ import annotations
 
 import ctypes
+import gc
 import math
 import os
 import re
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from rich.console import Group
 from rich.table import Table
+from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import VisionDataset
@@ -153,6 +155,7 @@ class TrainerFigures:
     first_step_s: float  # the first step, compilation included when compiling
     peak_mem_mb: float | None  # training memory above the resident data and model
     peak_total_mb: float | None  # everything: CUDA allocations, or the process's resident set on CPU
+    activation_mb: float  # what the forward pass keeps for the backward pass (see activation_mb)
     eval_img_per_s: float | None = None
 
 
@@ -187,6 +190,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             return
+        gc.collect()  # an earlier measurement's model may sit in a reference cycle
         _malloc_trim()
         try:
             Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current VmRSS
@@ -217,6 +221,25 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+def activation_mb(model: nn.Module, xb: torch.Tensor, autocast: Callable[[], Any]) -> float:
+    """MiB of tensors that one training forward pass saves for the backward pass: the activation memory.
+
+    Exact and independent of the allocator, unlike a resident-set peak. With checkpointing these are
+    the segments' inputs; the recomputation of one segment in backward comes on top of it. Parameters
+    are not counted (they live anyway), and a storage saved by several ops counts once.
+    """
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        model(xb)
+    return sum(storages.values()) / MB
 
 
 def measure_trainer(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int, evaluate_too: bool = False,
@@ -273,6 +296,8 @@ def measure_trainer(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int
         train_step(step)
     seconds = _timed(device, lambda: [train_step(s) for s in range(warmup, warmup + steps)])
     peak_mb, total_mb = peak.stop()
+    xb = normalize(train_x[order(0)], mean, std).contiguous(memory_format=memory_format)
+    activations = activation_mb(step_model, xb, autocast)
     eval_rate = None
     if evaluate_too:
         test_x, test_y = data.test_x.to(device), data.test_y.to(device)
@@ -280,7 +305,7 @@ def measure_trainer(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int
                                                  tc.channels_last))
         eval_rate = len(test_x) / eval_s
     return TrainerFigures(StepTiming(steps, tc.batch_size, seconds), setup_s, first_step_s, peak_mb, total_mb,
-                          eval_rate)
+                          activations, eval_rate)
 
 
 class PILImageSet(VisionDataset):
@@ -461,6 +486,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "mfu": flops * img_per_s / peak,
         "peak_mem_mb": trainer.peak_mem_mb,
         "peak_mem_total_mb": trainer.peak_total_mb,
+        "activation_mb": trainer.activation_mb,
         "eval_img_per_s": trainer.eval_img_per_s,
         "setup_s": trainer.setup_s,
         "first_step_s": trainer.first_step_s,
@@ -494,9 +520,10 @@ def run_scaling(spec: BenchSpec, depths: Sequence[int]) -> dict[str, Any]:
             "train_flops_per_img": flops,
             "step_s": plain.timing.step_s, "img_per_s": plain.timing.img_per_s,
             "mfu": flops * plain.timing.img_per_s / peak,
-            "peak_mem_mb": plain.peak_mem_mb,
+            "peak_mem_mb": plain.peak_mem_mb, "activation_mb": plain.activation_mb,
             "step_s_ckpt": ckpt.timing.step_s if ckpt else None,
             "peak_mem_mb_ckpt": ckpt.peak_mem_mb if ckpt else None,
+            "activation_mb_ckpt": ckpt.activation_mb if ckpt else None,
         })
     _add_linearity(rows)
     return {"mode": "scaling", **context, "checkpoint_segments": spec.segments or ALL_UNITS,
@@ -504,25 +531,31 @@ def run_scaling(spec: BenchSpec, depths: Sequence[int]) -> dict[str, Any]:
             "rows": rows, "notes": linearity_notes(rows), "load_1m_end": _load_avg()}
 
 
-# Within these bounds of the first row, time (per FLOP) and memory (per unit) count as linear in depth.
+# Within these bounds, time per FLOP (against the first row) and activation memory per added unit
+# (against the other increments of the same block) count as linear in depth.
 LINEAR_BAND = (0.8, 1.25)
 
 
 def _add_linearity(rows: list[dict[str, Any]]) -> None:
-    """``time_vs_flops``: step time per training FLOP relative to the first row (1.0 = cost grows exactly
-    as the FLOPs, which grow linearly with depth within a block type). ``mem_per_unit_mb``: training
-    memory per residual unit, constant when memory is linear in depth."""
+    """``time_vs_flops``: step time per training FLOP relative to the first row (1.0 = time grows exactly
+    as the FLOPs, which grow linearly with depth within a block type). ``activation_mb_per_unit``: the
+    activation memory that each residual unit added since the previous, shallower row of the same block
+    (None for the shallowest); constant when memory grows linearly with depth."""
     first = rows[0]
     for row in rows:
         row["time_vs_flops"] = (row["step_s"] / row["train_flops_per_img"]) / (
             first["step_s"] / first["train_flops_per_img"])
-        units = 3 * row["units_per_stage"]
-        row["mem_per_unit_mb"] = row["peak_mem_mb"] / units if row["peak_mem_mb"] is not None else None
-        row["mem_per_unit_mb_ckpt"] = row["peak_mem_mb_ckpt"] / units if row["peak_mem_mb_ckpt"] is not None else None
+        row["activation_mb_per_unit"] = None
+    for block in {r["block"] for r in rows}:
+        same = sorted((r for r in rows if r["block"] == block), key=lambda r: r["units_per_stage"])
+        for prev, row in zip(same, same[1:]):
+            added = 3 * (row["units_per_stage"] - prev["units_per_stage"])
+            if added > 0:
+                row["activation_mb_per_unit"] = (row["activation_mb"] - prev["activation_mb"]) / added
 
 
 def linearity_notes(rows: list[dict[str, Any]]) -> list[str]:
-    """Plain sentences on where time or memory do not grow linearly with depth."""
+    """Plain sentences on whether time and memory grow linearly with depth, and where they do not."""
     low, high = LINEAR_BAND
     notes = []
     off = [r for r in rows if not low <= r["time_vs_flops"] <= high]
@@ -533,14 +566,19 @@ def linearity_notes(rows: list[dict[str, Any]]) -> list[str]:
         notes.append(f"time per step grows with the FLOPs (within {low:g}-{high:g}x of depth {rows[0]['depth']}'s "
                      "rate), and the FLOPs grow linearly with depth for each block type")
     for block in sorted({r["block"] for r in rows}):
-        same = [r for r in rows if r["block"] == block and r["mem_per_unit_mb"]]
-        if len(same) < 2:
+        steps = [r for r in sorted(rows, key=lambda r: r["depth"])
+                 if r["block"] == block and r["activation_mb_per_unit"] is not None]
+        if not steps:
             continue
-        per_unit = [r["mem_per_unit_mb"] for r in same]
-        spread = max(per_unit) / min(per_unit)
-        listing = ", ".join(f"{r['depth']}: {r['mem_per_unit_mb']:.1f}" for r in same)
-        verdict = "linear in depth" if spread <= high else f"not linear in depth ({spread:.2f}x spread)"
-        notes.append(f"{block} units: training memory per unit (MB) {listing}: {verdict}")
+        listing = ", ".join(f"{r['activation_mb_per_unit']:.1f} MB up to depth {r['depth']}" for r in steps)
+        per_unit = [r["activation_mb_per_unit"] for r in steps]
+        if len(per_unit) < 2:
+            verdict = "(two depths: too few to test linearity)"
+        elif max(per_unit) <= high * min(per_unit):
+            verdict = "linear in depth"
+        else:
+            verdict = f"not linear in depth ({max(per_unit) / min(per_unit):.2f}x spread)"
+        notes.append(f"{block} units: each added unit keeps {listing} of activations: {verdict}")
     return notes
 
 
@@ -588,7 +626,8 @@ def render_bench(result: dict[str, Any]) -> Group:
         f"training FLOPs per image {_si(r['train_flops_per_img'], 'FLOP')} (3x forward); achieved "
         f"{_si(r['achieved_flops'], 'FLOP/s')} of a {_si(r['matmul_peak_flops'], 'FLOP/s')} matmul peak "
         f"({r['precision']} torch.mm, n={r['matmul_peak_size']}): MFU {100 * r['mfu']:.1f}%",
-        f"training memory {_mb(r['peak_mem_mb'])} above data and weights (peak {_mb(r['peak_mem_total_mb'])} in all)",
+        f"training memory {_mb(r['peak_mem_mb'])} above data and weights (peak {_mb(r['peak_mem_total_mb'])} in all), "
+        f"of which activations saved for backward {_mb(r['activation_mb'])}",
         f"evaluation {r['eval_img_per_s']:.0f} images/s (inference mode, batches of 1000)",
         f"per-run overhead {r['overhead_s']:.2f} s: data load {r['data_load_s']:.2f} s, setup {r['setup_s']:.2f} s, "
         f"first step {1000 * r['first_step_s']:.0f} ms vs {1000 * r['step_s']:.0f} ms steady"
@@ -607,18 +646,20 @@ def render_scaling(result: dict[str, Any]) -> Group:
               f"ckpt = checkpointing ({_segments(r['checkpoint_segments'])}); "
               f"matmul peak {_si(r['matmul_peak_flops'], 'FLOP/s')}")
     table = Table()
-    for column in ("depth", "block (n)", "params", "train GFLOP/img", "ms/step", "img/s", "MFU",
-                   "time vs FLOPs", "memory", "ms/step ckpt", "memory ckpt"):
+    for column in ("depth", "block (n)", "params", "train GFLOP/img", "ms/step", "img/s", "MFU", "time vs FLOPs",
+                   "memory", "activations", "ms/step ckpt", "memory ckpt", "activations ckpt"):
         table.add_column(column, justify="right")
     for row in r["rows"]:
         ckpt_ms = "n/a" if row["step_s_ckpt"] is None else f"{1000 * row['step_s_ckpt']:.0f}"
         table.add_row(
             str(row["depth"]), f"{row['block']} ({row['units_per_stage']})", f"{row['params']:,}",
             f"{row['train_flops_per_img'] / 1e9:.3f}", f"{1000 * row['step_s']:.0f}", f"{row['img_per_s']:.1f}",
-            f"{100 * row['mfu']:.1f}%", f"{row['time_vs_flops']:.2f}x", _mb(row["peak_mem_mb"]), ckpt_ms,
-            _mb(row["peak_mem_mb_ckpt"]),
+            f"{100 * row['mfu']:.1f}%", f"{row['time_vs_flops']:.2f}x", _mb(row["peak_mem_mb"]),
+            _mb(row["activation_mb"]), ckpt_ms, _mb(row["peak_mem_mb_ckpt"]), _mb(row["activation_mb_ckpt"]),
         )
-    return Group(header, _where(r), table, *(f"note: {note}" for note in r["notes"]))
+    legend = ("memory: peak above data and weights (CPU: resident set; CUDA: allocator); activations: tensors the "
+              "forward pass saves for backward; ckpt: the same with activation checkpointing")
+    return Group(header, _where(r), table, legend, *(f"note: {note}" for note in r["notes"]))
 
 
 def parse_depths(text: str) -> list[int]:

@@ -112,6 +112,7 @@ def sweep(
         outcome = run_sweep(cfg, out, device=device, retry_failed=retry_failed, fail_fast=fail_fast, reporter=reporter,
                             tensorboard=tensorboard, executor=runner)
     folder = sweep_dir_for(cfg, out)
+    again = f"depthbench sweep {config}" + (f" --out {out}" if out != Path("runs") else "")
     failed, busy = len(outcome.failed), outcome.count("busy")
     console.print(f"results: {folder / 'results.csv'}")
     if busy:
@@ -119,11 +120,11 @@ def sweep(
     if outcome.interrupted:
         left = len(plan(cfg, out, device=device)[1])
         err_console.print(f"interrupted: {left} run(s) left, progress is checkpointed; "
-                          f"run `depthbench sweep {config}` again to resume")
+                          f"run `{again}` again to resume")
         raise typer.Exit(130)
     if failed:
         err_console.print(f"{failed} run(s) failed; see error.log in their folders, "
-                          f"then `depthbench sweep {config} --retry-failed`")
+                          f"then `{again} --retry-failed`")
         raise typer.Exit(1)
     console.print(f"next: depthbench report {folder}")
 

@@ -87,7 +87,7 @@ def test_bench_json_reports_consistent_figures() -> None:
     out = json.loads(result.stdout)
     for key in ("img_per_s", "baseline_img_per_s", "speedup", "mfu", "peak_mem_mb", "step_s", "baseline_step_s",
                 "train_flops_per_img", "achieved_flops", "matmul_peak_flops", "eval_img_per_s", "setup_s",
-                "first_step_s", "overhead_s", "data_load_s"):
+                "first_step_s", "overhead_s", "data_load_s", "activation_mb"):
         assert out[key] > 0, key
     assert out["speedup"] == pytest.approx(out["img_per_s"] / out["baseline_img_per_s"])
     assert out["step_s"] == pytest.approx(16 / out["img_per_s"])
@@ -111,7 +111,7 @@ def test_bench_scaling_prints_a_row_per_depth_with_and_without_checkpointing() -
     assert sorted(rows, key=int) == ["8", "11"]
     assert "basic (1)" in rows["8"] and "bottleneck (1)" in rows["11"]
     assert "1.00x" in rows["8"]  # time vs FLOPs is relative to the first depth
-    assert all(len(re.findall(r"\d MB", row)) == 2 for row in rows.values())  # memory without and with checkpointing
+    assert all(len(re.findall(r"\d MB", row)) == 4 for row in rows.values())  # memory and activations, both ways
     assert "note: " in result.stdout
 
 
@@ -135,20 +135,37 @@ def test_cpu_auto_precision_is_fp32_on_a_cpu_without_bf16_units() -> None:
 def test_linearity_notes_say_where_cost_is_not_linear() -> None:
     rows = [
         {"depth": 20, "block": "basic", "units_per_stage": 3, "train_flops_per_img": 1.0, "step_s": 1.0,
-         "peak_mem_mb": 90.0, "peak_mem_mb_ckpt": 30.0},
+         "activation_mb": 100.0},
         {"depth": 56, "block": "basic", "units_per_stage": 9, "train_flops_per_img": 3.0, "step_s": 3.3,
-         "peak_mem_mb": 270.0, "peak_mem_mb_ckpt": 60.0},
+         "activation_mb": 280.0},
+        {"depth": 110, "block": "basic", "units_per_stage": 18, "train_flops_per_img": 6.0, "step_s": 6.0,
+         "activation_mb": 550.0},
         {"depth": 164, "block": "bottleneck", "units_per_stage": 18, "train_flops_per_img": 6.0, "step_s": 9.0,
-         "peak_mem_mb": 1000.0, "peak_mem_mb_ckpt": 100.0},
+         "activation_mb": 2000.0},
     ]
     bench._add_linearity(rows)
-    assert [r["time_vs_flops"] for r in rows] == pytest.approx([1.0, 1.1, 1.5])
-    assert [r["mem_per_unit_mb"] for r in rows] == pytest.approx([10.0, 10.0, 1000 / 54])
-    notes = bench.linearity_notes(rows)
-    assert notes == [
+    assert [r["time_vs_flops"] for r in rows] == pytest.approx([1.0, 1.1, 1.0, 1.5])
+    assert [r["activation_mb_per_unit"] for r in rows] == pytest.approx([None, 10.0, 10.0, None])
+    assert bench.linearity_notes(rows) == [
         "depth 164 (bottleneck): a step takes 1.50x the time its FLOPs predict from depth 20",
-        "basic units: training memory per unit (MB) 20: 10.0, 56: 10.0: linear in depth",
+        "basic units: each added unit keeps 10.0 MB up to depth 56, 10.0 MB up to depth 110 of activations: "
+        "linear in depth",
     ]
+    rows[2]["activation_mb"] = 1000.0
+    bench._add_linearity(rows)
+    assert bench.linearity_notes(rows)[-1].endswith("not linear in depth (2.67x spread)")
+
+
+def test_activation_memory_counts_what_backward_keeps() -> None:
+    """The basic V2 unit keeps 4 maps of its size for backward (BN input, ReLU output, and again); per-unit
+    checkpointing keeps only the unit's input."""
+    x = torch.randn(8, 3, 32, 32)
+    plain, ckpt = (bench.activation_mb(build_model("v2", 14, checkpointing=k), x, nullcontext) for k in (0, 10**6))
+    deeper = bench.activation_mb(build_model("v2", 20), x, nullcontext)
+    stage_maps_mb = 8 * (16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8) * 4 / 2**20  # one map per stage
+    # One more unit per stage: 4 maps each, plus BN's per-channel batch statistics (a few kB).
+    assert deeper - plain == pytest.approx(4 * stage_maps_mb, rel=1e-3)
+    assert 2.5 * ckpt < plain
 
 
 def test_peak_memory_sees_an_allocation_and_not_what_came_before() -> None:

@@ -122,7 +122,7 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(reference: tuple[Path, Path],
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert f"run `depthbench sweep {config}` again to resume" in stderr
+    assert f"run `depthbench sweep {config} --out {out}` again to resume" in stderr
     assert "Traceback" not in stderr
     (interrupted,) = [p for p in (out / "crash").glob("v*") if (p / "checkpoint.pt").exists()]
     assert not (interrupted / "result.json").exists()
