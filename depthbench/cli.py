@@ -24,8 +24,9 @@ app = typer.Typer(
 )
 # Piped output (CI logs, files) gets wide tables rather than rich's 80-column default.
 _WIDTH = None if sys.stdout.isatty() else 200
-console = Console(highlight=False, width=_WIDTH)
-err_console = Console(stderr=True, highlight=False, width=_WIDTH)
+# Messages never wrap (a command to copy stays whole); tables still fit the width.
+console = Console(highlight=False, width=_WIDTH, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, width=_WIDTH, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,7 +42,7 @@ def command(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except DepthbenchError as err:
-            err_console.print(f"error: {err}", markup=False, soft_wrap=True)
+            err_console.print(f"error: {err}", markup=False)
             raise typer.Exit(err.exit_code) from None
 
     app.command()(wrapper)
