@@ -18,7 +18,8 @@ Timings are steady-state steps after a warmup; data loading, setup and compilati
 apart as per-run overhead. Training memory is the peak above what was resident once the data and the
 model were in place: CUDA's ``max_memory_allocated``, or on CPU the peak resident set (Linux VmHWM,
 reset through /proc/self/clear_refs after returning freed heap to the OS), so the gradients, momentum
-buffers, activations and batch of the steps, not the interpreter, the data or the weights.
+buffers, activations and batch of the steps, not the interpreter, the data or the weights. Beside it,
+the activations alone: the bytes one forward pass saves for backward, exact whatever the allocator.
 """
 
 from __future__ import annotations
@@ -297,7 +298,7 @@ def measure_trainer(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int
     seconds = _timed(device, lambda: [train_step(s) for s in range(warmup, warmup + steps)])
     peak_mb, total_mb = peak.stop()
     xb = normalize(train_x[order(0)], mean, std).contiguous(memory_format=memory_format)
-    activations = activation_mb(step_model, xb, autocast)
+    activations = activation_mb(model, xb, autocast)  # eager: what the compiled graph saves may differ
     eval_rate = None
     if evaluate_too:
         test_x, test_y = data.test_x.to(device), data.test_y.to(device)

@@ -175,11 +175,14 @@ def report(
             continue
         done = int(rep.table.status.isin(("completed", "diverged", "failed")).sum())
         table = Table(title=f"{folder.name}: V1 vs V2 by {rep.by} ({done}/{len(rep.table)} runs finished)",
-                      caption="acc = final test accuracy %, mean ± std over seeds")
-        for i, column in enumerate(rep.header):  # the row keys stay whole; statistics wrap if space is short
-            table.add_column(column, justify="right", no_wrap=i < len(rep.keys))
+                      caption="acc = final test accuracy %, mean ± std over seeds; "
+                              "best and 95% intervals are in report.md")
+        # The terminal gets the columns a reader compares at a glance; report.md keeps all of them.
+        shown = [i for i, name in enumerate(rep.header) if not name.endswith(("best", "95% CI"))]
+        for i in shown:  # the row keys stay whole; statistics wrap if space is short
+            table.add_column(rep.header[i], justify="right", no_wrap=i < len(rep.keys))
         for row in rep.cells:
-            table.add_row(*row)
+            table.add_row(*(row[i] for i in shown))
         console.print(table)
         for note in rep.notes:
             console.print(note.replace("Warning:", "warning:", 1).replace("Note:", "note:", 1))

@@ -238,6 +238,7 @@ def train_run(
             return train_run(cfg, _discard_progress(run_dir), data=data, on_progress=on_progress,
                              should_stop=should_stop, notes=notes)
         storage.write_jsonl(metrics_path, kept)
+        notes.append(f"{cfg.run_id}: resumed from its checkpoint at step {step}")
 
     loss_sum = torch.tensor(window[0], device=device, dtype=torch.float64)
     correct = torch.tensor(window[1], device=device, dtype=torch.int64)
