@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 
 from depthbench import storage
 from depthbench.config import ResourcesConfig, RunConfig
 from depthbench.errors import DepthbenchError, did_you_mean
 from depthbench.sweep import (
-    LOCK, Executor, LocalExecutor, Reporter, RunOptions, RunOutcome, execute_run, run_state, write_failure,
+    BUSY, Executor, LocalExecutor, Reporter, RunOptions, RunOutcome, claim, execute_run, run_state,
+    write_failure,
 )
 from depthbench.train import CHECKPOINT, METRICS, RESULT, Progress
 
@@ -119,13 +119,10 @@ def _record_failure(cfg: RunConfig, sweep_dir: Path, message: str, details: str)
     So it counts as failed in results.csv and in the exit code, and ``--retry-failed`` resumes it
     from the checkpoint it left.
     """
-    run_dir = sweep_dir / cfg.run_id
-    run_dir.mkdir(parents=True, exist_ok=True)  # a job may have died before its run began
-    lock = FileLock(run_dir / LOCK)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return RunOutcome(cfg, "busy", message="being trained by another process")
+    run_dir = sweep_dir / cfg.run_id  # a job may have died before its run began: claim makes the folder
+    lock = claim(run_dir)
+    if lock is None:
+        return RunOutcome(cfg, "busy", message=BUSY)
     try:
         if run_state(run_dir) in ("completed", "diverged"):
             return RunOutcome(cfg, "skipped", storage.read_json(run_dir / RESULT))

@@ -66,6 +66,23 @@ def _failure_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
+BUSY = "being trained by another process"
+
+
+def claim(run_dir: Path) -> FileLock | None:
+    """The run's lock, acquired, or None when another process holds it; the caller releases it.
+
+    flock is released by the OS when its holder dies, so a killed sweep leaves no stale claim.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
+
+
 def write_failure(cfg: RunConfig, run_dir: Path, message: str, details: str) -> None:
     """Record a failed run: ``error.log`` with the details, ``result.json`` with status and message.
 
@@ -92,13 +109,9 @@ def execute_run(
 ) -> RunOutcome:
     """Claim, train and record one run; never raises for a failure inside the run itself."""
     run_dir = sweep_dir / cfg.run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(run_dir / LOCK)
-    try:
-        # flock is released by the OS when its holder dies, so a killed sweep leaves no stale claim.
-        lock.acquire(timeout=0)
-    except Timeout:
-        return RunOutcome(cfg, "busy", message="being trained by another process")
+    lock = claim(run_dir)
+    if lock is None:
+        return RunOutcome(cfg, "busy", message=BUSY)
     try:
         state = run_state(run_dir)
         if state in ("completed", "diverged") or (state == "failed" and not retry_failed):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from depthbench.config import RunConfig, SweepConfig, parse_sweep
 
@@ -30,6 +32,17 @@ def tiny_sweep(name: str = "tiny", **sections: dict) -> SweepConfig:
 
 def tiny_run(**sections: dict) -> RunConfig:
     return tiny_sweep(**sections).runs()[-1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> Iterator[None]:
+    # The test nets are tiny: a second intra-op thread only adds sync overhead, and on a busy 2-core
+    # machine its spin-waits make them an order of magnitude slower. (Subprocess tests set
+    # OMP_NUM_THREADS=1 for the same reason.)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,16 +24,6 @@ from depthbench.diagnose import (
 from depthbench.models import build_model
 from depthbench.train import train_run
 from tests.conftest import tiny_run
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny nets gain nothing from intra-op threads, and on a busy 2-core machine the threads' spin-waits
-    # make them an order of magnitude slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 SYNTHETIC = DatasetConfig(name="synthetic", train_subset=64, test_subset=32, image_size=8)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,16 +24,6 @@ from depthbench.models import (
     resolve_block,
     valid_depths,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These nets are tiny: a second intra-op thread only adds sync overhead, and on a busy 2-core
-    # machine its spin-waits made single tests take seconds instead of milliseconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------

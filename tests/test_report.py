@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from scipy import stats
 from typer.testing import CliRunner
@@ -20,16 +18,6 @@ from depthbench.errors import DepthbenchError
 from depthbench.report import Report, build_report
 from depthbench.sweep import run_sweep, sweep_yaml
 from tests.conftest import tiny_sweep
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny nets gain nothing from intra-op threads, and on a busy 2-core machine the threads' spin-waits
-    # make them an order of magnitude slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 runner = CliRunner()

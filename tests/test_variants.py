@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from depthbench.cli import app
@@ -25,16 +23,6 @@ from tests.conftest import ROOT
 
 UNITS = list(PLACEMENTS)
 GATES = list(SHORTCUT_GATES)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny nets gain nothing from intra-op threads, and on a busy 2-core machine the threads' spin-waits
-    # make them an order of magnitude slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 TINY = {
