@@ -459,6 +459,8 @@ def _load_avg() -> float | None:
 def run_bench(spec: BenchSpec) -> dict[str, Any]:
     """Trainer vs usual pipeline on one net: speed, FLOP/s against the matmul peak, memory, overhead."""
     startup = _process_age()
+    if spec.segments and not spec.checkpointing:
+        raise DepthbenchError("--segments says how --checkpointing splits each stage; add --checkpointing")
     (cfg,), described, data, load_s = _prepare(spec, [spec.depth])
     context = _context(spec, cfg, described, load_s, startup)
     device = resolve_device(cfg.train.device)
@@ -678,6 +680,8 @@ __all__ = [
     "BenchSpec",
     "PILImageSet",
     "PeakMemory",
+    "activation_mb",
+    "linearity_notes",
     "matmul_peak",
     "measure_trainer",
     "measure_usual",

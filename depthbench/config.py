@@ -82,7 +82,7 @@ class TrainConfig(_Section):
     warmup: WarmupConfig = WarmupConfig()
     eval_every: int = Field(2000, gt=0)
     log_every: int = Field(100, gt=0)
-    eval_batch_size: int = Field(1000, gt=0)
+    eval_batch_size: int = Field(256, gt=0, description="256: larger CPU batches page-fault (BENCHMARKS.md)")
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True

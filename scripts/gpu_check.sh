@@ -4,10 +4,12 @@
 #   OUT=/some/folder scripts/gpu_check.sh      # results go to $OUT (default: ./gpu-check)
 #
 # Runs `depthbench bench` on CUDA (bf16 autocast, channels_last, cudnn.benchmark) against the usual
-# DataLoader pipeline for ResNet-110 and ResNet-1001 (with and without activation checkpointing, the
-# paper's 64k-step time extrapolated as paper_run_h), a compiled ResNet-110 (compile time apart), a scaling
-# table, and the CUDA tests of tests/test_bench.py. Each result is one JSON file; summary.txt lists them.
-# Data: the shared CIFAR-10 tarball when ../shared/data has it, else synthetic images (each JSON says which).
+# DataLoader pipeline for ResNet-110 (eager and compiled, compile time apart) and ResNet-1001 (without
+# checkpointing, with one segment per unit and with 14 segments per stage; paper_run_h extrapolates the
+# paper's 64k steps), a scaling table up to depth 1001, and the CUDA tests of tests/test_bench.py.
+# Each result is one JSON file in $OUT; summary.txt has one line per result. The timeouts add up to
+# 9 minutes. Data: the shared CIFAR-10 tarball when ../shared/data has it, else synthetic images (each
+# JSON's "data" says which).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check}"
@@ -41,15 +43,15 @@ bench() {
     echo "$name: rc=$rc in $((SECONDS - start)) s ($*)" | tee -a "$SUMMARY"
 }
 
-bench r110          90 --version v2 --depth 110  --batch-size 128 --steps 50
-bench r110_v1       90 --version v1 --depth 110  --batch-size 128 --steps 50
-bench r110_compile 180 --version v2 --depth 110  --batch-size 128 --steps 50 --compile
-bench r1001        120 --version v2 --depth 1001 --batch-size 128 --steps 10
-bench r1001_ckpt   120 --version v2 --depth 1001 --batch-size 128 --steps 10 --checkpointing
-bench scaling      150 --version v2 --depths 20,56,110,164,1001 --batch-size 128 --steps 10
+bench r110          60 --version v2 --depth 110  --batch-size 128 --steps 50
+bench r110_compile 120 --version v2 --depth 110  --batch-size 128 --steps 50 --compile
+bench r1001         90 --version v2 --depth 1001 --batch-size 128 --steps 10
+bench r1001_ckpt    60 --version v2 --depth 1001 --batch-size 128 --steps 10 --checkpointing
+bench r1001_seg14   60 --version v2 --depth 1001 --batch-size 128 --steps 10 --checkpointing --segments 14
+bench scaling       90 --version v2 --depths 20,56,110,164,1001 --batch-size 128 --steps 10
 
 start=$SECONDS
-timeout 120 "$PY" -m pytest -q tests/test_bench.py -k cuda > "$OUT/pytest_cuda.txt" 2>&1
+timeout 60 "$PY" -m pytest -q tests/test_bench.py -k cuda > "$OUT/pytest_cuda.txt" 2>&1
 echo "pytest tests/test_bench.py -k cuda: rc=$? in $((SECONDS - start)) s" | tee -a "$SUMMARY"
 
 # One line per bench for the reader: speed against the usual pipeline, MFU, memory, 64k-step hours.

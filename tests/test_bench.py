@@ -185,6 +185,7 @@ def test_peak_memory_sees_an_allocation_and_not_what_came_before() -> None:
     (("--data", "/no/such/folder"), "error: --data '/no/such/folder' is neither auto, synthetic nor an existing"),
     (("--precision", "fp16"), "error: --precision 'fp16' is unknown; auto, fp32 or bf16"),
     (("--checkpointing", "--compile"), "error: --checkpointing and --compile do not combine"),
+    (("--segments", "4"), "error: --segments says how --checkpointing splits each stage; add --checkpointing"),
 ])
 def test_bench_user_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
     result = runner.invoke(app, ["bench", *args])
