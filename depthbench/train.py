@@ -293,7 +293,7 @@ def train_run(
 
         # Log point: running train metrics, evaluation when due, divergence check, checkpoint.
         evaluate_now = step % tc.eval_every == 0 or step == tc.steps
-        if step % tc.log_every == 0 or evaluate_now or step == tc.steps:
+        if step % tc.log_every == 0 or evaluate_now:
             train_loss = loss_sum.item() / seen
             train_s_window += time.perf_counter() - t_window
             row = {"step": step, "lr": lr_at(step - 1, tc), "train_loss": train_loss, "train_acc": correct.item() / seen}
