@@ -31,7 +31,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,12 +46,11 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import VisionDataset
 
-from depthbench.augment import augment_batch, normalize
 from depthbench.config import DatasetConfig, ModelConfig, RunConfig, TrainConfig
 from depthbench.data import TensorData, load_dataset
 from depthbench.errors import DepthbenchError, did_you_mean
 from depthbench.models import count_params, forward_flops, model_from_config, resolve_block
-from depthbench.train import BatchOrder, _mix, evaluate, lr_at, resolve_device, resolve_precision, sgd_step
+from depthbench.train import TrainingSetup, _mix, evaluate, resolve_device, resolve_precision, sgd_step
 
 # The shared CIFAR-10 JPEG tarball beside the project (../shared/data); absent on a user's machine.
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -247,27 +245,9 @@ def measure_trainer(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int
                     ) -> TrainerFigures:
     """Time the trainer's step for ``cfg``: the setup and the step of :func:`depthbench.train.train_run`."""
     tc = cfg.train
-    device = resolve_device(tc.device)
-    amp_dtype = resolve_precision(tc.precision, device)
-    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     t_setup = time.perf_counter()
-
-    # Setup as in train_run: the uint8 set on the device once, the seeded model, its optimizer.
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
-    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
-    order = BatchOrder(len(train_x), tc.batch_size, cfg.seed, device)
-    torch.manual_seed(_mix(cfg.seed, 0, 2))
-    model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels)
-    model = model.to(device=device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr_at(0, tc), momentum=tc.momentum,
-        weight_decay=tc.weight_decay, nesterov=tc.nesterov and tc.momentum > 0,
-    )
-    step_model = torch.compile(model) if tc.compile else model
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    setup = TrainingSetup.create(cfg, data)  # exactly train_run's setup
+    device, model, autocast = setup.device, setup.model, setup.autocast
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     _sync(device)
@@ -275,17 +255,8 @@ def measure_trainer(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int
 
     def train_step(step: int) -> None:
         # The body of train_run's loop, less its logging.
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tc)
-        idx = order(step)
-        gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, 3))
-        torch.manual_seed(_mix(cfg.seed, step, 4))
-        xb = train_x[idx]
-        if cfg.dataset.augment:
-            xb = augment_batch(xb, gen)
-        xb = normalize(xb, mean, std).contiguous(memory_format=memory_format)
-        yb = train_y[idx]
-        loss, logits = sgd_step(step_model, optimizer, xb, yb, autocast)
+        xb, yb = setup.batch(step)
+        loss, logits = sgd_step(setup.step_model, setup.optimizer, xb, yb, autocast)
         loss_sum.add_(loss.double() * len(yb))
         correct.add_((logits.argmax(1) == yb).sum())
 
@@ -297,13 +268,13 @@ def measure_trainer(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int
         train_step(step)
     seconds = _timed(device, lambda: [train_step(s) for s in range(warmup, warmup + steps)])
     peak_mb, total_mb = peak.stop()
-    xb = normalize(train_x[order(0)], mean, std).contiguous(memory_format=memory_format)
+    xb, _ = setup.batch(0)
     activations = activation_mb(model, xb, autocast)  # eager: what the compiled graph saves may differ
     eval_rate = None
     if evaluate_too:
         test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-        eval_s = _timed(device, lambda: evaluate(model, test_x, test_y, mean, std, tc.eval_batch_size, autocast,
-                                                 tc.channels_last))
+        eval_s = _timed(device, lambda: evaluate(model, test_x, test_y, setup.mean, setup.std, tc.eval_batch_size,
+                                                 autocast, tc.channels_last))
         eval_rate = len(test_x) / eval_s
     return TrainerFigures(StepTiming(steps, tc.batch_size, seconds), setup_s, first_step_s, peak_mb, total_mb,
                           activations, eval_rate)

@@ -153,6 +153,67 @@ def sgd_step(
     return loss.detach(), logits.detach()
 
 
+@dataclass
+class TrainingSetup:
+    """A run ready to train on its device: the uint8 data, the seeded model, its optimizer, the batch recipe.
+
+    Shared by :func:`train_run` and ``depthbench bench``, so the benchmark times exactly the trainer.
+    """
+
+    cfg: RunConfig
+    device: torch.device
+    model: nn.Module
+    step_model: nn.Module  # the model, compiled when train.compile is set
+    optimizer: torch.optim.Optimizer
+    order: BatchOrder
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    memory_format: torch.memory_format
+    autocast: Callable[[], Any]
+
+    @classmethod
+    def create(cls, cfg: RunConfig, data: TensorData) -> TrainingSetup:
+        tc = cfg.train
+        device = resolve_device(tc.device)
+        amp_dtype = resolve_precision(tc.precision, device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        # Data: uint8 on the device; normalisation and augmentation happen per batch.
+        train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+        # Model and optimizer; the init is seeded so a run is reproducible from its seed alone.
+        torch.manual_seed(_mix(cfg.seed, 0, 2))
+        model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels)
+        memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+        model = model.to(device=device, memory_format=memory_format)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=lr_at(0, tc), momentum=tc.momentum,
+            weight_decay=tc.weight_decay, nesterov=tc.nesterov and tc.momentum > 0,
+        )
+        return cls(
+            cfg, device, model, torch.compile(model) if tc.compile else model, optimizer,
+            BatchOrder(len(train_x), tc.batch_size, cfg.seed, device), train_x, train_y,
+            torch.tensor(data.mean, device=device).view(1, -1, 1, 1),
+            torch.tensor(data.std, device=device).view(1, -1, 1, 1),
+            memory_format,
+            (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext,
+        )
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set the step's learning rate and draw its augmented, normalised batch: a function of (seed, step)."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.train)
+        idx = self.order(step)
+        gen = torch.Generator(device=self.device).manual_seed(_mix(cfg.seed, step, 3))
+        torch.manual_seed(_mix(cfg.seed, step, 4))  # dropout-style layers draw from the global RNG
+        xb = self.train_x[idx]
+        if cfg.dataset.augment:
+            xb = augment_batch(xb, gen)
+        return normalize(xb, self.mean, self.std).contiguous(memory_format=self.memory_format), self.train_y[idx]
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
@@ -189,31 +250,11 @@ def train_run(
     tc = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
     storage.write_text(run_dir / CONFIG, dump_run_config(cfg))
-    device = resolve_device(tc.device)
-    amp_dtype = resolve_precision(tc.precision, device)
     notes = notes if notes is not None else []
-
-    # Data: uint8 on the device; normalisation and augmentation happen per batch.
     data = data or load_dataset(cfg.dataset)
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    setup = TrainingSetup.create(cfg, data)
+    device, model, optimizer, autocast = setup.device, setup.model, setup.optimizer, setup.autocast
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
-    order = BatchOrder(len(train_x), tc.batch_size, cfg.seed, device)
-
-    # Model and optimizer; the init is seeded so a run is reproducible from its seed alone.
-    torch.manual_seed(_mix(cfg.seed, 0, 2))
-    model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels)
-    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr_at(0, tc), momentum=tc.momentum,
-        weight_decay=tc.weight_decay, nesterov=tc.nesterov and tc.momentum > 0,
-    )
-    step_model: nn.Module = torch.compile(model) if tc.compile else model
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
     # Resume: the checkpoint decides where we are; metrics rows past it are dropped so none repeat.
     metrics_path = run_dir / METRICS
@@ -265,22 +306,13 @@ def train_run(
             raise RunInterrupted(f"stopped at step {step}/{tc.steps}, checkpoint saved")
 
         # One SGD step on an augmented batch.
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tc)
-        idx = order(step)
-        gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, 3))
-        torch.manual_seed(_mix(cfg.seed, step, 4))  # dropout-style layers draw from the global RNG
-        xb = train_x[idx]
-        if cfg.dataset.augment:
-            xb = augment_batch(xb, gen)
-        xb = normalize(xb, mean, std).contiguous(memory_format=memory_format)
-        yb = train_y[idx]
+        xb, yb = setup.batch(step)
         if step in tc.diagnose_steps:
             from depthbench.diagnose import record_step  # leaves weights, BN statistics and RNG untouched
 
             record_step(model, xb, yb, step, run_dir)
         t_step = time.perf_counter()
-        loss, logits = sgd_step(step_model, optimizer, xb, yb, autocast)
+        loss, logits = sgd_step(setup.step_model, optimizer, xb, yb, autocast)
         loss_sum += loss.double() * len(yb)
         correct += (logits.argmax(1) == yb).sum()
         seen += len(yb)
@@ -301,7 +333,8 @@ def train_run(
                 status = "diverged"
             elif evaluate_now:
                 last_eval = dict(zip(("test_loss", "test_acc"), evaluate(
-                    model, test_x, test_y, mean, std, tc.eval_batch_size, autocast, tc.channels_last), strict=True))
+                    model, test_x, test_y, setup.mean, setup.std, tc.eval_batch_size, autocast, tc.channels_last),
+                    strict=True))
                 best = last_eval["test_acc"] if math.isnan(best) else max(best, last_eval["test_acc"])
                 row.update(last_eval)
             row["img_per_s"] = seen / train_s_window if train_s_window > 0 else float("nan")
@@ -347,7 +380,7 @@ def train_run(
         "wall_s": round(elapsed_before + time.perf_counter() - t_resume, 3),
         "setup_s": round(t_resume - t_start, 3),
         "device": str(device),
-        "precision": str(amp_dtype or torch.float32).removeprefix("torch."),
+        "precision": str(resolve_precision(tc.precision, device) or torch.float32).removeprefix("torch."),
     }
     result["success"] = status == "completed" and cfg.success(result)
     storage.write_json(run_dir / RESULT, _json_safe(result))
