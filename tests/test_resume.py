@@ -114,12 +114,15 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(reference: tuple[Path,
     pd.testing.assert_frame_equal(learned_table(out / "crash"), learned_table(expected))
 
 
-def test_ctrl_c_checkpoints_and_says_how_to_resume(reference: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_stop_signal_checkpoints_and_says_how_to_resume(
+    sig: signal.Signals, reference: tuple[Path, Path], tmp_path: Path
+) -> None:
     config, expected = reference
     out = tmp_path / "runs"
     proc = start(config, out)
     wait_for(lambda: any(checkpoint_step(p) >= 20 for p in (out / "crash").glob("v*")))
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert f"run `depthbench sweep {config} --out {out}` again to resume" in stderr
@@ -129,16 +132,6 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(reference: tuple[Path, Path],
     finished = run(config, out)
     assert finished.returncode == 0, finished.stderr
     pd.testing.assert_frame_equal(learned_table(out / "crash"), learned_table(expected))
-
-
-def test_sigterm_stops_gracefully_too(reference: tuple[Path, Path], tmp_path: Path) -> None:
-    config, _ = reference
-    out = tmp_path / "runs"
-    proc = start(config, out)
-    wait_for(lambda: any(checkpoint_step(p) >= 20 for p in (out / "crash").glob("v*")))
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "again to resume" in stderr
 
 
 def test_two_processes_never_train_the_same_run(tmp_path: Path) -> None:
