@@ -149,6 +149,7 @@ class _LiveRuns:
         self.reporter, self.log = reporter, log
         self.running: dict[str, str] = {}  # run id -> where; insertion order is start order
         self.starts: Counter[str] = Counter()
+        self.places: dict[str, set[str]] = {}  # run id -> where its attempts started, as the driver heard
         self.over: set[str] = set()  # runs that stopped training; their outcome may still be on its way
         self.finished: Counter[str] = Counter()  # outcome status -> runs
         self.finished_ids: set[str] = set()
@@ -159,6 +160,7 @@ class _LiveRuns:
         if run_id in self.finished_ids:
             return  # a late event from a run whose outcome is already in
         self.starts[run_id] += 1
+        self.places.setdefault(run_id, set()).add(where)
         self.over.discard(run_id)  # a requeued or retried run trains again
         # A worker process trains one run at a time: its next start means its last run is over, even
         # if word of that is still on its way (Ray does not order messages from different tasks).
@@ -183,6 +185,16 @@ class _LiveRuns:
         """A run whose job was requeued (time-out, pre-emption): it waits for a node again."""
         self.running.pop(run_id, None)
         self.say(f"{run_id} is {why}; it resumes from its checkpoint when it runs again")
+
+    def returned(self, attempt: _Attempt) -> RunOutcome:
+        """The outcome a worker returned, after saying the start of its attempt if that was never heard.
+
+        The start event travels on the other channel: it may arrive after the outcome (and is then
+        dropped as late) or never, when the worker that sent it was killed with the message unsent.
+        """
+        if attempt.where not in self.places.get(attempt.outcome.cfg.run_id, ()):
+            self.started(attempt.outcome.cfg.run_id, attempt.where, attempt.resumed)
+        return attempt.outcome
 
     def ended(self, outcome: RunOutcome) -> None:
         """Count an outcome; call before yielding it to run_sweep."""
@@ -226,6 +238,15 @@ class _LiveRuns:
             self.reporter.run_started(self.by_id[run_id])
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """What a worker returns for one run: its outcome, and where and how that attempt began."""
+
+    outcome: RunOutcome
+    where: str
+    resumed: bool
+
+
 # ---------------------------------------------------------------------------------------------------
 # local: N processes on this machine, each pinned to its own GPU when there are several
 
@@ -259,7 +280,7 @@ def _start_worker(gpus: Any, events: Any, stop: Any, threads: int) -> None:
     events.put(("worker", str(os.getpid()), (gpu, threads)))
 
 
-def _train_in_worker(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensorboard: bool) -> RunOutcome | None:
+def _train_in_worker(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensorboard: bool) -> _Attempt | None:
     worker = _WORKER
     assert worker is not None, "runs only in a process started by ParallelExecutor"
     if worker.stop.is_set():
@@ -267,15 +288,17 @@ def _train_in_worker(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensor
     if worker.gpu is not None:
         cfg = _on_assigned_gpu(cfg)
     where = f"process {os.getpid()}" + (f", GPU {worker.gpu}" if worker.gpu is not None else "")
-    worker.events.put(("started", cfg.run_id, (where, (sweep_dir / cfg.run_id / CHECKPOINT).exists())))
+    resumed = (sweep_dir / cfg.run_id / CHECKPOINT).exists()
+    worker.events.put(("started", cfg.run_id, (where, resumed)))
 
     def progress(p: Progress) -> None:
         if p.row is not None:  # log points only: a queue message per step would cost more than the step
             worker.events.put(("progress", cfg.run_id, p))
 
     try:
-        return execute_run(cfg, sweep_dir, retry_failed=retry_failed, on_progress=progress,
-                           should_stop=worker.stop.is_set, tensorboard=tensorboard)
+        outcome = execute_run(cfg, sweep_dir, retry_failed=retry_failed, on_progress=progress,
+                              should_stop=worker.stop.is_set, tensorboard=tensorboard)
+        return _Attempt(outcome, where, resumed)
     finally:
         worker.events.put(("stopped", cfg.run_id, None))
 
@@ -362,7 +385,8 @@ class ParallelExecutor:
         if future.cancelled():
             return None
         try:
-            return future.result()
+            attempt = future.result()
+            return live.returned(attempt) if attempt is not None else None
         except BrokenProcessPool as err:
             # A worker was killed from outside (the OS out-of-memory killer, say): the pool stops every
             # worker. Runs that were training are failed with their checkpoint kept; the others are left
@@ -404,7 +428,7 @@ def _where_in_ray() -> str:
 
 
 def _train_in_ray(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensorboard: bool, board: Any,
-                  stop_file: Path, threads: int) -> RunOutcome | None:
+                  stop_file: Path, threads: int) -> _Attempt | None:
     """The body of a run's Ray task; a retry after its worker died resumes from the run's checkpoint.
 
     The driver asks for a stop by creating ``stop_file`` in the sweep folder, which every node shares.
@@ -417,7 +441,8 @@ def _train_in_ray(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensorboa
     torch.set_num_threads(threads)
     if ray.get_gpu_ids():
         cfg = _on_assigned_gpu(cfg)
-    board.tell.remote(("started", cfg.run_id, (_where_in_ray(), (sweep_dir / cfg.run_id / CHECKPOINT).exists())))
+    where, resumed = _where_in_ray(), (sweep_dir / cfg.run_id / CHECKPOINT).exists()
+    board.tell.remote(("started", cfg.run_id, (where, resumed)))
     looked, stopping = 0.0, False
 
     def should_stop() -> bool:
@@ -432,8 +457,9 @@ def _train_in_ray(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensorboa
             board.tell.remote(("progress", cfg.run_id, p))
 
     try:
-        return execute_run(cfg, sweep_dir, retry_failed=retry_failed, on_progress=progress, should_stop=should_stop,
-                           tensorboard=tensorboard)
+        outcome = execute_run(cfg, sweep_dir, retry_failed=retry_failed, on_progress=progress,
+                              should_stop=should_stop, tensorboard=tensorboard)
+        return _Attempt(outcome, where, resumed)
     finally:
         board.tell.remote(("stopped", cfg.run_id, None))
 
@@ -498,7 +524,7 @@ class RayExecutor:
                 for event in ray.get(board.drain.remote()):
                     live.on(event)
                 for ref in ready:
-                    outcome = self._outcome(ref, refs[ref], sweep_dir)
+                    outcome = self._outcome(ref, refs[ref], sweep_dir, live)
                     if outcome is None:
                         continue
                     live.ended(outcome)
@@ -592,11 +618,12 @@ class RayExecutor:
             for path in sweep_dir.glob(f"{probe.name}*"):
                 path.unlink(missing_ok=True)
 
-    def _outcome(self, ref: Any, cfg: RunConfig, sweep_dir: Path) -> RunOutcome | None:
+    def _outcome(self, ref: Any, cfg: RunConfig, sweep_dir: Path, live: _LiveRuns) -> RunOutcome | None:
         import ray
 
         try:
-            return ray.get(ref)
+            attempt = ray.get(ref)
+            return live.returned(attempt) if attempt is not None else None
         except ray.exceptions.TaskCancelledError:
             return None
         except ray.exceptions.RayTaskError:

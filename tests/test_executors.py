@@ -26,8 +26,10 @@ from typer.testing import CliRunner
 from depthbench import storage
 from depthbench.cli import app
 from depthbench.config import SweepConfig
-from depthbench.executors import ParallelExecutor, RayExecutor, SlurmExecutor, _cores, make_executor
-from depthbench.sweep import RunOptions, SweepOutcome, run_sweep, sweep_yaml
+from depthbench.executors import (
+    ParallelExecutor, RayExecutor, SlurmExecutor, _Attempt, _cores, _LiveRuns, make_executor,
+)
+from depthbench.sweep import RunOptions, RunOutcome, SweepOutcome, run_sweep, sweep_yaml
 from tests.conftest import tiny_sweep
 
 runner = CliRunner()
@@ -93,6 +95,24 @@ def one_thread_reference(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFra
 # --- local --jobs -----------------------------------------------------------------------------------
 
 SHARE = max(1, _cores() // 2)  # the torch threads of each of 2 workers
+
+
+def test_a_start_whose_message_was_lost_is_said_with_the_outcome() -> None:
+    # Start events and outcomes travel on different channels; a killed worker may never send its start,
+    # and a start may arrive after the outcome. Each attempt's start line is said once either way.
+    (run,) = tiny_sweep(grid={"version": ["v2"], "depth": [8], "seed": [0]}).runs()
+    lines: list[str] = []
+    live = _LiveRuns([run], None, lines.append)
+    live.on(("started", run.run_id, ("node a, pid 1", False)))  # the first attempt, killed later
+    outcome = RunOutcome(run, "completed")
+    assert live.returned(_Attempt(outcome, "node a, pid 2", True)) is outcome  # the retry's start was lost
+    live.ended(outcome)
+    live.on(("started", run.run_id, ("node a, pid 2", True)))  # ... and arrives late: dropped
+    assert [line.split("  [")[0] for line in lines] == [
+        f"started {run.run_id} on node a, pid 1",
+        f"started {run.run_id} again on node a, pid 2, resuming from its checkpoint",
+    ]
+    assert live.returned(_Attempt(outcome, "node a, pid 2", True)) is outcome and len(lines) == 2  # heard already
 
 
 def test_local_jobs_2_matches_sequential(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
