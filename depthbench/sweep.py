@@ -9,6 +9,7 @@ every executor calls, in this process or on a cluster worker.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 import threading
@@ -23,6 +24,7 @@ from filelock import FileLock, Timeout
 from depthbench import storage
 from depthbench.config import RunConfig, SweepConfig, dump_run_config
 from depthbench.errors import DepthbenchError
+from depthbench.models import resolve_block
 from depthbench.train import CHECKPOINT, CONFIG, ERROR_LOG, RESULT, Progress, RunInterrupted, train_run
 
 Status = Literal["completed", "diverged", "failed", "interrupted", "skipped", "busy"]
@@ -56,14 +58,28 @@ def run_state(run_dir: Path) -> str:
     return "partial" if (run_dir / CHECKPOINT).exists() else "pending"
 
 
-def _failure_message(err: BaseException) -> str:
+def _failure_message(err: BaseException, cfg: RunConfig) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "out of memory" in str(err).lower() or type(err).__name__ == "OutOfMemoryError":
-        return (f"out of memory ({text[:120]}); lower train.batch_size or set model.checkpointing: true "
-                "to trade compute for activation memory")
+        return f"out of memory ({text[:120]}); {_memory_advice(cfg)}"
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return f"disk full while writing ({err.filename or 'run files'}); free space and re-run to resume"
     return f"{type(err).__name__}: {text}"
+
+
+def _memory_advice(cfg: RunConfig) -> str:
+    """What to change after running out of memory, with the checkpointing segment count that saves most.
+
+    About sqrt(n) segments per stage of n units keeps the least: sqrt(n) segment inputs stay alive, and
+    backward recomputes one segment of sqrt(n) units at a time. For ResNet-1001 (n = 111) that is 11,
+    against one segment per unit (`true`), which keeps all 111 unit inputs (BENCHMARKS.md measures both).
+    """
+    _, n = resolve_block(cfg.depth, cfg.model.block)
+    segments = max(1, round(math.sqrt(n)))
+    if cfg.model.checkpointing == segments or segments == 1 and cfg.model.checkpointing:
+        return "lower train.batch_size (activation checkpointing is already on)"
+    return (f"lower train.batch_size or set model.checkpointing: {segments} (segments per stage: "
+            "recomputes activations in backward to keep fewer of them)")
 
 
 BUSY = "being trained by another process"
@@ -130,7 +146,7 @@ def execute_run(
         except RunInterrupted as stop:
             return RunOutcome(cfg, "interrupted", message=str(stop), notes=notes)
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, and the sweep goes on
-            message = _failure_message(err)
+            message = _failure_message(err, cfg)
             write_failure(cfg, run_dir, message, traceback.format_exc())
             return RunOutcome(cfg, "failed", message=message, notes=notes)
         return RunOutcome(cfg, result["status"], result, notes=notes)

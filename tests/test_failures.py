@@ -18,7 +18,7 @@ import depthbench.sweep
 from depthbench import storage
 from depthbench.cli import app
 from depthbench.train import train_run
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_run
 
 runner = CliRunner()
 
@@ -108,7 +108,18 @@ def test_out_of_memory_says_what_to_change(tmp_path: Path, monkeypatch: pytest.M
     result = sweep(config_file(tmp_path), tmp_path / "runs")
     assert result.exit_code == 1
     assert "out of memory" in result.output
-    assert "lower train.batch_size or set model.checkpointing: true" in result.output
+    assert "lower train.batch_size or set model.checkpointing: 1 (segments per stage" in result.output
+
+
+@pytest.mark.parametrize(("depth", "checkpointing", "advice"), [
+    (1001, 0, "set model.checkpointing: 11 (segments per stage"),  # n = 111 units per stage
+    (1001, True, "set model.checkpointing: 11 (segments per stage"),  # one per unit keeps all 111 inputs
+    (110, 0, "set model.checkpointing: 4 (segments per stage"),  # basic, n = 18
+    (1001, 11, "lower train.batch_size (activation checkpointing is already on)"),
+])
+def test_out_of_memory_advice_names_the_segments_that_save_most(depth: int, checkpointing: object, advice: str) -> None:
+    cfg = tiny_run(grid={"version": ["v2"], "depth": [depth], "seed": [0]}, model={"checkpointing": checkpointing})
+    assert advice in depthbench.sweep._failure_message(torch.OutOfMemoryError("CUDA out of memory."), cfg)
 
 
 # ---- bad input: one line, exit 2, no traceback, nothing written ------------------------------------
