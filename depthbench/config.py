@@ -27,6 +27,9 @@ ShortcutGate = Literal[
 ]
 METRICS = ("test_acc", "best_test_acc", "test_loss", "train_acc", "train_loss")
 
+# What train.device and every --device accept.
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -94,7 +97,7 @@ class TrainConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        if not DEVICE_NAME.fullmatch(value):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
@@ -219,12 +222,13 @@ def _flatten_nested(grid: dict[Any, Any]) -> dict[str, Any]:
 
 
 def _check_grid(grid: Grid) -> None:
+    for key in grid:  # unknown keys first: a misspelt 'version' is named as such, not as missing
+        if key not in GRID_RUN_KEYS:
+            _check_dotted(key)
     for key in ("version", "depth"):
         if key not in grid:
             raise ValueError(f"needs a '{key}' list")
     for key, values in grid.items():
-        if key not in GRID_RUN_KEYS:
-            _check_dotted(key)
         if not isinstance(values, list):
             raise ValueError(f"'{key}' must be a list of values, e.g. [{json.dumps(values)}]")
         if not values:
@@ -398,9 +402,12 @@ def _check_dotted(key: str) -> None:
         choices = [*GRID_RUN_KEYS, *(f"{s}.{f}" for s, m in sections.items() for f in m.model_fields)]
         raise ValueError(f"unknown key '{key}'{did_you_mean(key, choices)}; use version, depth, seed or section.setting")
     model: type[BaseModel] = sections[section]
+    known = section
     for part in field.split("."):
         if part not in model.model_fields:
-            raise ValueError(f"unknown key '{key}'{did_you_mean(part, model.model_fields)}")
+            choices = [f"{known}.{name}" for name in model.model_fields]  # suggest what to write in the grid
+            raise ValueError(f"unknown key '{key}'{did_you_mean(f'{known}.{part}', choices)}")
+        known = f"{known}.{part}"
         annotation = model.model_fields[part].annotation
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else BaseModel
 

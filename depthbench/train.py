@@ -28,7 +28,7 @@ from torch import nn
 
 from depthbench import storage
 from depthbench.augment import augment_batch, normalize
-from depthbench.config import RunConfig, TrainConfig, dump_run_config
+from depthbench.config import DEVICE_NAME, RunConfig, TrainConfig, dump_run_config
 from depthbench.data import TensorData, load_dataset
 from depthbench.errors import DepthbenchError
 from depthbench.models import count_params, model_from_config, resolve_block
@@ -67,6 +67,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def resolve_device(name: str) -> torch.device:
+    if not DEVICE_NAME.fullmatch(name):
+        raise DepthbenchError(f"device '{name}' is unknown; auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -180,6 +180,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, tmp_path: Pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_unknown_device_option_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = sweep(config_file(tmp_path), tmp_path / "runs", "--device", "gpu")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == "error: --device 'gpu' is unknown; auto, cpu, cuda or cuda:N"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unwritable_output_folder(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
