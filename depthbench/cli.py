@@ -112,11 +112,15 @@ def sweep(
 
     from depthbench.progress import RichReporter
 
-    with RichReporter(console) as reporter:
-        outcome = run_sweep(cfg, out, device=device, retry_failed=retry_failed, fail_fast=fail_fast, reporter=reporter,
-                            tensorboard=tensorboard, executor=runner)
-    folder = sweep_dir_for(cfg, out)
     again = f"depthbench sweep {config}" + (f" --out {out}" if out != Path("runs") else "")
+    try:
+        with RichReporter(console) as reporter:
+            outcome = run_sweep(cfg, out, device=device, retry_failed=retry_failed, fail_fast=fail_fast,
+                                reporter=reporter, tensorboard=tensorboard, executor=runner)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without waiting for checkpoints
+        err_console.print(f"aborted: runs in progress keep their last checkpoint; run `{again}` again to resume")
+        raise typer.Exit(130) from None
+    folder = sweep_dir_for(cfg, out)
     failed, busy = len(outcome.failed), outcome.count("busy")
     console.print(f"results: {folder / 'results.csv'}")
     if busy:

@@ -10,6 +10,7 @@ them and reports what they do. Ray and submitit are optional extras, imported on
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -261,6 +262,29 @@ class _Worker:
 
 
 _WORKER: _Worker | None = None
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _workers_born_deaf() -> Iterator[None]:
+    """Processes started in this block ignore Ctrl-C and SIGTERM from their first instruction.
+
+    A worker takes seconds to import torch before its initializer can ignore them, and a Ctrl-C in
+    that time would kill it with a traceback. Ignored signals stay ignored across exec, so the
+    workers are started with them ignored; this process blocks them meanwhile, and receives any
+    that arrived once its own handlers are back.
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def _start_worker(gpus: Any, events: Any, stop: Any, threads: int) -> None:
@@ -271,8 +295,10 @@ def _start_worker(gpus: Any, events: Any, stop: Any, threads: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     # Ctrl-C and SIGTERM reach every process of the terminal's group; the driver decides, and tells
     # the workers through `stop`, so each run checkpoints instead of dying mid-step.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by _workers_born_deaf
     import torch
 
     torch.set_num_threads(threads)
@@ -329,10 +355,11 @@ class ParallelExecutor:
             return
         wants_gpu = any(cfg.train.device != "cpu" for cfg in runs)
         gpus = (self.gpus if self.gpus is not None else _visible_gpus()) if wants_gpu else []
-        pool, events, stop = self._open_pool(gpus)
+        with _workers_born_deaf():  # the pool starts its processes in open and submit
+            pool, events, stop = self._open_pool(gpus)
+            futures = {pool.submit(_train_in_worker, cfg, sweep_dir, options.retry_failed, options.tensorboard): cfg
+                       for cfg in runs}
         live = _LiveRuns(runs, options.reporter, self.log)
-        futures = {pool.submit(_train_in_worker, cfg, sweep_dir, options.retry_failed, options.tensorboard): cfg
-                   for cfg in runs}
         pending = set(futures)
         try:
             while pending:

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from depthbench import storage
 from depthbench.cli import app
 from depthbench.config import SweepConfig
 from depthbench.executors import (
-    ParallelExecutor, RayExecutor, SlurmExecutor, _Attempt, _cores, _LiveRuns, make_executor,
+    ParallelExecutor, RayExecutor, SlurmExecutor, _Attempt, _cores, _LiveRuns, _workers_born_deaf, make_executor,
 )
 from depthbench.sweep import RunOptions, RunOutcome, SweepOutcome, run_sweep, sweep_yaml
 from tests.conftest import tiny_sweep
@@ -121,6 +122,24 @@ def test_local_jobs_2_matches_sequential(tmp_path_factory: pytest.TempPathFactor
     assert result.exit_code == 0, result.output
     pd.testing.assert_frame_equal(learned(tmp_path / "tiny"), reference(tmp_path_factory, SHARE))
     assert result.output.count("started v") == 2 and result.output.count("✓ v") == 2
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_workers_are_born_ignoring_ctrl_c_and_the_driver_still_gets_it() -> None:
+    # A worker spends seconds importing torch before its initializer runs; a Ctrl-C then must not
+    # kill it with a traceback. Workers are started by fork+exec, as this subprocess is.
+    heard: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))
+    try:
+        with _workers_born_deaf():
+            child = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"],
+                                   capture_output=True, text=True, check=True)
+            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C while the workers start ...
+            assert heard == []
+        assert heard == [signal.SIGINT]  # ... reaches the driver's handler once they have started
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert child.stdout.strip() == "True"
 
 
 def test_local_jobs_pin_each_worker_to_its_own_gpu() -> None:

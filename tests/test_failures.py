@@ -100,6 +100,19 @@ def test_diverged_is_a_result_not_a_failure(tmp_path: Path) -> None:
     assert set(table.status) == {"diverged"} and not table.success.any()
 
 
+def test_second_ctrl_c_aborts_with_one_line_saying_how_to_resume(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def abort(*args, **kwargs):
+        raise KeyboardInterrupt  # what the sweep's handler raises on a second Ctrl-C
+
+    monkeypatch.setattr(depthbench.sweep, "run_sweep", abort)
+    config = config_file(tmp_path)
+    result = sweep(config, tmp_path / "runs")
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert result.output.strip() == (f"aborted: runs in progress keep their last checkpoint; "
+                                     f"run `depthbench sweep {config} --out {tmp_path / 'runs'}` again to resume")
+
+
 def test_out_of_memory_says_what_to_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
