@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -102,8 +103,9 @@ def summarize(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.
             "n": n,
             "test_acc_mean": mean,
             "test_acc_std": std,
-            "test_acc_ci95_low": mean - half,
-            "test_acc_ci95_high": mean + half,
+            # An accuracy lies in [0, 1]; so does its interval (the t-interval alone may leave it).
+            "test_acc_ci95_low": float(np.clip(mean - half, 0.0, 1.0)),  # NaN stays NaN
+            "test_acc_ci95_high": float(np.clip(mean + half, 0.0, 1.0)),
             "test_acc_median": acc.median() if n else math.nan,
             "test_acc_best": acc.max() if n else math.nan,
             "train_loss_mean": finished.loc[finished.status == "completed", "train_loss"].astype(float).mean(),
@@ -200,7 +202,7 @@ def _stat_cells(row: pd.Series | None) -> list[str]:
         _acc(row), _pct(row.test_acc_median), _pct(row.test_acc_best),
         "-" if math.isnan(row.train_loss_mean) else f"{row.train_loss_mean:.3f}",
         # a t-interval ignores that accuracy lies in [0, 1]; show it cut there
-        _ci(max(row.test_acc_ci95_low, 0.0), min(row.test_acc_ci95_high, 1.0)),
+        _ci(row.test_acc_ci95_low, row.test_acc_ci95_high),
     ]
 
 

@@ -67,6 +67,8 @@ def test_welch_interval_and_p_value_match_the_formula(tmp_path: Path) -> None:
     assert row["V2−V1 95% CI"] == f"[{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}]"
     # the per-version t-interval of the mean, 0.8 +- t(0.975, 2) * 0.1 / sqrt(3), cut at 100%
     assert row["V1 95% CI"] == "[55.16, 100.00]"
+    v1_row = rep.summary[rep.summary.version == "v1"].iloc[0]  # summary.csv holds the same, cut interval
+    assert (v1_row.test_acc_ci95_low, v1_row.test_acc_ci95_high) == pytest.approx((0.5516, 1.0), abs=1e-4)
     assert any("weak evidence at depth 20" in n for n in rep.notes)
 
 
