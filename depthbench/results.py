@@ -14,7 +14,8 @@ import pandas as pd
 import yaml
 
 from depthbench import storage
-from depthbench.config import EXECUTION_KEYS, RunConfig, SuccessConfig
+from depthbench.config import EXECUTION_KEYS, RunConfig, SweepConfig
+from depthbench.models import resolve_block
 from depthbench.train import CONFIG, RESULT
 
 RESULTS_CSV = "results.csv"
@@ -37,18 +38,22 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _sweep_success(sweep_dir: Path) -> SuccessConfig | None:
-    """The success rule of the sweep's latest config, which may be newer than the runs' own."""
+def _sweep_config(sweep_dir: Path) -> SweepConfig | None:
+    """The sweep's latest config (its success rule may be newer than the runs' own), if usable."""
     try:
-        data = yaml.safe_load((sweep_dir / "sweep.yaml").read_text(encoding="utf-8"))
-        return SuccessConfig.model_validate(data["success"])
-    except Exception:  # noqa: BLE001 - no usable sweep.yaml: each run's own rule applies
+        return SweepConfig.model_validate(yaml.safe_load((sweep_dir / "sweep.yaml").read_text(encoding="utf-8")))
+    except Exception:  # noqa: BLE001 - no usable sweep.yaml: each run's own rule applies, no run is planned
         return None
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
-    """A row per run folder of a sweep, finished or not, with the settings that differ between runs."""
-    rule = _sweep_success(sweep_dir)
+    """A row per run of a sweep, finished or not, with the settings that differ between runs.
+
+    The runs are those with a folder, and those the sweep's latest config plans that have not started
+    yet (status ``pending``), so an interrupted sweep's table shows what is left as well as what is done.
+    """
+    sweep = _sweep_config(sweep_dir)
+    rule = sweep.success if sweep else None
     rows, settings = [], []
     for run_dir in sorted(p for p in sweep_dir.iterdir() if (p / CONFIG).is_file()):
         try:
@@ -60,13 +65,23 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
         status = result.get("status") or ("partial" if (run_dir / "checkpoint.pt").exists() else "pending")
         row = {"run_id": run_dir.name, "version": cfg.version, "depth": cfg.depth, "seed": cfg.seed}
         row.update({k: result.get(k) for k in COLUMNS if k not in row})
+        row["block"] = row["block"] or resolve_block(cfg.depth, cfg.model.block)[0]
         row["status"] = status
         metrics = {k: (v if v is not None else math.nan) for k, v in result.items() if isinstance(v, float | int | None)}
         row["success"] = status == "completed" and (rule or cfg.success)(metrics)
         row["error"] = result.get("error", "")
         rows.append(row)
         settings.append(_flatten(cfg.model_dump(mode="json", exclude=_IDENTITY | {"success"})))
+    started = {row["run_id"] for row in rows}
+    for cfg in sweep.runs() if sweep else []:
+        if cfg.run_id not in started:
+            rows.append({"run_id": cfg.run_id, "version": cfg.version, "depth": cfg.depth, "seed": cfg.seed,
+                         "block": resolve_block(cfg.depth, cfg.model.block)[0], "status": "pending",
+                         "success": False, "error": ""})
+            settings.append(_flatten(cfg.model_dump(mode="json", exclude=_IDENTITY | {"success"})))
     table = pd.DataFrame(rows, columns=[*COLUMNS, "error"])
+    # Counts stay integers in a table whose unfinished runs have none yet.
+    table[["params", "steps"]] = table[["params", "steps"]].astype("Int64")
     if not rows:
         return table
     flat = pd.DataFrame(settings)

@@ -88,8 +88,9 @@ def test_fail_fast_stops_at_the_first_failure(tmp_path: Path, fail_v1_seed1: Non
     result = sweep(config_file(tmp_path), tmp_path / "runs", "--fail-fast")
     assert result.exit_code == 1
     table = pd.read_csv(tmp_path / "runs/f/results.csv")
-    # grid order: v1 s0, v1 s1 (fails), then nothing more
-    assert list(table.status) == ["completed", "failed"]
+    # grid order: v1 s0, v1 s1 (fails), then nothing more: the v2 runs are listed as never started
+    assert list(table.status) == ["completed", "failed", "pending", "pending"]
+    assert not any((tmp_path / "runs/f" / run_id).exists() for run_id in table.run_id[2:])
 
 
 def test_diverged_is_a_result_not_a_failure(tmp_path: Path) -> None:

@@ -210,3 +210,18 @@ def test_report_draws_the_three_plots_and_embeds_them(real_sweep: Path) -> None:
 def test_no_plots_leaves_them_out_of_the_report(real_sweep: Path) -> None:
     rep = build_report(real_sweep, plots=False)
     assert rep.plots == {} and "## Plots" not in rep.markdown
+
+
+def test_runs_not_started_yet_are_pending_rows_of_the_table(tmp_path: Path) -> None:
+    cfg = tiny_sweep()  # v1 and v2 at depth 8
+    run_sweep(cfg.model_copy(update={"grid": {"version": ["v1"], "depth": [8], "seed": [0]}}), tmp_path,
+              handle_signals=False)
+    (tmp_path / cfg.name / "sweep.yaml").write_text(sweep_yaml(cfg))  # as an interrupted sweep leaves it
+    rep = build_report(tmp_path / cfg.name, plots=False)
+    table = rep.table.set_index("version")
+    assert list(table.status) == ["completed", "pending"]
+    assert table.loc["v2", "run_id"] == cfg.runs()[1].run_id and table.loc["v2", "block"] == "basic"
+    assert str(table.params.dtype) == "Int64" and table.loc["v1", "params"] > 0  # not 1234.0
+    assert rep.markdown.splitlines()[2].startswith("1 of 2 runs finished")
+    result = runner.invoke(app, ["report", str(tmp_path / cfg.name), "--no-plots"])
+    assert result.exit_code == 0 and "(1/2 runs finished)" in result.output

@@ -141,7 +141,7 @@ def test_bad_sub_grids_give_one_clear_line(grid: object, message: str) -> None:
         ([{"match": {"depth": 56}, "error": 6.0}], "reference[0] (depth=56) matches no run of the grid"),
         ([{"match": {"depth": 20}, "error": 6.0}, {"match": {"version": "v1"}, "error": 7.0}],
          "reference[1] (version=v1) and reference[0] (depth=20) both match run v1-d20-s0-"),
-        ([{"match": {"model.gate_bais": 1}, "error": 6.0}], "unknown key 'model.gate_bais' (did you mean 'gate_bias'?)"),
+        ([{"match": {"model.gate_bais": 1}, "error": 6.0}], "unknown key 'model.gate_bais' (did you mean 'model.gate_bias'?)"),
         ([{"match": {"depth": 20}, "error": 120}], "must be a test error in percent (0 to 100) or 'fail' (got 120)"),
         ([{"match": {"depth": 20}, "error": "failed"}], "or 'fail' (got 'failed')"),
     ],
