@@ -51,7 +51,7 @@ def command(fn: F) -> F:
 
 @command
 def sweep(
-    config: Annotated[Path, typer.Argument(help="Sweep YAML, e.g. configs/cifar10.yaml.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="Sweep YAML, e.g. configs/cifar10.yaml.")],
     out: OutOption = Path("runs"),
     device: DeviceOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state; train nothing.")] = False,
@@ -157,7 +157,7 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> N
 
 @command
 def report(
-    sweep_dir: Annotated[Path | None, typer.Argument(help="A sweep folder; default: every sweep under --out.")] = None,
+    sweep_dir: Annotated[Path | None, typer.Argument(metavar="SWEEP_DIR", help="A sweep folder; default: every sweep under --out.")] = None,
     out: OutOption = Path("runs"),
     group_by: Annotated[list[str] | None, typer.Option(
         "--group-by", help="Grid axis that makes a table row, e.g. model.unit; repeat for more "

@@ -40,8 +40,10 @@ class RichReporter:
             self.live.stop()
 
     def plan(self, todo: list[RunConfig], done: int, total: int) -> None:
-        # The live display starts only once the sweep is valid, so an error stays a clean single line.
-        self.live.start()
+        # The live display starts only once the sweep is valid, so an error stays a clean single line,
+        # and only on a terminal: written to a file or pipe it would only add a blank line at the end.
+        if self.console.is_terminal:
+            self.live.start()
         self.live.update(self.sweep_task, total=total, completed=done)
         skipped = f", {done} already done (skipped)" if done else ""
         self.console.print(f"{total} runs in the sweep{skipped}, {len(todo)} to do")
