@@ -218,6 +218,7 @@ class _LiveRuns:
         if not self.log:
             return
         done = sum(n for status, n in self.finished.items() if status != "failed")
+        # A run that stopped training but whose outcome is still on its way is in none of the counts.
         waiting = len(self.by_id) - len(self.running) - len(self.over)
         self.log(f"{text}  [{len(self.running)} running, {done} done, {self.finished['failed']} failed, "
                  f"{waiting} waiting]")

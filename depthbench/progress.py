@@ -64,7 +64,7 @@ class RichReporter:
 
     def run_finished(self, outcome: RunOutcome) -> None:
         self.live.update(self.run_task, visible=False)
-        if outcome.status != "busy":
+        if outcome.status not in ("busy", "interrupted"):  # neither run is done
             self.live.advance(self.sweep_task)
         for note in outcome.notes:
             self.console.print(f"[yellow]note:[/] {note}")
