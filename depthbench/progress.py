@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column
 
 from depthbench.config import RunConfig
 from depthbench.sweep import RunOutcome
@@ -24,9 +25,15 @@ class RichReporter:
 
     def __init__(self, console: Console) -> None:
         self.console = console
+        # On a narrow terminal the run's stats are cut at their end and the bar shrinks; the run id,
+        # the step count and the ETA keep their width.
         self.live = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+            TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=21)),
+            BarColumn(bar_width=16, table_column=Column(no_wrap=True, min_width=8)),
+            MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=7)),
+            TextColumn("eta", table_column=Column(no_wrap=True, min_width=3)),
+            TimeRemainingColumn(table_column=Column(no_wrap=True, min_width=7)),
+            TextColumn("{task.fields[stats]}", table_column=Column(no_wrap=True, overflow="ellipsis", min_width=0)),
             console=console, transient=True,
         )
         self.sweep_task = self.live.add_task("runs", total=0, stats="")
