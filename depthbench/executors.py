@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from depthbench import storage
 from depthbench.config import ResourcesConfig, RunConfig
 from depthbench.errors import DepthbenchError, did_you_mean

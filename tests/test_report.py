@@ -19,7 +19,6 @@ from depthbench.report import Report, build_report
 from depthbench.sweep import run_sweep, sweep_yaml
 from tests.conftest import tiny_sweep
 
-
 runner = CliRunner()
 
 
