@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -112,7 +113,16 @@ def sweep(
 
     from depthbench.progress import RichReporter
 
-    again = f"depthbench sweep {config}" + (f" --out {out}" if out != Path("runs") else "")
+    # The command that resumes this sweep where it ran: a Ray or SLURM sweep resumed without its
+    # options would train everything on this machine.
+    given = {"--out": out if out != Path("runs") else None, "--device": device,
+             "--executor": executor if executor != "local" else None, "--jobs": jobs if jobs > 1 else None,
+             "--address": address, "--max-restarts": max_restarts, "--partition": partition, "--time-min": time_min,
+             "--array-parallelism": array_parallelism}
+    flags = [flag for flag, on in (("--slurm-local", slurm_local), ("--tensorboard", tensorboard)) if on]
+    again = " ".join(["depthbench sweep", shlex.quote(str(config)),
+                      *(f"{option} {shlex.quote(str(value))}" for option, value in given.items() if value is not None),
+                      *flags])
     try:
         with RichReporter(console) as reporter:
             outcome = run_sweep(cfg, out, device=device, retry_failed=retry_failed, fail_fast=fail_fast,

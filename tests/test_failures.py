@@ -114,6 +114,19 @@ def test_second_ctrl_c_aborts_with_one_line_saying_how_to_resume(tmp_path: Path,
                                      f"run `depthbench sweep {config} --out {tmp_path / 'runs'}` again to resume")
 
 
+def test_the_resume_line_repeats_the_options_that_say_where_runs_train(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(sweep, out, **kwargs):
+        return depthbench.sweep.SweepOutcome(Path(out) / sweep.name, [], interrupted=True)
+
+    monkeypatch.setattr(depthbench.sweep, "run_sweep", interrupted)
+    config = config_file(tmp_path)
+    result = sweep(config, tmp_path / "runs", "--jobs", "2", "--device", "cpu", "--tensorboard")
+    assert result.exit_code == 130
+    assert (f"run `depthbench sweep {config} --out {tmp_path / 'runs'} --device cpu --jobs 2 --tensorboard` "
+            "again to resume") in result.output
+
+
 def test_out_of_memory_says_what_to_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
