@@ -167,7 +167,8 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> N
 
 @command
 def report(
-    sweep_dir: Annotated[Path | None, typer.Argument(metavar="SWEEP_DIR", help="A sweep folder; default: every sweep under --out.")] = None,
+    sweep_dir: Annotated[Path | None, typer.Argument(
+        metavar="SWEEP_DIR", help="A sweep folder; default: every sweep under --out.")] = None,
     out: OutOption = Path("runs"),
     group_by: Annotated[list[str] | None, typer.Option(
         "--group-by", help="Grid axis that makes a table row, e.g. model.unit; repeat for more "
