@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import VisionDataset
 
-from depthbench.config import DEVICE_NAME, DatasetConfig, ModelConfig, RunConfig, TrainConfig
+from depthbench.config import DatasetConfig, ModelConfig, RunConfig, TrainConfig
 from depthbench.data import TensorData, load_dataset
 from depthbench.errors import DepthbenchError, did_you_mean
 from depthbench.models import count_params, forward_flops, model_from_config, resolve_block
@@ -111,9 +111,7 @@ def run_config(spec: BenchSpec, dataset: DatasetConfig, depth: int | None = None
         raise DepthbenchError(f"--version '{spec.version}' is unknown{hint}; v1 or v2")
     if spec.precision not in ("auto", "fp32", "bf16"):
         raise DepthbenchError(f"--precision '{spec.precision}' is unknown; auto, fp32 or bf16")
-    if not DEVICE_NAME.fullmatch(spec.device):
-        raise DepthbenchError(f"--device '{spec.device}' is unknown; auto, cpu, cuda or cuda:N")
-    resolve_device(spec.device)  # no GPU for --device cuda is an error now, not after the data loaded
+    resolve_device(spec.device, "--device")  # also: no GPU for --device cuda is an error now, before the data
     ckpt = spec.checkpointing if checkpointing is None else checkpointing
     if ckpt and spec.compile:
         raise DepthbenchError(

@@ -90,12 +90,9 @@ def sweep(
 
     cfg = load_sweep(config)
     if device:
-        from depthbench.config import DEVICE_NAME
         from depthbench.train import resolve_device
 
-        if not DEVICE_NAME.fullmatch(device):
-            raise DepthbenchError(f"--device '{device}' is unknown; auto, cpu, cuda or cuda:N")
-        resolve_device(device)
+        resolve_device(device, "--device")
     if dry_run:
         _show_plan(cfg, out, device, retry_failed)
         return

@@ -132,6 +132,11 @@ def _record_failure(cfg: RunConfig, sweep_dir: Path, message: str, details: str)
     return RunOutcome(cfg, "failed", message=message)
 
 
+def _has_checkpoint(sweep_dir: Path, cfg: RunConfig) -> bool:
+    """Whether the run resumes from a checkpoint when it starts now (said in its start line)."""
+    return (sweep_dir / cfg.run_id / CHECKPOINT).exists()
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -314,7 +319,7 @@ def _train_in_worker(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensor
     if worker.gpu is not None:
         cfg = _on_assigned_gpu(cfg)
     where = f"process {os.getpid()}" + (f", GPU {worker.gpu}" if worker.gpu is not None else "")
-    resumed = (sweep_dir / cfg.run_id / CHECKPOINT).exists()
+    resumed = _has_checkpoint(sweep_dir, cfg)
     worker.events.put(("started", cfg.run_id, (where, resumed)))
 
     def progress(p: Progress) -> None:
@@ -468,7 +473,7 @@ def _train_in_ray(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensorboa
     torch.set_num_threads(threads)
     if ray.get_gpu_ids():
         cfg = _on_assigned_gpu(cfg)
-    where, resumed = _where_in_ray(), (sweep_dir / cfg.run_id / CHECKPOINT).exists()
+    where, resumed = _where_in_ray(), _has_checkpoint(sweep_dir, cfg)
     board.tell.remote(("started", cfg.run_id, (where, resumed)))
     looked, stopping = 0.0, False
 
@@ -797,7 +802,7 @@ class SlurmExecutor:
                         continue
                     state = job.state
                     if cfg.run_id not in live.running and state == "RUNNING":
-                        live.started(cfg.run_id, self._where(job), (sweep_dir / cfg.run_id / CHECKPOINT).exists())
+                        live.started(cfg.run_id, self._where(job), _has_checkpoint(sweep_dir, cfg))
                     elif cfg.run_id in live.running and state in _QUEUED_AGAIN:
                         live.queued_again(cfg.run_id, f"{state.lower()} (job {job.job_id})")
                 if pending:

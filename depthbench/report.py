@@ -28,7 +28,7 @@ from scipy import stats
 
 from depthbench import storage
 from depthbench.errors import DepthbenchError, did_you_mean
-from depthbench.results import setting_columns, write_results
+from depthbench.results import saved_sweep, setting_columns, write_results
 
 SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
@@ -494,17 +494,6 @@ def markdown(rep: Report) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _sweep_config(sweep_dir: Path) -> Any:
-    """The sweep's config as ``run_sweep`` saved it, or None when it is missing or no longer valid."""
-    from depthbench.config import load_sweep
-    from depthbench.errors import ConfigError
-
-    try:
-        return load_sweep(sweep_dir / "sweep.yaml")
-    except ConfigError:
-        return None
-
-
 def build_report(
     sweep_dir: Path, *, group_by: Sequence[str] | None = None, sort: Sequence[str] = (), plots: bool = True,
 ) -> Report:
@@ -520,7 +509,7 @@ def build_report(
     summary = summarize(table, keys)
     comparisons = compare(table, keys)
     header, cells = report_rows(summary, comparisons, keys, sort)
-    sweep = _sweep_config(sweep_dir)
+    sweep = saved_sweep(sweep_dir)
     rep = Report(sweep_dir, table, summary, comparisons, "", keys, header, cells,
                  warnings(summary, comparisons, keys), reference_rows(sweep, sweep_dir, table),
                  draw_plots(sweep_dir, table) if plots else {},

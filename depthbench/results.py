@@ -14,8 +14,10 @@ import pandas as pd
 import yaml
 
 from depthbench import storage
-from depthbench.config import EXECUTION_KEYS, RunConfig, SweepConfig
+from depthbench.config import EXECUTION_KEYS, RunConfig, SweepConfig, load_sweep
+from depthbench.errors import ConfigError
 from depthbench.models import resolve_block
+from depthbench.sweep import SWEEP_FILE
 from depthbench.train import CONFIG, RESULT
 
 RESULTS_CSV = "results.csv"
@@ -38,11 +40,11 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _sweep_config(sweep_dir: Path) -> SweepConfig | None:
-    """The sweep's latest config (its success rule may be newer than the runs' own), if usable."""
+def saved_sweep(sweep_dir: Path) -> SweepConfig | None:
+    """The sweep's config as ``run_sweep`` saved it, or None when it is missing or no longer valid."""
     try:
-        return SweepConfig.model_validate(yaml.safe_load((sweep_dir / "sweep.yaml").read_text(encoding="utf-8")))
-    except Exception:  # noqa: BLE001 - no usable sweep.yaml: each run's own rule applies, no run is planned
+        return load_sweep(sweep_dir / SWEEP_FILE)
+    except ConfigError:
         return None
 
 
@@ -52,9 +54,9 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     The runs are those with a folder, and those the sweep's latest config plans that have not started
     yet (status ``pending``), so an interrupted sweep's table shows what is left as well as what is done.
     """
-    sweep = _sweep_config(sweep_dir)
+    sweep = saved_sweep(sweep_dir)
     rule = sweep.success if sweep else None
-    rows, settings = [], []
+    runs: list[tuple[str, RunConfig, dict[str, Any], str]] = []  # run id, config, result, status
     for run_dir in sorted(p for p in sweep_dir.iterdir() if (p / CONFIG).is_file()):
         try:
             cfg = RunConfig.model_validate(yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")))
@@ -63,7 +65,12 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
         result = storage.read_json(run_dir / RESULT)
         result = result if isinstance(result, dict) and "status" in result else {}
         status = result.get("status") or ("partial" if (run_dir / "checkpoint.pt").exists() else "pending")
-        row = {"run_id": run_dir.name, "version": cfg.version, "depth": cfg.depth, "seed": cfg.seed}
+        runs.append((run_dir.name, cfg, result, status))
+    started = {run_id for run_id, *_ in runs}
+    runs += [(cfg.run_id, cfg, {}, "pending") for cfg in (sweep.runs() if sweep else []) if cfg.run_id not in started]
+    rows, settings = [], []
+    for run_id, cfg, result, status in runs:
+        row = {"run_id": run_id, "version": cfg.version, "depth": cfg.depth, "seed": cfg.seed}
         row.update({k: result.get(k) for k in COLUMNS if k not in row})
         row["block"] = row["block"] or resolve_block(cfg.depth, cfg.model.block)[0]
         row["status"] = status
@@ -72,13 +79,6 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
         row["error"] = result.get("error", "")
         rows.append(row)
         settings.append(_flatten(cfg.model_dump(mode="json", exclude=_IDENTITY | {"success"})))
-    started = {row["run_id"] for row in rows}
-    for cfg in sweep.runs() if sweep else []:
-        if cfg.run_id not in started:
-            rows.append({"run_id": cfg.run_id, "version": cfg.version, "depth": cfg.depth, "seed": cfg.seed,
-                         "block": resolve_block(cfg.depth, cfg.model.block)[0], "status": "pending",
-                         "success": False, "error": ""})
-            settings.append(_flatten(cfg.model_dump(mode="json", exclude=_IDENTITY | {"success"})))
     table = pd.DataFrame(rows, columns=[*COLUMNS, "error"])
     # Counts stay integers in a table whose unfinished runs have none yet.
     table[["params", "steps"]] = table[["params", "steps"]].astype("Int64")

@@ -76,7 +76,7 @@ def _memory_advice(cfg: RunConfig) -> str:
     """
     _, n = resolve_block(cfg.depth, cfg.model.block)
     segments = max(1, round(math.sqrt(n)))
-    if cfg.model.checkpointing == segments or segments == 1 and cfg.model.checkpointing:
+    if cfg.model.checkpointing and min(cfg.model.checkpointing, n) == segments:  # a stage splits as in models
         return "lower train.batch_size (activation checkpointing is already on)"
     return (f"lower train.batch_size or set model.checkpointing: {segments} (segments per stage: "
             "recomputes activations in backward to keep fewer of them)")

@@ -66,9 +66,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * cfg.gamma**drops
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "device") -> torch.device:
+    """The device ``name`` means here; ``option`` is how the user gave it, for the error message."""
     if not DEVICE_NAME.fullmatch(name):
-        raise DepthbenchError(f"device '{name}' is unknown; auto, cpu, cuda or cuda:N")
+        raise DepthbenchError(f"{option} '{name}' is unknown; auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -173,7 +174,7 @@ class TrainingSetup:
     mean: torch.Tensor
     std: torch.Tensor
     memory_format: torch.memory_format
-    autocast: Callable[[], Any]
+    amp_dtype: torch.dtype | None  # None: plain fp32
 
     @classmethod
     def create(cls, cfg: RunConfig, data: TensorData) -> TrainingSetup:
@@ -198,9 +199,12 @@ class TrainingSetup:
             BatchOrder(len(train_x), tc.batch_size, cfg.seed, device), train_x, train_y,
             torch.tensor(data.mean, device=device).view(1, -1, 1, 1),
             torch.tensor(data.std, device=device).view(1, -1, 1, 1),
-            memory_format,
-            (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext,
+            memory_format, amp_dtype,
         )
+
+    def autocast(self) -> Any:
+        """The context a forward pass runs in: autocast to ``amp_dtype``, or nothing for fp32."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Set the step's learning rate and draw its augmented, normalised batch: a function of (seed, step)."""
@@ -382,7 +386,7 @@ def train_run(
         "wall_s": round(elapsed_before + time.perf_counter() - t_resume, 3),
         "setup_s": round(t_resume - t_start, 3),
         "device": str(device),
-        "precision": str(resolve_precision(tc.precision, device) or torch.float32).removeprefix("torch."),
+        "precision": str(setup.amp_dtype or torch.float32).removeprefix("torch."),
     }
     result["success"] = status == "completed" and cfg.success(result)
     storage.write_json(run_dir / RESULT, _json_safe(result))
