@@ -7,11 +7,13 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -60,6 +62,9 @@ def sweep(
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed run.")] = False,
     tensorboard: Annotated[bool, typer.Option(
         "--tensorboard", help="Also write TensorBoard event files into each run folder (needs tensorboard).")] = False,
+    allow_device_change: Annotated[bool, typer.Option(
+        "--allow-device-change", help="Resume checkpoints made on another device type or in another precision "
+                                      "(refused by default: the run's numbers would change mid-run).")] = False,
     executor: Annotated[str, typer.Option(
         "--executor", help="Where runs train: local (this machine), ray (a Ray cluster) or slurm (SLURM jobs); "
                            "see docs/cluster.md.")] = "local",
@@ -86,7 +91,8 @@ def sweep(
 ) -> None:
     """Train every run of a sweep that is not finished yet; write runs/<name>/results.csv."""
     from depthbench.config import load_sweep
-    from depthbench.sweep import plan, run_sweep, sweep_dir_for
+    from depthbench.stopping import StopRequested
+    from depthbench.sweep import RunSettings, run_sweep, sweep_dir_for
 
     cfg = load_sweep(config)
     if device:
@@ -116,14 +122,19 @@ def sweep(
              "--executor": executor if executor != "local" else None, "--jobs": jobs if jobs > 1 else None,
              "--address": address, "--max-restarts": max_restarts, "--partition": partition, "--time-min": time_min,
              "--array-parallelism": array_parallelism}
-    flags = [flag for flag, on in (("--slurm-local", slurm_local), ("--tensorboard", tensorboard)) if on]
+    flags = [flag for flag, on in (("--slurm-local", slurm_local), ("--tensorboard", tensorboard),
+                                   ("--allow-device-change", allow_device_change)) if on]
     again = " ".join(["depthbench sweep", shlex.quote(str(config)),
                       *(f"{option} {shlex.quote(str(value))}" for option, value in given.items() if value is not None),
                       *flags])
     try:
         with RichReporter(console) as reporter:
-            outcome = run_sweep(cfg, out, device=device, retry_failed=retry_failed, fail_fast=fail_fast,
-                                reporter=reporter, tensorboard=tensorboard, executor=runner)
+            settings = RunSettings(retry_failed=retry_failed, tensorboard=tensorboard,
+                                   allow_device_change=allow_device_change)
+            outcome = run_sweep(cfg, out, device=device, settings=settings, fail_fast=fail_fast,
+                                reporter=reporter, executor=runner)
+    except StopRequested:  # a first Ctrl-C or SIGTERM outside the step loops (decoding, building, starting up)
+        _interrupted(cfg, out, device, again)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without waiting for checkpoints
         err_console.print(f"aborted: runs in progress keep their last checkpoint; run `{again}` again to resume")
         raise typer.Exit(130) from None
@@ -133,10 +144,7 @@ def sweep(
     if busy:
         console.print(f"{busy} run(s) are being trained by another process; re-run later to pick up what is left")
     if outcome.interrupted:
-        left = len(plan(cfg, out, device=device)[1])
-        err_console.print(f"interrupted: {left} run(s) left, progress is checkpointed; "
-                          f"run `{again}` again to resume")
-        raise typer.Exit(130)
+        _interrupted(cfg, out, device, again)
     if failed:
         err_console.print(f"{failed} run(s) failed; see error.log in their folders, "
                           f"then `{again} --retry-failed`")
@@ -144,21 +152,36 @@ def sweep(
     console.print(f"next: depthbench report {folder}")
 
 
+def _interrupted(cfg: Any, out: Path, device: str | None, again: str) -> NoReturn:
+    from depthbench.sweep import plan
+
+    left = len(plan(cfg, out, device=device)[1])
+    err_console.print(f"interrupted: {left} run(s) left, progress is checkpointed; run `{again}` again to resume")
+    raise typer.Exit(130)
+
+
 def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> None:
+    from depthbench.estimate import format_bytes, plan_estimates
     from depthbench.models import resolve_block
     from depthbench.sweep import plan, run_state, sweep_dir_for
 
     runs, todo = plan(cfg, out, device=device, retry_failed=retry_failed)
     folder = sweep_dir_for(cfg, out)
-    table = Table(title=f"{cfg.name}: {len(todo)} of {len(runs)} runs to do ({folder})")
-    for column in ("run id", "version", "depth", "block", "seed", "steps", "state"):
+    estimates, free = plan_estimates(runs)
+    rooms = ", ".join(f"{name} {'not on this machine' if b is None else format_bytes(b)}" for name, b in free.items())
+    table = Table(title=f"{cfg.name}: {len(todo)} of {len(runs)} runs to do ({folder})",
+                  caption=f"memory: estimated training peak on the run's device; free now: {rooms}")
+    for column in ("run id", "version", "depth", "block", "seed", "steps", "params", "memory", "state"):
         table.add_column(column)
     pending = {r.run_id for r in todo}
     for run in runs:
         block, n = resolve_block(run.depth, run.model.block)
         state = run_state(folder / run.run_id)
+        est, room = estimates[run.run_id], free[run.train.device]
+        memory = "n/a" if est is None else format_bytes(est.total) + (" (too big)" if room and est.total > room else "")
         table.add_row(run.run_id, run.version, str(run.depth), f"{block} (n={n})", str(run.seed),
-                      str(run.train.steps), f"{state} -> to do" if run.run_id in pending else state)
+                      str(run.train.steps), "n/a" if est is None else f"{est.params:,}", memory,
+                      f"{state} -> to do" if run.run_id in pending else state)
     console.print(table)
 
 
@@ -335,6 +358,12 @@ def _num(value: float | None, spec: str) -> str:
 
 
 def main() -> None:
+    # Library warnings (scipy's on tied seeds, torch's deprecations) are not the user's to act on, so the
+    # command keeps them off the terminal; the environment variable also quiets --jobs workers, local Ray
+    # workers and SLURM jobs, which inherit it. Setting PYTHONWARNINGS (or -W) shows them again.
+    if not sys.warnoptions and "PYTHONWARNINGS" not in os.environ:
+        os.environ["PYTHONWARNINGS"] = "ignore"
+        warnings.simplefilter("ignore")
     app()
 
 

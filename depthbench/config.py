@@ -12,11 +12,16 @@ import hashlib
 import itertools
 import json
 import re
+import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from depthbench.errors import ConfigError, DepthbenchError, did_you_mean
 
@@ -33,6 +38,38 @@ DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML 1.1 reads yes/no/on/off/true/false as booleans, and pydantic would take True as 1 for a
+        # number. A subclass's own before-validator runs first, so one that gives booleans a meaning
+        # (model.checkpointing: true) has already replaced them by then.
+        found = _boolean_for_number(cls.model_fields[str(info.field_name)].annotation, value)
+        if found is not None:
+            at, expected = found
+            raise PydanticCustomError("boolean_number", "expected {expected}, got a boolean",
+                                      {"at": at, "expected": expected})
+        return value
+
+
+def _boolean_for_number(annotation: Any, value: Any) -> tuple[str, str] | None:
+    """Where in ``value`` a boolean stands where ``annotation`` asks for a number, as a key suffix
+    ('' for the value itself, '[1]' in a tuple, '.key' in a mapping) and what was expected; or None."""
+    arms = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    if isinstance(value, bool):
+        if bool in arms or not any(arm in (int, float) for arm in arms):
+            return None
+        return "", "text or a number" if str in arms else "a number"
+    for arm in arms:
+        origin, args = get_origin(arm), get_args(arm)
+        items = (enumerate(value) if origin is tuple and isinstance(value, list | tuple)
+                 else value.items() if origin is dict and isinstance(value, dict) else ())
+        for key, item in items:
+            found = _boolean_for_number(args[0] if origin is tuple else args[1], item)
+            if found is not None:
+                return (f"[{key}]" if origin is tuple else f".{key}") + found[0], found[1]
+    return None
 
 
 class DatasetConfig(_Section):
@@ -80,7 +117,11 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     nesterov: bool = False
-    milestones: tuple[float, ...] = Field((0.5, 0.75), description="fractions (<1) or step numbers")
+    milestones: tuple[float, ...] = Field(
+        (0.5, 0.75),
+        description="fractions (<1) or step numbers; on a very short run the default fractions may resolve "
+                    "to one step (0.5 and 0.75 of 3 steps are both step 2): both drops then happen there",
+    )
     gamma: float = Field(0.1, gt=0.0, le=1.0)
     warmup: WarmupConfig = WarmupConfig()
     eval_every: int = Field(2000, gt=0)
@@ -114,8 +155,12 @@ class TrainConfig(_Section):
             if m >= 1 and m > self.steps:
                 raise ValueError(f"milestones: step {m:g} is beyond steps ({self.steps})")
         resolved = self.milestone_steps
-        if list(resolved) != sorted(set(resolved)):
-            raise ValueError(f"milestones: must be strictly increasing once resolved to steps (got {list(resolved)})")
+        # Only milestones someone chose must each get a step of their own. The default is compared by
+        # value, not by model_fields_set: a run's config.yaml spells every field out and must load again.
+        chosen = self.milestones != TrainConfig.model_fields["milestones"].default
+        if list(resolved) != sorted(resolved) or (chosen and len(set(resolved)) < len(resolved)):
+            raise ValueError(f"milestones: must be strictly increasing once resolved to steps (got {list(resolved)}); "
+                             "give each drop a step of its own")
         if self.warmup.steps >= self.steps:
             raise ValueError(f"warmup.steps ({self.warmup.steps}) must be below steps ({self.steps})")
         return self
@@ -127,6 +172,13 @@ class TrainConfig(_Section):
 
 
 class SuccessConfig(_Section):
+    """Which finished runs count as a success: ``metric`` at least ``min`` and/or at most ``max``.
+
+    A sweep without a ``success`` section keeps no threshold (both None): every completed run counts
+    as a success. A ``success`` section written in a sweep must give min or max (SweepConfig checks it,
+    so runs' config.yaml files, which spell out ``min: null, max: null``, still load).
+    """
+
     metric: str = "test_acc"
     min: float | None = None
     max: float | None = None
@@ -160,6 +212,17 @@ class ResourcesConfig(_Section):
     time_min: int = Field(60, gt=0, description="SLURM time limit per job; a longer run checkpoints and is requeued")
     array_parallelism: int | None = Field(None, gt=0, description="most SLURM array tasks at once; None: submitit's")
     slurm_extra: dict[str, str | int] = Field({}, description="more sbatch options, e.g. {account: proj, qos: high}")
+
+
+def _conflict(model: ModelConfig, train: TrainConfig) -> str | None:
+    """Settings that validate one by one but cannot work together, as a one-line reason; or None."""
+    if model.checkpointing and train.compile:
+        # Compiling each residual unit apart from the checkpoint works on a net of distinct units, but
+        # where units repeat the recomputation can pick another compiled graph than the forward did, and
+        # checkpoint refuses the mismatch (pytorch issue 166926).
+        return ("model.checkpointing and train.compile cannot be used together: torch.compile cannot trace the "
+                "checkpoint's guard that updates BatchNorm statistics once per step; turn one off")
+    return None
 
 
 class RunConfig(_Section):
@@ -330,6 +393,25 @@ class SweepConfig(_Section):
             raise ValueError("must be a folder name: letters, digits, '.', '_' and '-'")
         return value
 
+    @model_validator(mode="after")
+    def _checks_across_sections(self) -> SweepConfig:
+        rule = self.success
+        # Both written as null is how a saved sweep.yaml spells "no threshold"; leaving both out is a slip.
+        if rule.min is None and rule.max is None and not {"min", "max"} <= rule.model_fields_set \
+                and "success" in self.model_fields_set:
+            example = "max: 0.5" if rule.metric.endswith("_loss") else "min: 0.8"
+            raise ValueError(f"success: give min or max, e.g. success: {{metric: {rule.metric}, {example}}}; "
+                             "without a success section every completed run counts as a success")
+        if rule.min is not None and rule.max is not None and rule.min > rule.max:
+            raise ValueError(f"success: min ({rule.min:g}) is above max ({rule.max:g}), so no run can succeed; "
+                             "swap them or drop one")
+        if rule.metric.endswith("_acc") and rule.min is not None and rule.min > 1:
+            raise ValueError(f"success.min: {rule.metric} is a fraction from 0 to 1, so {rule.min:g} can never "
+                             f"be met; write {rule.min / 100:g} for {rule.min:g}%")
+        if conflict := _conflict(self.model, self.train):
+            raise ValueError(conflict)
+        return self
+
     @field_validator("grid", mode="before")
     @classmethod
     def _grid(cls, grid: Any) -> Any:
@@ -380,13 +462,13 @@ class SweepConfig(_Section):
                 data = json.loads(json.dumps(base))
                 for key, value in zip(axes, combo, strict=True):
                     _set_dotted(data, key, value)
+                setting = ", ".join(f"{k}={v}" for k, v in zip(axes, combo, strict=True))
                 try:
                     run = RunConfig.model_validate(data)
                 except ValidationError as err:
-                    setting = ", ".join(f"{k}={v}" for k, v in zip(axes, combo, strict=True))
-                    raise ConfigError(
-                        f"{_first_error(err, RunConfig, prefix_grid=True)} (in grid run {where}{setting})"
-                    ) from None
+                    raise ConfigError(f"{_first_error(err, RunConfig)} (in grid run {where}{setting})") from None
+                if conflict := _conflict(run.model, run.train):  # the grid may set one of the pair
+                    raise ConfigError(f"{conflict} (in grid run {where}{setting})")
                 runs.setdefault(run.run_id, run)
         return list(runs.values())
 
@@ -434,7 +516,9 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _first_error(err: ValidationError, model: type[BaseModel], prefix_grid: bool = False) -> str:
+def _first_error(err: ValidationError, model: type[BaseModel], booleans: Mapping[str, str] | None = None) -> str:
+    """The first error as one line naming the dotted key; ``booleans`` quotes YAML booleans as written."""
+    booleans = booleans or {}
     error = err.errors(include_url=False)[0]
     loc = tuple(error["loc"])
     key = _dotted(loc) or "config"
@@ -443,18 +527,29 @@ def _first_error(err: ValidationError, model: type[BaseModel], prefix_grid: bool
         return f"unknown key '{key}'{did_you_mean(str(loc[-1]), _fields_at(model, loc[:-1]))}"
     if kind == "missing":
         return f"missing required key '{key}'"
+    if kind == "boolean_number":
+        return _boolean_error(key, error, booleans)
+    shown = error.get("input")
+    written = booleans.get(key) if isinstance(shown, bool) else None  # quote `no` as written, not as False
     if kind == "literal_error":
-        return f"{key}: '{error.get('input')}' is not allowed; {message[0].lower()}{message[1:]}"
+        what = f"'{written}' (YAML reads it as a boolean)" if written else f"'{shown}'"
+        return f"{key}: {what} is not allowed; {message[0].lower()}{message[1:]}"
     message = message.removeprefix("Value error, ")
     if not loc:
         return message
-    shown = error.get("input")
-    got = f" (got {shown!r})" if kind.endswith(("_type", "_parsing")) and not isinstance(shown, dict) else ""
+    got = ""
+    if kind.endswith(("_type", "_parsing")) and not isinstance(shown, dict):
+        got = f" (got '{written}', which YAML reads as a boolean)" if written else f" (got {shown!r})"
     return f"{key}: {message[0].lower()}{message[1:]}{got}"
 
 
-def parse_sweep(data: Any, source: str = "config") -> SweepConfig:
-    """Validate an already-parsed YAML mapping and resolve every run (so grid errors surface now)."""
+def parse_sweep(data: Any, source: str = "config", booleans: Mapping[str, str] | None = None) -> SweepConfig:
+    """Validate an already-parsed YAML mapping and resolve every run (so grid errors surface now).
+
+    ``booleans`` is the source text of the YAML's booleans by dotted key (from :func:`read_yaml`), so an
+    error can quote ``yes`` as it was written.
+    """
+    booleans = booleans or {}
     if data is None:
         raise ConfigError(f"{source} is empty: it needs at least 'name' and a 'grid' with version and depth lists")
     if not isinstance(data, dict):
@@ -462,12 +557,101 @@ def parse_sweep(data: Any, source: str = "config") -> SweepConfig:
     try:
         sweep = SweepConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_first_error(err, SweepConfig)}") from None
+        raise ConfigError(f"{source}: {_first_error(err, SweepConfig, booleans)}") from None
     try:
+        _check_grid_booleans(sweep, booleans)
         _check_reference(sweep, sweep.runs())
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return sweep
+
+
+def _check_grid_booleans(sweep: SweepConfig, booleans: Mapping[str, str]) -> None:
+    """A YAML boolean among a grid's numbers, named by its place in the grid (``grid.train.lr[1]``).
+
+    Each value goes through the field's own validators, so one that gives booleans a meaning
+    (``model.checkpointing: [true]``) still can.
+    """
+    grids = sweep.grid if isinstance(sweep.grid, list) else [sweep.grid]
+    for i, grid in enumerate(grids):
+        where = f"grid[{i}]" if isinstance(sweep.grid, list) else "grid"
+        for key, values in grid.items():
+            for j, value in enumerate(values):
+                data: dict[str, Any] = {}
+                _set_dotted(data, key, value)
+                try:
+                    RunConfig.model_validate(data)
+                except ValidationError as err:
+                    for error in err.errors(include_url=False):
+                        if error["type"] == "boolean_number":
+                            raise ConfigError(_boolean_error(f"{where}.{key}[{j}]", error, booleans)) from None
+
+
+def _boolean_error(key: str, error: Any, booleans: Mapping[str, str]) -> str:
+    key += error["ctx"]["at"]
+    written = booleans.get(key, "")
+    shown = f"'{written}' (YAML reads it as a boolean)" if written else "a boolean"
+    hint = "; quote it to mean the text" if "text" in error["ctx"]["expected"] else ""
+    return f"{key}: expected {error['ctx']['expected']}, got {shown}{hint}"
+
+
+def read_yaml(path: Path) -> tuple[Any, dict[str, str]]:
+    """A YAML file as plain data, and the source text of each boolean in it by dotted key.
+
+    Every problem is one ConfigError line: unreadable file, YAML that does not parse, and a key written
+    twice in one mapping (PyYAML keeps the last silently, so a second ``train:`` block would drop the
+    first). Merge keys (``<<: *anchor``) are YAML's way of repeating keys on purpose and stay allowed.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file '{path}': {err}") from None
+    loader = yaml.SafeLoader(text)
+    booleans: dict[str, str] = {}
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, booleans
+        _walk_yaml(node, "", booleans, set(), str(path))
+        return loader.construct_document(node), booleans
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: YAML does not parse{where}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _walk_yaml(node: yaml.Node, key: str, booleans: dict[str, str], seen: set[int], source: str) -> None:
+    """Check ``node``'s mappings for repeated keys and note its booleans' text, each node once (an
+    alias repeats a node; walking it again could take exponential time)."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                _walk_yaml(value_node, key, booleans, seen, source)
+                continue
+            name = f"{key}.{key_node.value}" if key else key_node.value
+            if key_node.value in first:
+                fix = ("a later block silently replaces an earlier one; merge them"
+                       if isinstance(value_node, yaml.MappingNode)
+                       else "a later value silently replaces an earlier one; keep one")
+                here, there = key_node.start_mark, first[key_node.value].start_mark
+                col = here.line == there.line  # `{steps: 5, steps: 6}`: the line alone does not tell them apart
+                raise ConfigError(
+                    f"{source}: duplicate key '{name}' at line {here.line + 1}{f', column {here.column + 1}' * col} "
+                    f"(first at line {there.line + 1}{f', column {there.column + 1}' * col}): {fix}")
+            first[key_node.value] = key_node
+            _walk_yaml(value_node, name, booleans, seen, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk_yaml(item, f"{key}[{i}]", booleans, seen, source)
+    elif node.tag == "tag:yaml.org,2002:bool":
+        booleans[key] = node.value
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
@@ -476,27 +660,17 @@ def load_sweep(path: str | Path) -> SweepConfig:
     if not path.is_file():
         hint = " (it is a folder)" if path.is_dir() else ""
         raise ConfigError(f"config file '{path}' does not exist{hint}; see configs/ for examples")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read config file '{path}': {err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: YAML does not parse{where}: {problem}") from None
-    return parse_sweep(data, source=str(path))
+    data, booleans = read_yaml(path)
+    return parse_sweep(data, source=str(path), booleans=booleans)
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    """Read a run's resolved ``config.yaml`` back."""
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    """Read a run's resolved ``config.yaml`` back; every problem is one ConfigError line."""
+    data, booleans = read_yaml(Path(path))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{path}: {_first_error(err, RunConfig)}") from None
+        raise ConfigError(f"{path}: {_first_error(err, RunConfig, booleans)}") from None
 
 
 def dump_run_config(cfg: RunConfig) -> str:
@@ -519,4 +693,5 @@ __all__ = [
     "load_run_config",
     "load_sweep",
     "parse_sweep",
+    "read_yaml",
 ]

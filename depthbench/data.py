@@ -40,7 +40,6 @@ import tarfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 from PIL import Image
 
+from depthbench import stopping
 from depthbench.config import DatasetConfig
 from depthbench.errors import DepthbenchError
 
@@ -339,6 +339,7 @@ def _torchvision_cifar(name: str, root: Path, train: bool) -> Any:
 # Image folders, and tar archives of them
 
 _DECODE_IN_PROCESS_BELOW = 2000  # fewer files than this decode faster than a process pool starts
+_DECODE_CHUNK = 250  # files per task of the pool
 
 
 @dataclass(frozen=True)
@@ -535,10 +536,16 @@ def _decode_files(items: list[_Image], size: int | None) -> list[np.ndarray]:
     workers = min(os.cpu_count() or 1, 8)
     if len(items) < _DECODE_IN_PROCESS_BELOW or workers < 2 or multiprocessing.current_process().daemon:
         return _decode_chunk(items, size)
-    chunks = [items[i : i + 1000] for i in range(0, len(items), 1000)]
+    # Small chunks, so that a stop (Ctrl-C, SIGTERM) or a bad image waits for a few hundred images at most.
+    chunks = [items[i : i + _DECODE_CHUNK] for i in range(0, len(items), _DECODE_CHUNK)]
     context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return [image for chunk in pool.map(_decode_chunk, chunks, repeat(size)) for image in chunk]
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=stopping.ignore_stop_signals)
+    try:
+        with stopping.workers_born_deaf():  # the workers are started by the first submit; the sweep decides for them
+            futures = [pool.submit(_decode_chunk, chunk, size) for chunk in chunks]
+        return [image for future in futures for image in future.result()]
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _decode_chunk(items: list[_Image], size: int | None) -> list[np.ndarray]:

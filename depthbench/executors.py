@@ -10,7 +10,6 @@ them and reports what they do. Ray and submitit are optional extras, imported on
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import math
@@ -33,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from depthbench import storage
+from depthbench import stopping, storage
 from depthbench.config import ResourcesConfig, RunConfig
 from depthbench.errors import DepthbenchError, did_you_mean
 from depthbench.sweep import (
-    BUSY, Executor, LocalExecutor, Reporter, RunOptions, RunOutcome, claim, execute_run, run_state,
+    BUSY, Executor, LocalExecutor, Reporter, RunOptions, RunOutcome, RunSettings, claim, execute_run, run_state,
     write_failure,
 )
 from depthbench.train import CHECKPOINT, METRICS, RESULT, Progress
@@ -267,31 +266,6 @@ class _Worker:
 
 
 _WORKER: _Worker | None = None
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def _workers_born_deaf() -> Iterator[None]:
-    """Processes started in this block ignore Ctrl-C and SIGTERM from their first instruction.
-
-    A worker takes seconds to import torch before its initializer can ignore them, and a Ctrl-C in
-    that time would kill it with a traceback. Ignored signals stay ignored across exec, so the
-    workers are started with them ignored; this process blocks them meanwhile, and receives any
-    that arrived once its own handlers are back.
-    """
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-
-
 def _start_worker(gpus: Any, events: Any, stop: Any, threads: int) -> None:
     global _WORKER
     gpu = gpus.get()
@@ -300,10 +274,7 @@ def _start_worker(gpus: Any, events: Any, stop: Any, threads: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     # Ctrl-C and SIGTERM reach every process of the terminal's group; the driver decides, and tells
     # the workers through `stop`, so each run checkpoints instead of dying mid-step.
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by _workers_born_deaf
+    stopping.ignore_stop_signals()
     import torch
 
     torch.set_num_threads(threads)
@@ -311,7 +282,7 @@ def _start_worker(gpus: Any, events: Any, stop: Any, threads: int) -> None:
     events.put(("worker", str(os.getpid()), (gpu, threads)))
 
 
-def _train_in_worker(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensorboard: bool) -> _Attempt | None:
+def _train_in_worker(cfg: RunConfig, sweep_dir: Path, settings: RunSettings) -> _Attempt | None:
     worker = _WORKER
     assert worker is not None, "runs only in a process started by ParallelExecutor"
     if worker.stop.is_set():
@@ -327,11 +298,14 @@ def _train_in_worker(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensor
             worker.events.put(("progress", cfg.run_id, p))
 
     try:
-        outcome = execute_run(cfg, sweep_dir, retry_failed=retry_failed, on_progress=progress,
-                              should_stop=worker.stop.is_set, tensorboard=tensorboard)
-        return _Attempt(outcome, where, resumed)
+        # Loading data or building its model, the run stops at once; in its step loop, at the next step.
+        with stopping.stop_on(worker.stop):
+            outcome = execute_run(cfg, sweep_dir, settings, on_progress=progress, should_stop=worker.stop.is_set)
+    except stopping.StopRequested:
+        outcome = RunOutcome(cfg, "interrupted", message="stopped outside its step loop; it resumes from its last checkpoint")
     finally:
         worker.events.put(("stopped", cfg.run_id, None))
+    return _Attempt(outcome, where, resumed)
 
 
 def _visible_gpus() -> list[str]:
@@ -360,31 +334,33 @@ class ParallelExecutor:
             return
         wants_gpu = any(cfg.train.device != "cpu" for cfg in runs)
         gpus = (self.gpus if self.gpus is not None else _visible_gpus()) if wants_gpu else []
-        with _workers_born_deaf():  # the pool starts its processes in open and submit
-            pool, events, stop = self._open_pool(gpus)
-            futures = {pool.submit(_train_in_worker, cfg, sweep_dir, options.retry_failed, options.tensorboard): cfg
-                       for cfg in runs}
         live = _LiveRuns(runs, options.reporter, self.log)
-        pending = set(futures)
-        try:
-            while pending:
-                if options.stop.is_set():
-                    stop.set()
-                    for future in pending:
-                        future.cancel()  # not started yet; the running ones checkpoint and return
-                done, pending = wait_futures(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                self._drain(events, live)
-                for future in done:
-                    outcome = self._outcome(future, futures[future], sweep_dir, live)
-                    if outcome is None:
-                        continue
-                    live.ended(outcome)
-                    yield outcome
-                    live.resume_display()
-        finally:
-            # Reached early on --fail-fast or an error: runs still training checkpoint and stop.
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+        with stopping.deferred():  # this loop stops the runs itself, so that each keeps its last step
+            # The pool starts its processes (and the queues their threads, which must not take a signal
+            # the main thread blocks meanwhile) in open and submit.
+            with stopping.workers_born_deaf():
+                pool, events, stop = self._open_pool(gpus)
+                futures = {pool.submit(_train_in_worker, cfg, sweep_dir, options.settings): cfg for cfg in runs}
+            try:
+                pending = set(futures)
+                while pending:
+                    if options.stop.is_set():
+                        stop.set()
+                        for future in pending:
+                            future.cancel()  # not started yet; the running ones checkpoint and return
+                    done, pending = wait_futures(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                    self._drain(events, live)
+                    for future in done:
+                        outcome = self._outcome(future, futures[future], sweep_dir, live)
+                        if outcome is None:
+                            continue
+                        live.ended(outcome)
+                        yield outcome
+                        live.resume_display()
+            finally:
+                # Reached early on --fail-fast or an error: runs still training checkpoint and stop.
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _open_pool(self, gpus: list[str]) -> tuple[ProcessPoolExecutor, Any, Any]:
         """The worker pool, its event queue and its stop flag; worker ``i`` gets GPU ``gpus[i % len(gpus)]``."""
@@ -459,7 +435,7 @@ def _where_in_ray() -> str:
     return where + (f", GPU {','.join(map(str, gpus))}" if gpus else "")
 
 
-def _train_in_ray(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensorboard: bool, board: Any,
+def _train_in_ray(cfg: RunConfig, sweep_dir: Path, settings: RunSettings, board: Any,
                   stop_file: Path, threads: int) -> _Attempt | None:
     """The body of a run's Ray task; a retry after its worker died resumes from the run's checkpoint.
 
@@ -489,8 +465,7 @@ def _train_in_ray(cfg: RunConfig, sweep_dir: Path, retry_failed: bool, tensorboa
             board.tell.remote(("progress", cfg.run_id, p))
 
     try:
-        outcome = execute_run(cfg, sweep_dir, retry_failed=retry_failed, on_progress=progress,
-                              should_stop=should_stop, tensorboard=tensorboard)
+        outcome = execute_run(cfg, sweep_dir, settings, on_progress=progress, should_stop=should_stop)
         return _Attempt(outcome, where, resumed)
     finally:
         board.tell.remote(("stopped", cfg.run_id, None))
@@ -546,28 +521,31 @@ class RayExecutor:
                 ref = task.options(
                     num_cpus=self.resources.cpus_per_run, num_gpus=_gpus_for(cfg, self.resources),
                     max_retries=self.resources.max_restarts, retry_exceptions=False, name=cfg.run_id,
-                ).remote(cfg, sweep_dir, options.retry_failed, options.tensorboard, board, stop_file, threads)
+                ).remote(cfg, sweep_dir, options.settings, board, stop_file, threads)
                 refs[ref] = cfg
-            pending = list(refs)
-            while pending:
-                if options.stop.is_set() and not stop_file.exists():
-                    self._stop(stop_file, board, live, pending, refs)
-                ready, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
-                for event in ray.get(board.drain.remote()):
-                    live.on(event)
-                for ref in ready:
-                    outcome = self._outcome(ref, refs[ref], sweep_dir, live)
-                    if outcome is None:
-                        continue
-                    live.ended(outcome)
-                    yield outcome
-                    live.resume_display()
+                pending.append(ref)  # wound down below, even if a stop cuts this loop short
+            with stopping.deferred():  # this loop stops the runs itself, so that each keeps its last step
+                while pending:
+                    if options.stop.is_set() and not stop_file.exists():
+                        self._stop(stop_file, board, live, pending, refs)
+                    ready, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
+                    for event in ray.get(board.drain.remote()):
+                        live.on(event)
+                    for ref in ready:
+                        outcome = self._outcome(ref, refs[ref], sweep_dir, live)
+                        if outcome is None:
+                            continue
+                        live.ended(outcome)
+                        yield outcome
+                        live.resume_display()
         finally:
-            if board is not None:
-                self._wind_down(stop_file, board, live, pending, refs)
-            stop_file.unlink(missing_ok=True)
-            if connected_here:
-                ray.shutdown()
+            try:
+                if board is not None:
+                    self._wind_down(stop_file, board, live, pending, refs)
+            finally:  # also after a second Ctrl-C
+                stop_file.unlink(missing_ok=True)
+                if connected_here:
+                    ray.shutdown()
 
     def _connect(self) -> bool:
         """Connect to the cluster, or start a private instance; False when this process was connected already."""
@@ -582,6 +560,8 @@ class RayExecutor:
         # Where the datasets live is the driver's choice; tasks on other nodes do not inherit its environment.
         env_vars = {key: os.environ[key] for key in ("DEPTHBENCH_DATA",) if key in os.environ}
         runtime_env = {"env_vars": env_vars} if env_vars else None
+        # ray.init replaces the SIGTERM handler with one that exits at once, and leaves it there.
+        handlers = {sig: signal.getsignal(sig) for sig in stopping.STOP_SIGNALS}
         try:
             if self.address is None:
                 ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -591,6 +571,14 @@ class RayExecutor:
         except ConnectionError as err:
             raise DepthbenchError(f"cannot connect to a Ray cluster at '{self.address}': {str(err).splitlines()[0]}; "
                                   "start one with `ray start --head`, or leave out --address for a local one") from None
+        except (KeyboardInterrupt, SystemExit) as err:  # stopped while starting: leave no Ray process behind
+            ray.shutdown()
+            if isinstance(err, SystemExit) and err.code == signal.SIGTERM:  # what Ray's handler made of a SIGTERM
+                raise stopping.StopRequested(signal.SIGTERM.name) from None
+            raise
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         return True
 
     def _check_resources(self, runs: list[RunConfig]) -> None:
@@ -713,10 +701,10 @@ class _SlurmRun:
     where Python runs signal handlers, can ask it to stop and wait while it saves its checkpoint.
     """
 
-    def __init__(self, cfg: RunConfig, sweep_dir: Path, *, retry_failed: bool, tensorboard: bool, threads: int,
+    def __init__(self, cfg: RunConfig, sweep_dir: Path, settings: RunSettings, *, threads: int,
                  save_within_s: float = 60) -> None:
-        self.cfg, self.sweep_dir, self.threads, self.save_within_s = cfg, sweep_dir, threads, save_within_s
-        self.retry_failed, self.tensorboard = retry_failed, tensorboard
+        self.cfg, self.sweep_dir, self.settings = cfg, sweep_dir, settings
+        self.threads, self.save_within_s = threads, save_within_s
         self.outcome: RunOutcome | None = None  # set when the run finished just as the job was told to stop
         self._stop: threading.Event | None = None
         self._result: Future[RunOutcome] | None = None
@@ -735,8 +723,7 @@ class _SlurmRun:
 
         def train() -> None:
             try:
-                result.set_result(execute_run(self.cfg, self.sweep_dir, retry_failed=self.retry_failed,
-                                              should_stop=stop.is_set, tensorboard=self.tensorboard))
+                result.set_result(execute_run(self.cfg, self.sweep_dir, self.settings, should_stop=stop.is_set))
             except BaseException as err:  # noqa: BLE001 - handed to the main thread, which re-raises it
                 result.set_exception(err)
 
@@ -785,12 +772,16 @@ class SlurmExecutor:
     def execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]:
         if not runs:
             return
-        jobs = self._submit(runs, sweep_dir, options)
-        live = _LiveRuns(runs, options.reporter, self.log)
-        kind = "local jobs" if self.local else f"SLURM job array {jobs[0].job_id.split('_')[0]}"
-        live.say(f"submitted {len(jobs)} runs as {kind}; job logs in {sweep_dir / 'slurm'}")
-        pending = dict(zip(jobs, runs, strict=True))
+        pending: dict[Any, RunConfig] = {}
         try:
+            # Cut short, sbatch may still queue the array, and no one would cancel its jobs: a stop waits for
+            # the submission (seconds), then the loop below sees it and the jobs are cancelled.
+            with stopping.deferred():
+                jobs = self._submit(runs, sweep_dir, options)
+                pending.update(zip(jobs, runs, strict=True))
+            live = _LiveRuns(runs, options.reporter, self.log)
+            kind = "local jobs" if self.local else f"SLURM job array {jobs[0].job_id.split('_')[0]}"
+            live.say(f"submitted {len(jobs)} runs as {kind}; job logs in {sweep_dir / 'slurm'}")
             while pending and not options.stop.is_set():
                 for job, cfg in list(pending.items()):
                     if job.done():
@@ -844,8 +835,8 @@ class SlurmExecutor:
         gpus = params["gpus_per_node"] > 0
         try:
             with executor.batch():
-                jobs = [executor.submit(_SlurmRun(_on_assigned_gpu(cfg) if gpus else cfg, sweep_dir, threads=threads,
-                                                  retry_failed=options.retry_failed, tensorboard=options.tensorboard))
+                jobs = [executor.submit(_SlurmRun(_on_assigned_gpu(cfg) if gpus else cfg, sweep_dir, options.settings,
+                                                  threads=threads))
                         for cfg in runs]
         except Exception as err:  # noqa: BLE001 - sbatch's refusal (bad partition, account, ...) in its own words
             lines = [line for line in str(err).splitlines() if line.strip()]

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from warnings import catch_warnings, simplefilter
 
 import numpy as np
 import pandas as pd
@@ -150,7 +151,11 @@ def compare(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[
         if min(len(v1), len(v2)) < 2:
             p, note = math.nan, "n < 2 per version: no test possible"
         else:
-            test = stats.ttest_ind(v2, v1, equal_var=False)
+            with catch_warnings():
+                # scipy warns of "catastrophic cancellation" when one version's seeds tie; Welch's test is still
+                # defined then (one variance is zero), and both tying gives the nan handled below.
+                simplefilter("ignore", RuntimeWarning)
+                test = stats.ttest_ind(v2, v1, equal_var=False)
             p = float(test.pvalue)
             note = f"n < {WEAK_N} per version: weak evidence" if min(len(v1), len(v2)) < WEAK_N else ""
             if math.isnan(p):  # identical values on both sides: no spread to test against

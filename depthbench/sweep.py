@@ -8,10 +8,9 @@ every executor calls, in this process or on a cluster worker.
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import math
 import os
-import signal
 import threading
 import traceback
 from collections.abc import Callable, Iterator
@@ -21,9 +20,10 @@ from typing import Any, Literal, Protocol
 
 from filelock import FileLock, Timeout
 
-from depthbench import storage
+from depthbench import stopping, storage
 from depthbench.config import RunConfig, SweepConfig, dump_run_config
 from depthbench.errors import DepthbenchError
+from depthbench.estimate import best_segments
 from depthbench.models import resolve_block
 from depthbench.train import CHECKPOINT, CONFIG, ERROR_LOG, RESULT, Progress, RunInterrupted, train_run
 
@@ -64,18 +64,16 @@ def _failure_message(err: BaseException, cfg: RunConfig) -> str:
         return f"out of memory ({text[:120]}); {_memory_advice(cfg)}"
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return f"disk full while writing ({err.filename or 'run files'}); free space and re-run to resume"
+    if isinstance(err, DepthbenchError):  # a refusal found on the worker (its device, its checkpoint): says it all
+        return text
     return f"{type(err).__name__}: {text}"
 
 
 def _memory_advice(cfg: RunConfig) -> str:
-    """What to change after running out of memory, with the checkpointing segment count that saves most.
-
-    About sqrt(n) segments per stage of n units keeps the least: sqrt(n) segment inputs stay alive, and
-    backward recomputes one segment of sqrt(n) units at a time. For ResNet-1001 (n = 111) that is 11,
-    against one segment per unit (`true`), which keeps all 111 unit inputs (BENCHMARKS.md measures both).
-    """
+    """What to change after running out of memory, with the checkpointing segment count that saves most
+    (about sqrt(n) per stage of n units: :func:`depthbench.estimate.best_segments`)."""
     _, n = resolve_block(cfg.depth, cfg.model.block)
-    segments = max(1, round(math.sqrt(n)))
+    segments = best_segments(n)
     if cfg.model.checkpointing and min(cfg.model.checkpointing, n) == segments:  # a stage splits as in models
         return "lower train.batch_size (activation checkpointing is already on)"
     return (f"lower train.batch_size or set model.checkpointing: {segments} (segments per stage: "
@@ -114,16 +112,28 @@ def write_failure(cfg: RunConfig, run_dir: Path, message: str, details: str) -> 
         pass  # the disk may be the failure; the console line still tells the user
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """How the user asked runs to be executed (command-line flags, never part of a run id).
+
+    Plain data, so it travels whole to a ``--jobs`` worker, a Ray task or a SLURM job.
+    """
+
+    retry_failed: bool = False  # re-run runs recorded as failed
+    tensorboard: bool = False  # also write TensorBoard event files
+    allow_device_change: bool = False  # resume checkpoints made on another device type or precision
+
+
 def execute_run(
     cfg: RunConfig,
     sweep_dir: Path,
+    settings: RunSettings = RunSettings(),
     *,
-    retry_failed: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    tensorboard: bool = False,
 ) -> RunOutcome:
     """Claim, train and record one run; never raises for a failure inside the run itself."""
+    retry_failed, tensorboard = settings.retry_failed, settings.tensorboard
     run_dir = sweep_dir / cfg.run_id
     lock = claim(run_dir)
     if lock is None:
@@ -142,7 +152,8 @@ def execute_run(
 
             on_progress = TensorBoardLogger(run_dir, forward=on_progress)
         try:
-            result = train_run(cfg, run_dir, on_progress=on_progress, should_stop=should_stop, notes=notes)
+            result = train_run(cfg, run_dir, on_progress=on_progress, should_stop=should_stop, notes=notes,
+                               allow_device_change=settings.allow_device_change)
         except RunInterrupted as stop:
             return RunOutcome(cfg, "interrupted", message=str(stop), notes=notes)
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, and the sweep goes on
@@ -169,8 +180,7 @@ class Executor(Protocol):
 
 @dataclass
 class RunOptions:
-    retry_failed: bool = False
-    tensorboard: bool = False
+    settings: RunSettings = RunSettings()
     reporter: Reporter | None = None
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -188,9 +198,9 @@ class LocalExecutor:
             if reporter:
                 reporter.run_started(cfg)
             yield execute_run(
-                cfg, sweep_dir, retry_failed=options.retry_failed,
+                cfg, sweep_dir, options.settings,
                 on_progress=(lambda p, c=cfg: reporter.progress(c, p)) if reporter else None,
-                should_stop=options.stop.is_set, tensorboard=options.tensorboard,
+                should_stop=options.stop.is_set,
             )
 
 
@@ -225,8 +235,10 @@ def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        try:
+            probe.write_text("ok")
+        finally:
+            probe.unlink(missing_ok=True)  # also when a stop signal lands in between
     except OSError as err:
         raise DepthbenchError(f"cannot write to output folder '{folder}': {err.strerror or err}; "
                               "choose another with --out") from None
@@ -237,17 +249,40 @@ def run_sweep(
     out: Path,
     *,
     device: str | None = None,
-    retry_failed: bool = False,
+    settings: RunSettings = RunSettings(),
     fail_fast: bool = False,
     executor: Executor | None = None,
     reporter: Reporter | None = None,
     handle_signals: bool = True,
-    tensorboard: bool = False,
 ) -> SweepOutcome:
-    """Train every run of the sweep that is not finished yet, then rebuild ``results.csv``."""
+    """Train every run of the sweep that is not finished yet, then rebuild ``results.csv``.
+
+    With ``handle_signals``, Ctrl-C and SIGTERM stop the sweep from its first instruction on: data
+    decoding and model building included (see :mod:`depthbench.stopping`).
+    """
+    signals = stopping.stop_signals() if handle_signals else contextlib.nullcontext(threading.Event())
+    with signals as stop:
+        return _run_sweep(sweep, out, stop, device=device, settings=settings, fail_fast=fail_fast,
+                          executor=executor, reporter=reporter)
+
+
+def _run_sweep(
+    sweep: SweepConfig,
+    out: Path,
+    stop: threading.Event,
+    *,
+    device: str | None,
+    settings: RunSettings,
+    fail_fast: bool,
+    executor: Executor | None,
+    reporter: Reporter | None,
+) -> SweepOutcome:
     folder = sweep_dir_for(sweep, out)
-    runs, todo = plan(sweep, out, device=device, retry_failed=retry_failed)
-    preflight(todo, devices=not getattr(executor, "remote", False))
+    runs, todo = plan(sweep, out, device=device, retry_failed=settings.retry_failed)
+    local = not getattr(executor, "remote", False)
+    preflight(todo, devices=local)
+    if local and not settings.allow_device_change:
+        check_resume_origins(todo, folder)
     _check_writable(folder)
     try:
         storage.write_text(folder / SWEEP_FILE, sweep_yaml(sweep))
@@ -256,34 +291,53 @@ def run_sweep(
     if reporter:
         reporter.plan(todo, len(runs) - len(todo), len(runs))
 
-    options = RunOptions(retry_failed=retry_failed, tensorboard=tensorboard, reporter=reporter)
-    restore = _install_stop_handlers(options.stop) if handle_signals else None
+    options = RunOptions(settings=settings, reporter=reporter, stop=stop)
     outcomes: list[RunOutcome] = []
-    try:
-        for outcome in (executor or LocalExecutor()).execute(todo, folder, options):
+    # Closed at once when this loop ends early (--fail-fast, a stop), so the executor winds down its runs now.
+    with contextlib.closing((executor or LocalExecutor()).execute(todo, folder, options)) as finished:
+        for outcome in finished:
             outcomes.append(outcome)
             _refresh_results(folder, outcome)
             if reporter:
                 reporter.run_finished(outcome)
             if outcome.status == "failed" and fail_fast:
                 break
-    finally:
-        if restore:
-            restore()
     _refresh_results(folder)
     failed = [r.run_id for r in runs if run_state(folder / r.run_id) == "failed"]
     return SweepOutcome(folder, outcomes, interrupted=options.stop.is_set(), failed=failed)
 
 
 def preflight(runs: list[RunConfig], *, devices: bool = True) -> None:
-    """Fail before anything is written if a device (when ``devices``) or dataset the runs need is not there."""
+    """Fail before anything is written if a device (when ``devices``) or dataset the runs need is not there,
+    a batch is larger than its training set, or (when ``devices``) a run cannot fit its device's memory."""
     from depthbench.data import load_dataset
+    from depthbench.estimate import DataShape, check_fits, known_shape
     from depthbench.train import resolve_device
 
-    for device in sorted({r.train.device for r in runs}) if devices else ():
-        resolve_device(device)
-    for dataset in {r.dataset.model_dump_json(): r.dataset for r in runs}.values():
-        load_dataset(dataset)  # also warms the in-process cache the runs will use
+    resolved = {device: resolve_device(device) for device in sorted({r.train.device for r in runs})} if devices else {}
+    for run in runs if devices else ():  # sizes the config alone tells: refused before any data is read or fetched
+        if (shape := known_shape(run.dataset)) is not None:
+            check_fits(run, shape, resolved[run.train.device])
+    datasets = {r.dataset.model_dump_json(): r.dataset for r in runs}
+    shapes = {key: DataShape.of(load_dataset(dataset)) for key, dataset in datasets.items()}  # also warms the cache
+    for run in runs:
+        shape = shapes[run.dataset.model_dump_json()]
+        if run.train.batch_size > shape.train_size:
+            raise DepthbenchError(f"{run.run_id}: train.batch_size ({run.train.batch_size}) is larger than the "
+                                  f"training set ({shape.train_size} images); lower it")
+        if devices:  # a run that cannot fit its device is refused here, before its model is ever built
+            check_fits(run, shape, resolved[run.train.device])
+
+
+def check_resume_origins(runs: list[RunConfig], folder: Path) -> None:
+    """Refuse, before anything is written, to resume here a checkpoint made on another device type or precision."""
+    from depthbench.train import check_resume_origin, checkpoint_origin, precision_name, resolve_device, resolve_precision
+
+    for run in runs:
+        origin = checkpoint_origin(folder / run.run_id)
+        if origin is not None:
+            device = resolve_device(run.train.device)
+            check_resume_origin(run, origin, device, precision_name(resolve_precision(run.train.precision, device)))
 
 
 def _refresh_results(folder: Path, outcome: RunOutcome | None = None) -> None:
@@ -303,23 +357,3 @@ def sweep_yaml(sweep: SweepConfig) -> str:
 
     return yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
 
-
-def _install_stop_handlers(stop: threading.Event) -> Callable[[], None] | None:
-    """First Ctrl-C/SIGTERM asks the current run to checkpoint and stop; a second one aborts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    for sig in previous:
-        signal.signal(sig, handler)
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    return restore

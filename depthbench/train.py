@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depthbench import storage
+from depthbench import stopping, storage
 from depthbench.augment import augment_batch, normalize
 from depthbench.config import DEVICE_NAME, RunConfig, TrainConfig, dump_run_config
 from depthbench.data import TensorData, load_dataset
 from depthbench.errors import DepthbenchError
+from depthbench.estimate import DataShape, check_fits
 from depthbench.models import count_params, model_from_config, resolve_block
 
 CHECKPOINT = "checkpoint.pt"
@@ -89,6 +90,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """How a step's precision is recorded (result.json, checkpoints): float32 or bfloat16."""
+    return str(amp_dtype or torch.float32).removeprefix("torch.")
 
 
 def _mix(seed: int, counter: int, salt: int) -> int:
@@ -180,6 +186,7 @@ class TrainingSetup:
     def create(cls, cfg: RunConfig, data: TensorData) -> TrainingSetup:
         tc = cfg.train
         device = resolve_device(tc.device)
+        check_fits(cfg, DataShape.of(data), device)  # refuse a run that cannot fit before building its model
         amp_dtype = resolve_precision(tc.precision, device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -202,6 +209,10 @@ class TrainingSetup:
             memory_format, amp_dtype,
         )
 
+    @property
+    def precision(self) -> str:
+        return precision_name(self.amp_dtype)
+
     def autocast(self) -> Any:
         """The context a forward pass runs in: autocast to ``amp_dtype``, or nothing for fp32."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
@@ -220,14 +231,46 @@ class TrainingSetup:
         return normalize(xb, self.mean, self.std).contiguous(memory_format=self.memory_format), self.train_y[idx]
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+def _load_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any] | None:
+    """A checkpoint's content, or None when it is missing, torn, or holds anything but tensors and plain data.
+
+    ``weights_only`` refuses any pickled object other than tensors, containers and numbers, so a file planted
+    in a run folder (a shared filesystem, a folder copied from a colleague) cannot run code when it is resumed.
+    """
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # a torn or corrupt file: the run starts over rather than crash the sweep
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception:  # torn, corrupt or foreign: the run starts over rather than crash the sweep or trust it
         return None
     return state if isinstance(state, dict) and "step" in state and "model" in state else None
+
+
+def checkpoint_origin(run_dir: Path) -> tuple[str, str] | None:
+    """The (device type, precision) a run's checkpoint was trained with; None without a readable one,
+    or for a checkpoint written before they were recorded."""
+    return _origin(_load_checkpoint(run_dir / CHECKPOINT, mmap=True))  # mapped: only two small fields are read
+
+
+def _origin(state: dict[str, Any] | None) -> tuple[str, str] | None:
+    return (state["device_type"], state["precision"]) if state and "device_type" in state else None
+
+
+def check_resume_origin(cfg: RunConfig, origin: tuple[str, str] | None, device: torch.device,
+                        precision: str) -> None:
+    """Refuse to resume a run on another device type or in another precision than it trained with.
+
+    Its numbers would change mid-run (another kernel set, another rounding), and the result would mix
+    two setups without saying so. ``--allow-device-change`` lets the user ask for it.
+    """
+    if origin is None or origin == (device.type, precision):
+        return
+    was_device, was_precision = origin
+    raise DepthbenchError(
+        f"{cfg.run_id}: its checkpoint was trained on {was_device} in {was_precision}, this resume would run on "
+        f"{device.type} in {precision}; resume it where it started (--device {was_device}, train.precision "
+        f"{'bf16' if was_precision == 'bfloat16' else 'fp32'}) or pass --allow-device-change to continue here"
+    )
 
 
 def _discard_progress(run_dir: Path) -> Path:
@@ -244,6 +287,7 @@ def train_run(
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     notes: list[str] | None = None,
+    allow_device_change: bool = False,
 ) -> dict[str, Any]:
     """Train one run into ``run_dir`` (resuming from its checkpoint if any) and return its result.
 
@@ -251,6 +295,7 @@ def train_run(
     ``checkpoint.pt`` every ``train.checkpoint_every`` steps. A non-finite loss ends the run with status
     ``diverged``. When ``should_stop()`` turns true the run checkpoints and raises :class:`RunInterrupted`.
     Messages worth showing the user (a corrupt checkpoint discarded, say) are appended to ``notes``.
+    A checkpoint made on another device type or in another precision is refused unless ``allow_device_change``.
     """
     t_start = time.perf_counter()
     tc = cfg.train
@@ -266,13 +311,16 @@ def train_run(
     metrics_path = run_dir / METRICS
     state = _load_checkpoint(run_dir / CHECKPOINT)
     if state is None and (run_dir / CHECKPOINT).exists():
-        notes.append(f"{cfg.run_id}: checkpoint is unreadable, starting the run over")
+        notes.append(f"{cfg.run_id}: checkpoint is unreadable or holds more than tensors and plain data; "
+                     "not loaded, starting the run over")
         (run_dir / CHECKPOINT).unlink()
     if state is None:
         step, best, elapsed_before, window, rows_written = 0, float("nan"), 0.0, (0.0, 0, 0, 0.0), 0
         last_eval: dict[str, float] = {}
         metrics_path.unlink(missing_ok=True)
     else:
+        if not allow_device_change:
+            check_resume_origin(cfg, _origin(state), device, setup.precision)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best, elapsed_before = state["step"], state["best_test_acc"], state["elapsed_s"]
@@ -283,7 +331,7 @@ def train_run(
             # The log lost rows the checkpoint had seen (a damaged file): only a fresh start restores them.
             notes.append(f"{cfg.run_id}: metrics.jsonl is damaged ({len(kept)} of {state['rows']} rows), starting over")
             return train_run(cfg, _discard_progress(run_dir), data=data, on_progress=on_progress,
-                             should_stop=should_stop, notes=notes)
+                             should_stop=should_stop, notes=notes, allow_device_change=allow_device_change)
         storage.write_jsonl(metrics_path, kept)
         notes.append(f"{cfg.run_id}: resumed from its checkpoint at step {step}")
 
@@ -301,63 +349,68 @@ def train_run(
             "best_test_acc": best, "last_eval": last_eval, "final": final, "rows": rows_written,
             "window": (loss_sum.item(), correct.item(), seen, window_s),
             "elapsed_s": elapsed_before + time.perf_counter() - t_resume, "config": cfg.model_dump(mode="json"),
+            "device_type": device.type, "precision": setup.precision,
         })
 
     final = state.get("final") if state else None
     model.train()
-    while final is None and step < tc.steps:
-        # Stop requests are honoured between steps, after which the checkpoint is exact.
-        if should_stop and should_stop():
-            checkpoint(window_s=train_s_window + time.perf_counter() - t_window)
-            raise RunInterrupted(f"stopped at step {step}/{tc.steps}, checkpoint saved")
+    # A stop signal here only sets the event should_stop reads (see stopping); outside this loop (loading
+    # data, building the model) it stops the run at once, as there is no progress to save.
+    with stopping.deferred():
+        while final is None and step < tc.steps:
+            # Stop requests are honoured between steps, after which the checkpoint is exact.
+            if should_stop and should_stop():
+                checkpoint(window_s=train_s_window + time.perf_counter() - t_window)
+                raise RunInterrupted(f"stopped at step {step}/{tc.steps}, checkpoint saved")
 
-        # One SGD step on an augmented batch.
-        xb, yb = setup.batch(step)
-        if step in tc.diagnose_steps:
-            from depthbench.diagnose import record_step  # leaves weights, BN statistics and RNG untouched
+            # One SGD step on an augmented batch.
+            xb, yb = setup.batch(step)
+            if step in tc.diagnose_steps:
+                from depthbench.diagnose import record_step  # leaves weights, BN statistics and RNG untouched
 
-            record_step(model, xb, yb, step, run_dir)
-        t_step = time.perf_counter()
-        loss, logits = sgd_step(setup.step_model, optimizer, xb, yb, autocast)
-        loss_sum += loss.double() * len(yb)
-        correct += (logits.argmax(1) == yb).sum()
-        seen += len(yb)
-        step += 1
-        if tc.compile and compile_s == 0.0:
-            compile_s = time.perf_counter() - t_step  # the first compiled step is mostly compilation
-            t_window = time.perf_counter()
-        if on_progress:
-            on_progress(Progress(step, tc.steps))
-
-        # Log point: running train metrics, evaluation when due, divergence check, checkpoint.
-        evaluate_now = step % tc.eval_every == 0 or step == tc.steps
-        if step % tc.log_every == 0 or evaluate_now:
-            train_loss = loss_sum.item() / seen
-            train_s_window += time.perf_counter() - t_window
-            row = {"step": step, "lr": lr_at(step - 1, tc), "train_loss": train_loss, "train_acc": correct.item() / seen}
-            if not math.isfinite(train_loss):
-                status = "diverged"
-            elif evaluate_now:
-                last_eval = dict(zip(("test_loss", "test_acc"), evaluate(
-                    model, test_x, test_y, setup.mean, setup.std, tc.eval_batch_size, autocast, tc.channels_last),
-                    strict=True))
-                best = last_eval["test_acc"] if math.isnan(best) else max(best, last_eval["test_acc"])
-                row.update(last_eval)
-            row["img_per_s"] = seen / train_s_window if train_s_window > 0 else float("nan")
-            row["elapsed_s"] = round(elapsed_before + time.perf_counter() - t_resume, 3)
-            storage.append_jsonl(metrics_path, row)
-            rows_written += 1
+                record_step(model, xb, yb, step, run_dir)
+            t_step = time.perf_counter()
+            loss, logits = sgd_step(setup.step_model, optimizer, xb, yb, autocast)
+            loss_sum += loss.double() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+            seen += len(yb)
+            step += 1
+            if tc.compile and compile_s == 0.0:
+                compile_s = time.perf_counter() - t_step  # the first compiled step is mostly compilation
+                t_window = time.perf_counter()
             if on_progress:
-                on_progress(Progress(step, tc.steps, row))
-            loss_sum.zero_(), correct.zero_()
-            seen, train_s_window = 0, 0.0
-            if status == "diverged":
-                break
-            if step == tc.steps:
-                final = {**row}
-            if step % tc.checkpoint_every == 0 or final is not None:
-                checkpoint(final)
-            t_window = time.perf_counter()
+                on_progress(Progress(step, tc.steps))
+
+            # Log point: running train metrics, evaluation when due, divergence check, checkpoint.
+            evaluate_now = step % tc.eval_every == 0 or step == tc.steps
+            if step % tc.log_every == 0 or evaluate_now:
+                train_loss = loss_sum.item() / seen
+                train_s_window += time.perf_counter() - t_window
+                row = {"step": step, "lr": lr_at(step - 1, tc), "train_loss": train_loss,
+                       "train_acc": correct.item() / seen}
+                if not math.isfinite(train_loss):
+                    status = "diverged"
+                elif evaluate_now:
+                    last_eval = dict(zip(("test_loss", "test_acc"), evaluate(
+                        model, test_x, test_y, setup.mean, setup.std, tc.eval_batch_size, autocast, tc.channels_last),
+                        strict=True))
+                    best = last_eval["test_acc"] if math.isnan(best) else max(best, last_eval["test_acc"])
+                    row.update(last_eval)
+                row["img_per_s"] = seen / train_s_window if train_s_window > 0 else float("nan")
+                row["elapsed_s"] = round(elapsed_before + time.perf_counter() - t_resume, 3)
+                storage.append_jsonl(metrics_path, row)
+                rows_written += 1
+                if on_progress:
+                    on_progress(Progress(step, tc.steps, row))
+                loss_sum.zero_(), correct.zero_()
+                seen, train_s_window = 0, 0.0
+                if status == "diverged":
+                    break
+                if step == tc.steps:
+                    final = {**row}
+                if step % tc.checkpoint_every == 0 or final is not None:
+                    checkpoint(final)
+                t_window = time.perf_counter()
 
     # Finish: the weights to keep, then result.json, which marks the run as done.
     rows = storage.read_jsonl(metrics_path)
@@ -386,7 +439,7 @@ def train_run(
         "wall_s": round(elapsed_before + time.perf_counter() - t_resume, 3),
         "setup_s": round(t_resume - t_start, 3),
         "device": str(device),
-        "precision": str(setup.amp_dtype or torch.float32).removeprefix("torch."),
+        "precision": setup.precision,
     }
     result["success"] = status == "completed" and cfg.success(result)
     storage.write_json(run_dir / RESULT, _json_safe(result))

@@ -28,9 +28,10 @@ from depthbench import storage
 from depthbench.cli import app
 from depthbench.config import SweepConfig
 from depthbench.executors import (
-    ParallelExecutor, RayExecutor, SlurmExecutor, _Attempt, _cores, _LiveRuns, _workers_born_deaf, make_executor,
+    ParallelExecutor, RayExecutor, SlurmExecutor, _Attempt, _cores, _LiveRuns, make_executor,
 )
-from depthbench.sweep import RunOptions, RunOutcome, SweepOutcome, run_sweep, sweep_yaml
+from depthbench.stopping import workers_born_deaf
+from depthbench.sweep import RunOptions, RunOutcome, RunSettings, SweepOutcome, run_sweep, sweep_yaml
 from tests.conftest import tiny_sweep
 
 runner = CliRunner()
@@ -125,21 +126,21 @@ def test_local_jobs_2_matches_sequential(tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
-def test_workers_are_born_ignoring_ctrl_c_and_the_driver_still_gets_it() -> None:
-    # A worker spends seconds importing torch before its initializer runs; a Ctrl-C then must not
-    # kill it with a traceback. Workers are started by fork+exec, as this subprocess is.
+def test_workers_are_born_deaf_to_ctrl_c_and_the_driver_still_gets_it() -> None:
+    # A worker spends seconds importing torch before its initializer runs; a Ctrl-C or SIGTERM then must
+    # not kill it (with a traceback). Workers are started by fork+exec, as this subprocess is.
     heard: list[int] = []
     before = signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))
+    deaf = "import os, signal; [os.kill(os.getpid(), sig) for sig in (signal.SIGINT, signal.SIGTERM)]; print('alive')"
     try:
-        with _workers_born_deaf():
-            child = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"],
-                                   capture_output=True, text=True, check=True)
-            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C while the workers start ...
+        with workers_born_deaf():
+            child = subprocess.run([sys.executable, "-c", deaf], capture_output=True, text=True, check=True)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # a Ctrl-C while the workers start ...
             assert heard == []
         assert heard == [signal.SIGINT]  # ... reaches the driver's handler once they have started
     finally:
         signal.signal(signal.SIGINT, before)
-    assert child.stdout.strip() == "True"
+    assert child.stdout.strip() == "alive"
 
 
 def test_local_jobs_pin_each_worker_to_its_own_gpu() -> None:
@@ -307,10 +308,10 @@ def test_slurm_run_timing_out_too_often_fails_then_resumes(one_thread: None, tmp
     assert failed.message.startswith(f"SLURM job {failed.message.split()[2]} timed out 1 time(s) at "
                                      "resources.time_min = 1 min (raise time_min or max_restarts)")
     assert pd.read_csv(tmp_path / "slurm" / "results.csv").status.tolist() == ["failed"]
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"]
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
     assert 4 <= saved < 60  # the time-out still checkpointed the run
 
-    retried = run_sweep(cfg, tmp_path, retry_failed=True, handle_signals=False)
+    retried = run_sweep(cfg, tmp_path, settings=RunSettings(retry_failed=True), handle_signals=False)
     assert [o.status for o in retried.outcomes] == ["completed"] and retried.failed == []
     assert steps(run_dir) == list(range(2, 61, 2))
     sweep(tmp_path / "local", cfg)

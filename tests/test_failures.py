@@ -330,9 +330,59 @@ def test_corrupt_checkpoint_restarts_the_run(finished: tuple[Path, Path]) -> Non
     _rewind(run_dir, 4)
     (run_dir / "checkpoint.pt").write_bytes(b"\x80\x02garbage")
     result = sweep(config, sweep_dir.parent)
-    assert result.exit_code == 0 and "checkpoint is unreadable, starting the run over" in result.output
+    assert result.exit_code == 0 and UNREADABLE in result.output
     assert json.loads((run_dir / "result.json").read_text())["test_acc"] == expected["test_acc"]
     untouched()
+
+
+UNREADABLE = "checkpoint is unreadable or holds more than tensors and plain data; not loaded, starting the run over"
+
+
+class _Payload:
+    """What a hostile checkpoint pickles: unpickling it would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_checkpoint_never_runs_its_code(finished: tuple[Path, Path], tmp_path: Path) -> None:
+    config, sweep_dir = finished
+    run_dir = sorted(sweep_dir.glob("v2-*"))[0]
+    expected = json.loads((run_dir / "result.json").read_text())
+    _rewind(run_dir, 4)
+    marker = tmp_path / "pwned"
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "extra": _Payload(marker)}, run_dir / "checkpoint.pt")  # a valid checkpoint, plus code
+    result = sweep(config, sweep_dir.parent)
+    assert not marker.exists()
+    assert result.exit_code == 0 and f"{run_dir.name}: {UNREADABLE}" in result.output
+    assert json.loads((run_dir / "result.json").read_text())["test_acc"] == expected["test_acc"]
+
+
+def test_resuming_on_another_device_or_precision_is_refused_unless_asked(finished: tuple[Path, Path]) -> None:
+    config, sweep_dir = finished
+    run_dir = sorted(sweep_dir.glob("v1-*"))[0]
+    expected = json.loads((run_dir / "result.json").read_text())
+    _rewind(run_dir, 4)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert (state["device_type"], state["precision"]) == ("cpu", "float32")  # recorded by the trainer
+    torch.save({**state, "device_type": "cuda", "precision": "bfloat16"}, run_dir / "checkpoint.pt")
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+
+    refused = sweep(config, sweep_dir.parent)
+    assert refused.exit_code == 2
+    assert refused.output == (
+        f"error: {run_dir.name}: its checkpoint was trained on cuda in bfloat16, this resume would run on cpu in "
+        "float32; resume it where it started (--device cuda, train.precision bf16) or pass --allow-device-change "
+        "to continue here\n")
+    assert before == {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}  # nothing written
+
+    allowed = sweep(config, sweep_dir.parent, "--allow-device-change")
+    assert allowed.exit_code == 0 and "resumed from its checkpoint at step 4" in allowed.output
+    assert json.loads((run_dir / "result.json").read_text())["test_acc"] == expected["test_acc"]
 
 
 def test_unparseable_result_is_redone(finished: tuple[Path, Path]) -> None:
@@ -384,3 +434,22 @@ def test_disk_full_fails_the_run_cleanly_and_keeps_earlier_results(small_disk: P
     assert retry.exit_code == 0, retry.output
     assert set(pd.read_csv(small_disk / "f/results.csv").status) == {"completed"}
     assert ROOT.exists()
+
+
+def test_a_refusal_met_on_a_worker_fails_that_run_with_its_own_line(finished: tuple[Path, Path]) -> None:
+    # A Ray or SLURM worker meets the checkpoint only when it starts the run: the run fails, with the
+    # refusal as its message (no exception type in front), and the sweep goes on.
+    from depthbench.config import load_run_config
+    from depthbench.sweep import execute_run
+
+    _, sweep_dir = finished
+    run_dir = sorted(sweep_dir.glob("v2-*"))[1]
+    _rewind(run_dir, 4)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "precision": "bfloat16"}, run_dir / "checkpoint.pt")
+    outcome = execute_run(load_run_config(run_dir / "config.yaml"), sweep_dir)
+    assert outcome.status == "failed"
+    assert outcome.message.startswith(f"{run_dir.name}: its checkpoint was trained on cpu in bfloat16, this resume "
+                                      "would run on cpu in float32;")
+    assert json.loads((run_dir / "result.json").read_text())["error"] == outcome.message
+    assert (run_dir / "checkpoint.pt").exists()  # kept for a resume where it started

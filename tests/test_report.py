@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +87,25 @@ def test_one_run_a_side_is_a_clear_warning_not_a_number(tmp_path: Path) -> None:
     assert "- Warning: too few runs" in rep.markdown
     result = runner.invoke(app, ["report", str(tmp_path), "--no-plots"])
     assert "warning: too few runs to say anything" in result.output
+
+
+def test_tied_seeds_give_a_test_and_no_library_warning(tmp_path: Path) -> None:
+    for seed in (0, 1):  # V1's two seeds tie, as tiny runs that never leave chance often do
+        _fake_run(tmp_path, "v1", 20, seed, 0.1171875)
+    for seed, acc in enumerate((0.5, 0.6)):
+        _fake_run(tmp_path, "v2", 20, seed, acc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's "catastrophic cancellation" warning would raise here
+        (c,) = build_report(tmp_path, plots=False).comparisons
+    assert c.diff == pytest.approx(0.55 - 0.1171875)
+    # Welch with one variance zero: se from V2 alone, df = n_v2 - 1
+    se = np.std([0.5, 0.6], ddof=1) / math.sqrt(2)
+    assert c.p_value == pytest.approx(2 * stats.t.sf(c.diff / se, 1))
+    # the command itself keeps any other library warning off the terminal
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run([sys.executable, "-m", "depthbench", "report", str(tmp_path), "--no-plots"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "Warning:" not in done.stderr and done.stderr == ""
 
 
 @pytest.fixture

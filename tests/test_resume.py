@@ -89,7 +89,7 @@ def checkpoint_step(run_dir: Path) -> int:
     import torch
 
     try:
-        return torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"]
+        return torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
     except Exception:  # noqa: BLE001 - not written yet, or being replaced this instant
         return 0
 

@@ -58,7 +58,7 @@ def test_run_writes_its_files(tmp_path: Path) -> None:
     assert on_disk["test_acc"] == rows[-1]["test_acc"] and on_disk["train_loss"] == rows[-1]["train_loss"]
     assert on_disk["best_test_acc"] == max(rows[1]["test_acc"], rows[3]["test_acc"])
     assert on_disk["params"] == result["params"] > 0 and on_disk["block"] == "basic"
-    weights = torch.load(tmp_path / "final.pt", weights_only=False)
+    weights = torch.load(tmp_path / "final.pt", weights_only=True)
     assert set(weights) == {"model", "config"}
 
 
@@ -90,7 +90,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
 
     with pytest.raises(RunInterrupted):
         train_run(cfg, tmp_path / "split", should_stop=stop_after_seven)
-    assert torch.load(tmp_path / "split/checkpoint.pt", weights_only=False)["step"] == 7
+    assert torch.load(tmp_path / "split/checkpoint.pt", weights_only=True)["step"] == 7
     resumed = train_run(cfg, tmp_path / "split")
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc"):
         assert resumed[key] == whole[key], key

@@ -16,7 +16,7 @@ from depthbench.config import ConfigError, load_sweep, parse_sweep
 from depthbench.diagnose import read_diagnostics
 from depthbench.errors import DepthbenchError
 from depthbench.models import PLACEMENTS, SHORTCUT_GATES
-from depthbench.sweep import run_sweep
+from depthbench.sweep import RunSettings, run_sweep
 from depthbench.tracking import EVENTS_DIR, TensorBoardLogger
 from depthbench.train import Progress
 from tests.conftest import ROOT
@@ -44,7 +44,7 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFra
         ],
     })
     out = tmp_path_factory.mktemp("runs")
-    outcome = run_sweep(sweep, out, handle_signals=False, tensorboard=True)
+    outcome = run_sweep(sweep, out, handle_signals=False, settings=RunSettings(tensorboard=True))
     return outcome.sweep_dir, pd.read_csv(outcome.sweep_dir / "results.csv"), outcome.outcomes
 
 
