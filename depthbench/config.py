@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from depthbench.architecture import EVERY_UNIT, VERSION_UNIT, resolve_block
 from depthbench.errors import ConfigError, DepthbenchError, did_you_mean
 
 Version = Literal["v1", "v2"]
@@ -79,7 +80,17 @@ class DatasetConfig(_Section):
     test_subset: int | None = Field(None, gt=0, description="class-balanced test subset size")
     augment: bool = True
     image_size: int | None = Field(None, ge=8, le=512, description="resize to this square size")
-    num_classes: int = Field(10, ge=2, le=1000, description="classes of the synthetic set")
+    num_classes: int = Field(10, ge=2, le=1000, description="classes of the synthetic set; other sets have their own")
+
+    @model_validator(mode="after")
+    def _classes_of_synthetic_only(self) -> DatasetConfig:
+        # Every run id hashes this field, so it cannot go; a value other than the default on a real
+        # dataset would claim a class count the data does not have.
+        default = DatasetConfig.model_fields["num_classes"].default
+        if self.name != "synthetic" and self.num_classes != default:
+            raise ValueError(f"num_classes: only synthetic data takes a class count ({self.name} has its own); "
+                             "remove it")
+        return self
 
 
 class ModelConfig(_Section):
@@ -99,7 +110,7 @@ class ModelConfig(_Section):
     def _bool_segments(cls, value: Any) -> Any:
         # `checkpointing: true` means one checkpoint per residual unit (most memory saved).
         if value is True:
-            return 1_000_000
+            return EVERY_UNIT
         if value is False:
             return 0
         return value
@@ -197,6 +208,7 @@ class SuccessConfig(_Section):
         return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
 
     def describe(self) -> str:
+        """The rule in words, as report.md states it: 'test_acc >= 0.8', or 'completed' without a threshold."""
         parts = [f">= {self.min:g}" if self.min is not None else "", f"<= {self.max:g}" if self.max is not None else ""]
         rule = " and ".join(p for p in parts if p)
         return f"{self.metric} {rule}" if rule else "completed"
@@ -239,8 +251,6 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _depth_fits(self) -> RunConfig:
-        from depthbench.models import resolve_block  # models imports nothing from here at module level
-
         try:
             resolve_block(self.depth, self.model.block)
         except DepthbenchError as err:
@@ -334,8 +344,6 @@ class ReferenceRow(_Section):
         raise ValueError(f"must be a test error in percent (0 to 100) or 'fail' (got {value!r})")
 
     def matches(self, run: RunConfig) -> bool:
-        from depthbench.models import VERSION_UNIT  # models imports nothing from here at module level
-
         values = run.model_dump(mode="json")
         for key, want in self.match.items():
             have: Any = values
@@ -441,15 +449,6 @@ class SweepConfig(_Section):
             order = [k for k in GRID_RUN_KEYS if k in grid] + [k for k in grid if k not in GRID_RUN_KEYS]
             ordered.append({k: grid[k] for k in order})
         return ordered
-
-    def axes(self) -> Grid:
-        """Every axis of the grid with the values any sub-grid gives it, in first-seen order."""
-        axes: Grid = {}
-        for grid in self.grids():
-            for key, values in grid.items():
-                known = axes.setdefault(key, [])
-                known += [v for v in values if v not in known]
-        return axes
 
     def runs(self) -> list[RunConfig]:
         """Every grid combination as a validated RunConfig, in grid order (sub-grid by sub-grid)."""

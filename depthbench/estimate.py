@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from depthbench.config import DatasetConfig, ModelConfig, RunConfig
 from depthbench.errors import DepthbenchError
-from depthbench.models import BLOCKS, PLACEMENTS, VERSION_UNIT, Block, Placement, resolve_block
+from depthbench.architecture import BLOCKS, PLACEMENTS, VERSION_UNIT, Block, Placement, resolve_block
 
 if TYPE_CHECKING:
     import torch

@@ -28,6 +28,7 @@ import pandas as pd
 from scipy import stats
 
 from depthbench import storage
+from depthbench.architecture import VERSION_UNIT
 from depthbench.errors import DepthbenchError, did_you_mean
 from depthbench.results import saved_sweep, setting_columns, write_results
 
@@ -51,8 +52,6 @@ PLOT_FILES = {
 def prepare(table: pd.DataFrame) -> pd.DataFrame:
     """The results table as the report reads it: where ``model.unit`` varies, runs that left it to their
     version show the unit that version implies (original for v1, full_preact for v2)."""
-    from depthbench.models import VERSION_UNIT
-
     table = table.copy()
     if "model.unit" in table.columns:
         implied = table.version.map(VERSION_UNIT)
@@ -126,11 +125,20 @@ class Comparison:
     config: tuple
     diff: float
     p_value: float
-    note: str
     n_v1: int = 0
     n_v2: int = 0
     ci_low: float = math.nan
     ci_high: float = math.nan
+
+    @property
+    def note(self) -> str:
+        """What the sample sizes allow: no test, a weak one, or '' for a usable one."""
+        n = min(self.n_v1, self.n_v2)
+        return NO_TEST if n < 2 else WEAK_TEST if n < WEAK_N else ""
+
+
+NO_TEST = "n < 2 per version: no test possible"
+WEAK_TEST = f"n < {WEAK_N} per version: weak evidence"
 
 
 def compare(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[Comparison]:
@@ -149,7 +157,7 @@ def compare(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[
         diff = v2.mean() - v1.mean()
         low = high = math.nan
         if min(len(v1), len(v2)) < 2:
-            p, note = math.nan, "n < 2 per version: no test possible"
+            p = math.nan
         else:
             with catch_warnings():
                 # scipy warns of "catastrophic cancellation" when one version's seeds tie; Welch's test is still
@@ -157,14 +165,13 @@ def compare(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[
                 simplefilter("ignore", RuntimeWarning)
                 test = stats.ttest_ind(v2, v1, equal_var=False)
             p = float(test.pvalue)
-            note = f"n < {WEAK_N} per version: weak evidence" if min(len(v1), len(v2)) < WEAK_N else ""
             if math.isnan(p):  # identical values on both sides: no spread to test against
                 p = 1.0 if diff == 0 else 0.0
                 low = high = diff
             else:
                 interval = test.confidence_interval(0.95)
                 low, high = float(interval.low), float(interval.high)
-        comparisons.append(Comparison(_key_tuple(key), diff, p, note, len(v1), len(v2), low, high))
+        comparisons.append(Comparison(_key_tuple(key), diff, p, len(v1), len(v2), low, high))
     return comparisons
 
 
@@ -283,15 +290,15 @@ def _describe(keys: Sequence[str], config: tuple) -> str:
 def warnings(summary: pd.DataFrame, comparisons: list[Comparison], keys: Sequence[str]) -> list[str]:
     """What the numbers cannot say, in words: too few runs to test, too few for more than a rough test."""
     lines = []
-    untestable = [c for c in comparisons if min(c.n_v1, c.n_v2) < 2]
+    untestable = [c for c in comparisons if c.note == NO_TEST]
     if untestable:
         where = "; ".join(f"{_describe(keys, c.config)} (V1 n = {c.n_v1}, V2 n = {c.n_v2})" for c in untestable)
         lines.append(f"Warning: too few runs to say anything about V2 − V1 at {where}: with one run a side the "
                      "difference may be seed noise of any size. Run 2 or more seeds per version (5 for a usable test).")
-    weak = [c for c in comparisons if 2 <= min(c.n_v1, c.n_v2) < WEAK_N]
+    weak = [c for c in comparisons if c.note == WEAK_TEST]
     if weak:
         where = "; ".join(_describe(keys, c.config) for c in weak)
-        lines.append(f"Note: n < {WEAK_N} per version: weak evidence at {where}. With so few seeds only a large "
+        lines.append(f"Note: {WEAK_TEST} at {where}. With so few seeds only a large "
                      "difference can reach a small p-value, and a large p-value does not mean the versions are equal.")
     single = int((summary.n < 2).sum()) if "n" in summary.columns else 0
     if single and not untestable:
@@ -455,6 +462,7 @@ class Report:
     reference: tuple[list[str], list[list[str]]] | None = None
     plots: dict[str, Path] = field(default_factory=dict)
     fail_error: float = FAIL_ERROR
+    success: str = "completed"  # the sweep's success rule in words
 
     @property
     def by(self) -> str:
@@ -476,7 +484,9 @@ def markdown(rep: Report) -> str:
         f"{done} of {len(table)} runs finished ({int((table.status == 'completed').sum())} completed, "
         f"{int((table.status == 'diverged').sum())} diverged, {int((table.status == 'failed').sum())} failed). "
         "Accuracy is final test accuracy in percent over completed runs (mean ± sample std over seeds, "
-        "95% CI a t-interval of the mean, cut at 0 and 100); success rate is over finished runs."
+        "95% CI a t-interval of the mean, cut at 0 and 100); success rate is over finished runs, "
+        + ("a success being any completed run." if rep.success == "completed" else
+           f"a success being a completed run with {rep.success}.")
         + (f" Rows pool the runs of every {', '.join(pooled)}." if pooled else ""),
         "",
         *_markdown_table(rep.header, rep.cells),
@@ -518,7 +528,7 @@ def build_report(
     rep = Report(sweep_dir, table, summary, comparisons, "", keys, header, cells,
                  warnings(summary, comparisons, keys), reference_rows(sweep, sweep_dir, table),
                  draw_plots(sweep_dir, table) if plots else {},
-                 fail_error(sweep.success) if sweep else FAIL_ERROR)
+                 fail_error(sweep.success) if sweep else FAIL_ERROR, sweep.success.describe() if sweep else "completed")
     rep.markdown = markdown(rep)
     storage.write_text(sweep_dir / SUMMARY_CSV, summary.to_csv(index=False))
     storage.write_text(sweep_dir / REPORT_MD, rep.markdown)

@@ -16,7 +16,7 @@ import yaml
 from depthbench import storage
 from depthbench.config import EXECUTION_KEYS, RunConfig, SweepConfig, load_sweep
 from depthbench.errors import ConfigError
-from depthbench.models import resolve_block
+from depthbench.architecture import resolve_block
 from depthbench.sweep import SWEEP_FILE
 from depthbench.train import CONFIG, RESULT
 

@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 @contextlib.contextmanager
 def _atomic(path: Path, mode: str) -> Iterator[Any]:
@@ -57,7 +55,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_torch(path: Path, obj: Any) -> None:
-    # Serialise into memory first so a failure while pickling never leaves a partial temp file behind.
+    # torch is imported here, not at the top: reading a runs/ folder (layout, results, report) must not
+    # pay for it. Serialise into memory first so a failure while pickling leaves no partial temp file.
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     with _atomic(path, "wb") as handle:

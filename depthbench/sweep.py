@@ -21,15 +21,14 @@ from typing import Any, Literal, Protocol
 from filelock import FileLock, Timeout
 
 from depthbench import stopping, storage
+from depthbench.architecture import resolve_block
 from depthbench.config import RunConfig, SweepConfig, dump_run_config
 from depthbench.errors import DepthbenchError
 from depthbench.estimate import best_segments
-from depthbench.models import resolve_block
-from depthbench.train import CHECKPOINT, CONFIG, ERROR_LOG, RESULT, Progress, RunInterrupted, train_run
+from depthbench.layout import CONFIG, ERROR_LOG, FINISHED, LOCK, RESULT, SWEEP_FILE, run_state
+from depthbench.train import Progress, RunInterrupted, train_run
 
 Status = Literal["completed", "diverged", "failed", "interrupted", "skipped", "busy"]
-SWEEP_FILE = "sweep.yaml"
-LOCK = ".lock"
 
 
 @dataclass
@@ -48,14 +47,6 @@ class Reporter(Protocol):
     def run_started(self, cfg: RunConfig) -> None: ...
     def progress(self, cfg: RunConfig, progress: Progress) -> None: ...
     def run_finished(self, outcome: RunOutcome) -> None: ...
-
-
-def run_state(run_dir: Path) -> str:
-    """'completed', 'diverged' or 'failed' from result.json; 'partial' with only a checkpoint; else 'pending'."""
-    result = storage.read_json(run_dir / RESULT)
-    if isinstance(result, dict) and result.get("status") in ("completed", "diverged", "failed"):
-        return result["status"]
-    return "partial" if (run_dir / CHECKPOINT).exists() else "pending"
 
 
 def _failure_message(err: BaseException, cfg: RunConfig) -> str:
@@ -226,7 +217,7 @@ def plan(sweep: SweepConfig, out: Path, *, device: str | None = None, retry_fail
     if device:
         runs = [r.model_copy(update={"train": r.train.model_copy(update={"device": device})}) for r in runs]
     folder = sweep_dir_for(sweep, out)
-    finished = ("completed", "diverged") if retry_failed else ("completed", "diverged", "failed")
+    finished = ("completed", "diverged") if retry_failed else FINISHED
     todo = [r for r in runs if run_state(folder / r.run_id) not in finished]
     return runs, todo
 

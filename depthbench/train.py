@@ -27,19 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthbench import stopping, storage
+from depthbench.architecture import resolve_block
 from depthbench.augment import augment_batch, normalize
 from depthbench.config import DEVICE_NAME, RunConfig, TrainConfig, dump_run_config
 from depthbench.data import TensorData, load_dataset
 from depthbench.errors import DepthbenchError
 from depthbench.estimate import DataShape, check_fits
-from depthbench.models import count_params, model_from_config, resolve_block
-
-CHECKPOINT = "checkpoint.pt"
-FINAL_WEIGHTS = "final.pt"
-METRICS = "metrics.jsonl"
-RESULT = "result.json"
-CONFIG = "config.yaml"
-ERROR_LOG = "error.log"
+from depthbench.layout import CHECKPOINT, CONFIG, FINAL_WEIGHTS, METRICS, RESULT
+from depthbench.models import count_params, model_from_config
 
 
 class RunInterrupted(Exception):

@@ -4,6 +4,8 @@ one ConfigError line, and the CLI prints it as `error: ...`, exits 2 and writes 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 import typing
 from pathlib import Path
@@ -312,3 +314,21 @@ def test_cli_prints_one_line_exits_2_and_writes_nothing(tmp_path: Path, change: 
     assert lines == [f"error: {config}: {expected}"]
     assert not (tmp_path / "runs").exists()
 
+
+
+def test_a_class_count_on_a_real_dataset_is_refused(tmp_path: Path) -> None:
+    # dataset.num_classes sizes synthetic data only; it stays in every run id, so it is refused, not dropped
+    with pytest.raises(ConfigError, match=r"dataset: num_classes: only synthetic data takes a class count "
+                                          r"\(digits has its own\); remove it"):
+        parse_sweep({"name": "x", "dataset": {"name": "digits", "num_classes": 5},
+                     "grid": {"version": ["v1"], "depth": [8]}})
+    assert parse_sweep({"name": "x", "dataset": {"name": "synthetic", "num_classes": 5},
+                        "grid": {"version": ["v1"], "depth": [8]}}).runs()[0].dataset.num_classes == 5
+
+
+def test_a_sweep_config_loads_without_importing_torch() -> None:
+    code = ("import sys; from depthbench.config import load_sweep; "
+            "runs = load_sweep('configs/cifar10.yaml').runs(); "
+            "print(len(runs), sorted(m for m in ('torch', 'pandas') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.stdout == "30 []\n", done.stderr
