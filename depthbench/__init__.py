@@ -2,6 +2,35 @@
 
 The library is importable without the CLI: ``build_model`` builds either family at any valid depth,
 ``load_sweep`` reads a sweep YAML, ``train_run`` trains one run, ``run_sweep`` runs a grid.
+
+One module per concept; imports point down this list (no cycles), and the first five import no torch,
+so loading a sweep, planning it and reading a runs/ folder answer fast::
+
+    depthbench/
+      errors.py        the one user-facing error type (one line, exit 2) and "did you mean"
+      config.py        typed, frozen sweep and run configs; YAML read strictly (no torch)
+      architecture.py  the ResNet family as data: blocks, the depth rule, placements (no torch)
+      layout.py        the runs/ folder: file names, a run's state, the one run-folder reader (no torch)
+      storage.py       atomic, fsynced writes; tolerant reads (no torch at import)
+      seeds.py         named random streams: (seed, stream, counter) -> generator seed
+      stopping.py      Ctrl-C and SIGTERM in every phase of a sweep
+      estimate.py      parameters and training memory from a config, before anything is built
+      devices.py       device names and precisions resolved on this machine
+      data.py          datasets as uint8 tensors, subsets, the locked on-disk cache
+      augment.py       batched crop/flip and normalisation on the device
+      models/          the nets: resnet.py (V1, V2, every placement and shortcut of the papers)
+      flow.py          per-unit gradient and signal measurements (train.diagnose_steps)
+      train.py         the one trainer: setup, resume, the labelled step loop, result.json
+      sweep.py         plan, claim, train and record each run; preflight; results.csv refresh
+      executors/       where runs train: base.py (contract, shared pieces), local.py, ray.py, slurm.py
+      results.py       results.csv: one row per run, rebuilt from the run folders
+      report.py        statistics by depth or any axis, paper values beside ours, report.md
+      plots.py         the report's figures
+      diagnose.py      the `depthbench diagnose` command's driver
+      bench/           `depthbench bench`: probes, the usual-pipeline baseline, modes, rendering
+      progress.py      the rich live display of a sweep
+      tracking.py      optional TensorBoard event files
+      cli.py           the `depthbench` command: thin, one error funnel
 """
 
 from depthbench.errors import ConfigError, DepthbenchError

@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shlex
 import sys
@@ -106,27 +107,20 @@ def sweep(
         from depthbench.tracking import require_tensorboard
 
         require_tensorboard()  # fail before training anything
-    from depthbench.executors import make_executor
+    from depthbench.executors import ExecutorOptions, make_executor
 
-    runner = make_executor(
-        executor, cfg.resources, jobs=jobs, address=address, slurm_local=slurm_local,
-        log=lambda line: console.print(line, markup=False, highlight=False),
-        max_restarts=max_restarts, partition=partition, time_min=time_min, array_parallelism=array_parallelism,
-    )
+    where = ExecutorOptions(executor, jobs=jobs, address=address, slurm_local=slurm_local, max_restarts=max_restarts,
+                            partition=partition, time_min=time_min, array_parallelism=array_parallelism)
+    runner = make_executor(where, cfg.resources, log=lambda line: console.print(line, markup=False, highlight=False))
 
     from depthbench.progress import RichReporter
 
-    # The command that resumes this sweep where it ran: a Ray or SLURM sweep resumed without its
-    # options would train everything on this machine.
-    given = {"--out": out if out != Path("runs") else None, "--device": device,
-             "--executor": executor if executor != "local" else None, "--jobs": jobs if jobs > 1 else None,
-             "--address": address, "--max-restarts": max_restarts, "--partition": partition, "--time-min": time_min,
-             "--array-parallelism": array_parallelism}
-    flags = [flag for flag, on in (("--slurm-local", slurm_local), ("--tensorboard", tensorboard),
-                                   ("--allow-device-change", allow_device_change)) if on]
-    again = " ".join(["depthbench sweep", shlex.quote(str(config)),
-                      *(f"{option} {shlex.quote(str(value))}" for option, value in given.items() if value is not None),
-                      *flags])
+    # The command that resumes this sweep where it ran, with the options that say where runs train.
+    again = "depthbench " + shlex.join([
+        "sweep", str(config), *(["--out", str(out)] if out != Path("runs") else []),
+        *(["--device", device] if device is not None else []), *where.flags(),
+        *(["--tensorboard"] if tensorboard else []), *(["--allow-device-change"] if allow_device_change else []),
+    ])
     try:
         with RichReporter(console) as reporter:
             settings = RunSettings(retry_failed=retry_failed, tensorboard=tensorboard,
@@ -162,7 +156,7 @@ def _interrupted(cfg: Any, out: Path, device: str | None, again: str) -> NoRetur
 
 def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> None:
     from depthbench.estimate import format_bytes, plan_estimates
-    from depthbench.models import resolve_block
+    from depthbench.architecture import resolve_block
     from depthbench.sweep import plan, run_state, sweep_dir_for
 
     runs, todo = plan(cfg, out, device=device, retry_failed=retry_failed)
@@ -183,6 +177,7 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> N
                       str(run.train.steps), "n/a" if est is None else f"{est.params:,}", memory,
                       f"{state} -> to do" if run.run_id in pending else state)
     console.print(table)
+    console.print("grid: " + "; ".join(f"{key}: {', '.join(map(str, values))}" for key, values in cfg.axes().items()))
 
 
 @command
@@ -288,8 +283,6 @@ def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """Time the trainer against the usual torchvision + DataLoader script: images/s, speedup, MFU, memory."""
-    import json
-
     from depthbench.bench import BenchSpec, parse_depths, render_bench, render_scaling, run_bench, run_scaling
 
     spec = BenchSpec(version=version, depth=depth, batch_size=batch_size, steps=steps, warmup=warmup,

@@ -450,6 +450,15 @@ class SweepConfig(_Section):
             ordered.append({k: grid[k] for k in order})
         return ordered
 
+    def axes(self) -> Grid:
+        """Every axis of the grid with the values any sub-grid gives it, in first-seen order (``--dry-run``)."""
+        axes: Grid = {}
+        for grid in self.grids():
+            for key, values in grid.items():
+                known = axes.setdefault(key, [])
+                known += [v for v in values if v not in known]
+        return axes
+
     def runs(self) -> list[RunConfig]:
         """Every grid combination as a validated RunConfig, in grid order (sub-grid by sub-grid)."""
         base = self.model_dump(exclude={"grid", "resources", "reference"})

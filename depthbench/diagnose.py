@@ -1,184 +1,26 @@
-"""How signals and gradients flow through the residual units of a ResNet ([V2] section 3).
-
-[V2] explains the depth results by the identity path: with ``x_{l+1} = x_l + F(x_l)`` the input of a
-unit reaches every later unit unchanged, and the gradient ``dL/dx_L`` reaches every earlier unit
-through the additive term of [V2] eq. 5. A ReLU after the addition (the original unit) or a scaled,
-gated or dropped shortcut (Table 1) breaks that path. :func:`measure` makes this visible on one batch,
-per residual unit ``l`` in forward order (``ResNet.units``):
-
-    grad_input       ||dL/dx_l||, the gradient reaching the unit's input (Frobenius norm over the batch)
-    grad_params      ||dL/dW_l|| over every parameter of the unit
-    input_rms        root mean square of x_l, the size of the forward signal
-    cosine           mean over images of cos(x_l, x_{l+1}): how much of the input's direction survives
-    norm_ratio       mean over images of ||x_{l+1}|| / ||x_l||
-    relu_zeroed      fraction of the unit's outputs that a ReLU after the addition sets to zero
-    shortcut_zeroed  fraction of the shortcut signal's energy sum(h(x_l)^2) that sits where they are zeroed
-
-``cosine`` and ``norm_ratio`` are None on units whose shape changes (the first unit of a stage), where
-x_l and x_{l+1} cannot be compared; the zeroed fractions are 0 for units with nothing but an identity
-after the addition. The loss is the mean cross-entropy of the batch in fp32, the model in the mode it
-is in (batch statistics in train mode, as while training).
-
-:func:`record_step` appends such a row to a run's ``diagnostics.jsonl`` (the trainer calls it at
-``train.diagnose_steps``); :func:`diagnose` trains nets for a few steps through the one trainer and
-collects those rows, for ``depthbench diagnose``.
-"""
+"""The ``depthbench diagnose`` command: nets measured at initialisation and after a few steps of the
+one trainer, side by side (the measurements themselves are :mod:`depthbench.flow`'s)."""
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+import pandas as pd
 from pydantic import ValidationError
-from torch import nn
 
 from depthbench import storage
-from depthbench.config import DatasetConfig, ModelConfig, RunConfig, TrainConfig
-from depthbench.errors import ConfigError, DepthbenchError
-from depthbench.models import GatedSum, ResNet
+from depthbench.config import DatasetConfig, ModelConfig, RunConfig, TrainConfig, dump_run_config
+from depthbench.data import load_dataset
+from depthbench.errors import ConfigError
+from depthbench.flow import measure, read_diagnostics, record_step, summarize_row
+from depthbench.layout import CONFIG, DIAGNOSE_JSON, DIAGNOSTICS
+from depthbench.plots import unit_flow
+from depthbench.train import TrainingSetup, train_run
 
-DIAGNOSTICS = "diagnostics.jsonl"
-DIAGNOSE_JSON = "diagnose.json"  # what `depthbench diagnose` writes beside its run folders
-UNIT_FIELDS = ("grad_input", "grad_params", "input_rms", "cosine", "norm_ratio", "relu_zeroed", "shortcut_zeroed")
-
-
-@contextlib.contextmanager
-def _untouched(model: ResNet, device: torch.device) -> Iterator[None]:
-    """Run a measurement that leaves no trace: BN running statistics (every buffer), the global RNG
-    state (dropout shortcuts draw from it) and the checkpointing setting are as before afterwards.
-    Checkpointing is off while measuring, because its recomputation would re-run the forward hooks."""
-    buffers = [b.detach().clone() for b in model.buffers()]
-    checkpointing = model.checkpointing
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=cuda):
-            model.checkpointing = 0
-            yield
-    finally:
-        model.checkpointing = checkpointing
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), buffers, strict=True):
-                buffer.copy_(saved)
-
-
-def _has_relu_after_add(unit: nn.Module) -> bool:
-    return any(isinstance(m, nn.ReLU) for m in unit.after_add)
-
-
-def measure(model: ResNet, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    """Gradient and signal flow of every residual unit on the batch ``(x, y)``: ``{"loss", "batch", "units"}``.
-
-    Weights, ``.grad`` fields, BN running statistics and the RNG state are left as they were: gradients
-    are taken with ``torch.autograd.grad``, which accumulates into nothing.
-    """
-    units = model.units
-    stages = [s for s, stage in enumerate(model.stages) for _ in stage]
-    stats: list[dict[str, torch.Tensor]] = [{} for _ in units]
-    shortcut: list[torch.Tensor | None] = [None] * len(units)
-
-    def on_join(i: int):
-        def hook(join: nn.Module, args: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
-            x_in, residual = args
-            with torch.no_grad():
-                # h(x): the sum less the residual, except for exclusive gating, whose residual is scaled
-                # by g too; join.forward with a zero residual gives (1 - g) * x without re-running hooks.
-                gated = isinstance(join, GatedSum) and join.exclusive
-                shortcut[i] = join.forward(x_in, torch.zeros_like(residual)) if gated else out - residual
-        return hook
-
-    def on_unit(i: int):
-        def hook(unit: nn.Module, args: tuple[torch.Tensor], out: torch.Tensor) -> None:
-            x_in, s = args[0], stats[i]
-            with torch.no_grad():
-                a, b = x_in.float().flatten(1), out.float().flatten(1)
-                s["input_rms"] = a.square().mean().sqrt()
-                if x_in.shape == out.shape:
-                    s["cosine"] = F.cosine_similarity(a, b, dim=1).mean()
-                    s["norm_ratio"] = (b.norm(dim=1) / a.norm(dim=1).clamp_min(1e-30)).mean()
-                zeroed = (out == 0) if _has_relu_after_add(unit) else torch.zeros_like(out, dtype=torch.bool)
-                energy = shortcut[i].float().square()
-                s["relu_zeroed"] = zeroed.float().mean()
-                s["shortcut_zeroed"] = (energy * zeroed).sum() / energy.sum().clamp_min(1e-30)
-                shortcut[i] = None
-            if x_in.requires_grad:  # the gradient reaching the unit's input, as autograd computes it
-                x_in.register_hook(lambda g: s.__setitem__("grad_input", g.detach().float().norm()))
-        return hook
-
-    handles = [u.register_forward_hook(on_unit(i)) for i, u in enumerate(units)]
-    handles += [u.join.register_forward_hook(on_join(i)) for i, u in enumerate(units)]
-    unit_params = [list(u.parameters()) for u in units]
-    # The stem's parameters are asked for too, so that the gradient runs back through the first unit's input.
-    wanted = [p for ps in unit_params for p in ps] + list(model.stem.parameters())
-    try:
-        with _untouched(model, x.device), torch.enable_grad():
-            loss = F.cross_entropy(model(x).float(), y)
-            grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    start = 0
-    for s, ps in zip(stats, unit_params, strict=True):
-        unit_grads = [g.float().square().sum() for g in grads[start : start + len(ps)] if g is not None]
-        s["grad_params"] = torch.stack(unit_grads).sum().sqrt() if unit_grads else torch.zeros(())
-        start += len(ps)
-    # One transfer to the host for every number.
-    keys = [(i, k) for i, s in enumerate(stats) for k in s]
-    values = torch.stack([stats[i][k].detach().float().cpu() for i, k in keys]).tolist() if keys else []
-    rows = [{"unit": i, "stage": stages[i], "reshapes": "cosine" not in stats[i], **{k: None for k in UNIT_FIELDS}}
-            for i in range(len(units))]
-    for (i, k), v in zip(keys, values, strict=True):
-        rows[i][k] = v if math.isfinite(v) else None
-    loss_value = loss.item()
-    return {"loss": loss_value if math.isfinite(loss_value) else None, "batch": len(x), "units": rows}
-
-
-def record_step(model: ResNet, xb: torch.Tensor, yb: torch.Tensor, step: int, run_dir: Path) -> dict[str, Any]:
-    """Measure on a training batch and keep the row in ``run_dir/diagnostics.jsonl`` (one row per step:
-    a resumed run that records a step again replaces that step's row). Training is unaffected."""
-    row = {"step": step, **measure(model, xb, yb)}
-    path = Path(run_dir) / DIAGNOSTICS
-    rows = [r for r in storage.read_jsonl(path) if r.get("step") != step] + [row]
-    storage.write_jsonl(path, sorted(rows, key=lambda r: r["step"]))
-    return row
-
-
-def read_diagnostics(run_dir: Path) -> list[dict[str, Any]]:
-    return storage.read_jsonl(Path(run_dir) / DIAGNOSTICS)
-
-
-def summarize_row(row: dict[str, Any]) -> dict[str, Any]:
-    """The compact view of one measurement: gradient at the first, middle and last unit's input, and
-    the means of the signal measures over the units where they are defined."""
-    units = row["units"]
-    grad = [u["grad_input"] for u in units]
-    first, middle, last = grad[0], grad[len(grad) // 2], grad[-1]
-    cosines = [u["cosine"] for u in units if u["cosine"] is not None]
-
-    def mean(values: Sequence[float | None]) -> float | None:
-        kept = [v for v in values if v is not None]
-        return sum(kept) / len(kept) if kept else None
-
-    return {
-        "step": row["step"], "loss": row["loss"], "units": len(units),
-        "grad_first": first, "grad_middle": middle, "grad_last": last,
-        "grad_first_over_last": first / last if first is not None and last else None,
-        "mean_cosine": mean(cosines),
-        "mean_shortcut_zeroed": mean([u["shortcut_zeroed"] for u in units]),
-        "mean_relu_zeroed": mean([u["relu_zeroed"] for u in units]),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# depthbench diagnose: nets measured at initialisation and after a few steps of the one trainer
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -259,9 +101,6 @@ def diagnose(configs: Sequence[RunConfig], out: Path) -> list[Diagnosis]:
 
     With a measurement at step 0 only, the net is built and measured without training (half the time of
     a trained step, which matters at depth 1001 on a CPU); otherwise the one trainer runs it."""
-    from depthbench.data import load_dataset
-    from depthbench.train import train_run  # the trainer imports this module; import it only when used
-
     found = []
     for cfg in configs:
         run_dir = Path(out) / cfg.run_id
@@ -278,30 +117,14 @@ def diagnose(configs: Sequence[RunConfig], out: Path) -> list[Diagnosis]:
 
 def measure_at_init(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Record what :func:`depthbench.train.train_run` records at step 0 of ``cfg``, without training: the
-    same seeded initial weights and the same first (un-augmented) batch. tests/test_diagnose.py checks
-    that the two rows agree, since this mirrors the trainer's seeding."""
-    from depthbench.augment import normalize
-    from depthbench.config import dump_run_config
-    from depthbench.data import load_dataset
-    from depthbench.models import model_from_config
-    from depthbench.train import CONFIG, BatchOrder, _mix, resolve_device
-
-    if cfg.dataset.augment:
-        raise DepthbenchError("measure_at_init reproduces un-augmented runs only; set dataset.augment to false")
+    trainer's own setup (its seeded initial weights) and its first batch. tests/test_diagnose.py checks
+    that the two rows agree."""
     run_dir.mkdir(parents=True, exist_ok=True)
     storage.write_text(run_dir / CONFIG, dump_run_config(cfg))
-    data = load_dataset(cfg.dataset)
-    device = resolve_device(cfg.train.device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    torch.manual_seed(_mix(cfg.seed, 0, 2))  # the trainer's init seed for this run
-    model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels)
-    model = model.to(device=device, memory_format=memory_format).train()
-    idx = BatchOrder(len(data.train_x), cfg.train.batch_size, cfg.seed, torch.device("cpu"))(0)
-    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
-    xb = normalize(data.train_x[idx].to(device), mean, std).contiguous(memory_format=memory_format)
-    torch.manual_seed(_mix(cfg.seed, 0, 4))  # the global RNG state of the trainer's step 0 (dropout shortcuts)
-    return record_step(model, xb, data.train_y[idx].to(device), 0, run_dir)
+    setup = TrainingSetup.create(cfg, load_dataset(cfg.dataset))
+    setup.model.train()
+    xb, yb = setup.batch(0)
+    return record_step(setup.model, xb, yb, 0, run_dir)
 
 
 def tidy(diagnoses: Sequence[Diagnosis]) -> list[dict[str, Any]]:
@@ -315,10 +138,6 @@ def tidy(diagnoses: Sequence[Diagnosis]) -> list[dict[str, Any]]:
 def write_outputs(diagnoses: Sequence[Diagnosis], out: Path) -> dict[str, Path]:
     """``diagnose.json`` (per net and step: the summary and every unit), ``diagnose.csv`` (one row per unit)
     and ``diagnose.png`` (gradient norm, cosine and zeroed shortcut energy per unit) in ``out``."""
-    import pandas as pd
-
-    from depthbench.plots import unit_flow
-
     out = Path(out)
     records = [
         {"net": d.label, "version": d.cfg.version, "depth": d.cfg.depth, "seed": d.cfg.seed, "run_id": d.cfg.run_id,

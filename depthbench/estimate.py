@@ -49,16 +49,15 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from depthbench.config import DatasetConfig, ModelConfig, RunConfig
-from depthbench.errors import DepthbenchError
+import torch
+
 from depthbench.architecture import BLOCKS, PLACEMENTS, VERSION_UNIT, Block, Placement, resolve_block
-
-if TYPE_CHECKING:
-    import torch
-
-    from depthbench.data import TensorData
+from depthbench.config import DatasetConfig, ModelConfig, RunConfig
+from depthbench.data import TensorData
+from depthbench.devices import resolve_device
+from depthbench.errors import DepthbenchError
 
 # Bytes per input pixel of the batch being prepared: the uint8 gather, the padded crop, the float
 # normalisation and its channels_last copy (train.py's TrainingSetup.batch).
@@ -443,8 +442,6 @@ def device_capacity(device: torch.device) -> int:
     """Bytes a run can still use on ``device``. CUDA: the free memory plus what this process's caching
     allocator holds unused (an earlier run's). CPU: MemAvailable, bounded by the process's cgroup limit."""
     if device.type == "cuda":
-        import torch
-
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return host_available()
@@ -511,9 +508,7 @@ def check_fits(cfg: RunConfig, shape: DataShape, device: torch.device, free: int
     ``free`` (default: what the device has now, :func:`device_capacity`)."""
     bf16 = None
     if device.type == "cuda" and cfg.train.precision == "auto":
-        import torch
-
-        bf16 = torch.cuda.is_bf16_supported()  # as train.resolve_precision decides
+        bf16 = torch.cuda.is_bf16_supported()  # as devices.resolve_precision decides
     estimate = estimate_memory(cfg, shape, device.type, bf16)
     free = device_capacity(device) if free is None else free
     if estimate.total > free:
@@ -566,8 +561,6 @@ def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool 
 def plan_estimates(runs: list[RunConfig]) -> tuple[dict[str, Estimate | None], dict[str, int | None]]:
     """For ``sweep --dry-run``: each run's estimate by run id (None where the dataset's shape is only known
     once loaded), and what each device the runs name has free (None: not on this machine)."""
-    from depthbench.train import resolve_device  # train imports this module
-
     devices: dict[str, Any] = {}
     free: dict[str, int | None] = {}
     for name in sorted({r.train.device for r in runs}):

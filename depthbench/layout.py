@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from depthbench import storage
+from depthbench.config import RunConfig, load_run_config
+from depthbench.errors import ConfigError
 
 SWEEP_FILE = "sweep.yaml"
 RESULTS_CSV = "results.csv"
@@ -36,6 +38,7 @@ FINAL_WEIGHTS = "final.pt"
 ERROR_LOG = "error.log"
 DIAGNOSTICS = "diagnostics.jsonl"
 LOCK = ".lock"
+DIAGNOSE_JSON = "diagnose.json"  # marks the output folder of `depthbench diagnose`, which is not a sweep
 
 RunState = Literal["completed", "diverged", "failed", "partial", "pending"]
 FINISHED: tuple[RunState, ...] = ("completed", "diverged", "failed")
@@ -43,7 +46,8 @@ FINISHED: tuple[RunState, ...] = ("completed", "diverged", "failed")
 
 @dataclass(frozen=True)
 class RunFolder:
-    """One run's folder, read on demand: its result, its state, its metrics rows."""
+    """One run's folder, read on demand: its config, result, state and metrics rows. Sweep, results and
+    report read run folders through this one reader."""
 
     path: Path
 
@@ -66,8 +70,18 @@ class RunFolder:
     def metrics(self) -> list[dict[str, Any]]:
         return storage.read_jsonl(self.path / METRICS)
 
+    def diagnostics(self) -> list[dict[str, Any]]:
+        return storage.read_jsonl(self.path / DIAGNOSTICS)
+
     def has_config(self) -> bool:
         return (self.path / CONFIG).is_file()
+
+    def config(self) -> RunConfig | None:
+        """config.yaml as the run's RunConfig, or None when it is missing or damaged (that run is then unknown)."""
+        try:
+            return load_run_config(self.path / CONFIG)
+        except (ConfigError, OSError):
+            return None
 
 
 def run_state(run_dir: Path) -> RunState:

@@ -29,8 +29,11 @@ from scipy import stats
 
 from depthbench import storage
 from depthbench.architecture import VERSION_UNIT
+from depthbench.config import SweepConfig
 from depthbench.errors import DepthbenchError, did_you_mean
-from depthbench.results import saved_sweep, setting_columns, write_results
+from depthbench.layout import DIAGNOSE_JSON, RESULTS_CSV, SWEEP_FILE, RunFolder
+from depthbench.plots import error_vs_depth, series_labels, training_curves, unit_flow
+from depthbench.results import RunRecord, read_runs, saved_sweep, setting_columns, table_of
 
 SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
@@ -320,25 +323,16 @@ def fail_error(success: Any) -> float:
 
 
 def reference_rows(
-    sweep: Any, sweep_dir: Path, table: pd.DataFrame,
+    sweep: SweepConfig | None, records: Sequence[RunRecord], table: pd.DataFrame,
 ) -> tuple[list[str], list[list[str]]] | None:
-    """Each row of the sweep's ``reference`` beside the median test error of the runs it matches, or
-    None when the sweep has no reference. Diverged runs count as failed ones (no usable error); "fail"
+    """Each row of the sweep's ``reference`` beside the median test error of the started runs it matches,
+    or None when the sweep has no reference. Diverged runs count as failed ones (no usable error); "fail"
     is a median error above :func:`fail_error`."""
-    from depthbench.config import load_run_config
-    from depthbench.errors import ConfigError
-    from depthbench.train import CONFIG
-
     if sweep is None or not sweep.reference:
         return None
     threshold = fail_error(sweep.success)
     by_id = table.set_index("run_id")
-    configs = {}
-    for run_id in table.run_id:
-        try:
-            configs[run_id] = load_run_config(sweep_dir / run_id / CONFIG)
-        except (ConfigError, OSError):
-            continue
+    configs = {record.run_id: record.cfg for record in records if record.started}
     header = ["paper row", "settings", "paper error %", "our error % (median)", "ours mean ± std", "runs", "ours − paper"]
     cells = []
     for row in sweep.reference:
@@ -375,14 +369,11 @@ def _series(table: pd.DataFrame) -> list[str]:
 
 
 def _curves(sweep_dir: Path, table: pd.DataFrame, series: list[str]) -> pd.DataFrame:
-    from depthbench.plots import series_labels
-    from depthbench.train import METRICS
-
     runs = table[table.status.isin(("completed", "diverged"))]
     labels = series_labels(runs, series)
     frames = []
     for (_, run), label in zip(runs.iterrows(), labels, strict=True):
-        rows = storage.read_jsonl(sweep_dir / run.run_id / METRICS)
+        rows = RunFolder(sweep_dir / run.run_id).metrics()
         if not rows:
             continue
         frame = pd.DataFrame(rows)
@@ -393,31 +384,26 @@ def _curves(sweep_dir: Path, table: pd.DataFrame, series: list[str]) -> pd.DataF
 
 
 def _flow_entries(sweep_dir: Path, table: pd.DataFrame, series: list[str]) -> list[dict[str, Any]]:
-    from depthbench.diagnose import read_diagnostics
-    from depthbench.plots import series_labels
-
     labels = series_labels(table, series)
     entries = []
     for (_, run), label in zip(table.iterrows(), labels, strict=True):
-        for row in read_diagnostics(sweep_dir / run.run_id):
+        for row in RunFolder(sweep_dir / run.run_id).diagnostics():
             entries.append({"series": label, "depth": run.depth, "step": row["step"], "units": row["units"]})
     return entries
 
 
 def draw_plots(sweep_dir: Path, table: pd.DataFrame) -> dict[str, Path]:
     """Every figure the sweep has data for, written into the sweep folder: {name: path}."""
-    from depthbench import plots
-
     table = prepare(table)
     series = _series(table)
     drawn = {
-        "error_vs_depth": plots.error_vs_depth(
+        "error_vs_depth": error_vs_depth(
             table, series, sweep_dir / PLOT_FILES["error_vs_depth"],
             title=f"{sweep_dir.name}: final test error against depth (mean ± std over seeds)"),
-        "curves": plots.training_curves(
+        "curves": training_curves(
             _curves(sweep_dir, table, series), sweep_dir / PLOT_FILES["curves"],
             title=f"{sweep_dir.name}: training loss and test error against step (mean over seeds, band = min..max)"),
-        "grad_flow": plots.unit_flow(
+        "grad_flow": unit_flow(
             _flow_entries(sweep_dir, table, series), sweep_dir / PLOT_FILES["grad_flow"],
             title=f"{sweep_dir.name}: gradient norm reaching each residual unit (geometric mean over seeds)"),
     }
@@ -514,7 +500,10 @@ def build_report(
 ) -> Report:
     """Rebuild results.csv from the run folders, then write summary.csv, report.md and the plots beside it."""
     sweep_dir = Path(sweep_dir)
-    table = write_results(sweep_dir)
+    sweep = saved_sweep(sweep_dir)
+    records = read_runs(sweep_dir, sweep.runs() if sweep else ())
+    table = table_of(records, sweep.success if sweep else None)
+    storage.write_text(sweep_dir / RESULTS_CSV, table.to_csv(index=False))
     if not len(table):
         text = f"# {sweep_dir.name}\n\nNo runs yet.\n"
         storage.write_text(sweep_dir / SUMMARY_CSV, pd.DataFrame().to_csv(index=False))
@@ -524,9 +513,8 @@ def build_report(
     summary = summarize(table, keys)
     comparisons = compare(table, keys)
     header, cells = report_rows(summary, comparisons, keys, sort)
-    sweep = saved_sweep(sweep_dir)
     rep = Report(sweep_dir, table, summary, comparisons, "", keys, header, cells,
-                 warnings(summary, comparisons, keys), reference_rows(sweep, sweep_dir, table),
+                 warnings(summary, comparisons, keys), reference_rows(sweep, records, table),
                  draw_plots(sweep_dir, table) if plots else {},
                  fail_error(sweep.success) if sweep else FAIL_ERROR, sweep.success.describe() if sweep else "completed")
     rep.markdown = markdown(rep)
@@ -539,12 +527,11 @@ def find_sweeps(root: Path) -> list[Path]:
     """Sweep folders under ``root``: ``root`` itself when it is one, else its folders that are: a sweep
     folder has a sweep.yaml or any run folder (one with a config.yaml). The output folder of
     ``depthbench diagnose`` holds run folders too, but is not a sweep."""
-    from depthbench.diagnose import DIAGNOSE_JSON
 
     def is_sweep(folder: Path) -> bool:
         if (folder / DIAGNOSE_JSON).is_file():
             return False
-        return (folder / "sweep.yaml").is_file() or any((q / "config.yaml").is_file() for q in folder.iterdir()
+        return (folder / SWEEP_FILE).is_file() or any(RunFolder(q).has_config() for q in folder.iterdir()
                                                         if q.is_dir())
 
     if is_sweep(root):

@@ -7,20 +7,19 @@ Nothing here is a source of truth: ``results.csv`` is derived from each run's ``
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from depthbench import storage
-from depthbench.config import EXECUTION_KEYS, RunConfig, SweepConfig, load_sweep
-from depthbench.errors import ConfigError
 from depthbench.architecture import resolve_block
-from depthbench.sweep import SWEEP_FILE
-from depthbench.train import CONFIG, RESULT
+from depthbench.config import EXECUTION_KEYS, RunConfig, SuccessConfig, SweepConfig, load_sweep
+from depthbench.errors import ConfigError
+from depthbench.layout import RESULTS_CSV, SWEEP_FILE, RunFolder
 
-RESULTS_CSV = "results.csv"
 # The columns every results.csv starts with, in this order; settings that vary between runs follow.
 COLUMNS = [
     "run_id", "version", "depth", "seed", "block", "params", "status", "success", "steps",
@@ -48,29 +47,37 @@ def saved_sweep(sweep_dir: Path) -> SweepConfig | None:
         return None
 
 
-def collect(sweep_dir: Path) -> pd.DataFrame:
-    """A row per run of a sweep, finished or not, with the settings that differ between runs.
+@dataclass(frozen=True)
+class RunRecord:
+    """What the table knows of one run: its config, its result.json (empty until finished) and its state."""
 
-    The runs are those with a folder, and those the sweep's latest config plans that have not started
-    yet (status ``pending``), so an interrupted sweep's table shows what is left as well as what is done.
-    """
-    sweep = saved_sweep(sweep_dir)
-    rule = sweep.success if sweep else None
-    runs: list[tuple[str, RunConfig, dict[str, Any], str]] = []  # run id, config, result, status
-    for run_dir in sorted(p for p in sweep_dir.iterdir() if (p / CONFIG).is_file()):
-        try:
-            cfg = RunConfig.model_validate(yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")))
-        except Exception:  # noqa: BLE001 - a damaged config.yaml only hides that run from the table
+    run_id: str
+    cfg: RunConfig
+    result: dict[str, Any]
+    status: str
+    started: bool = True  # False for a planned run without a folder yet
+
+
+def read_runs(sweep_dir: Path, planned: Sequence[RunConfig] = ()) -> list[RunRecord]:
+    """Every run with a folder under ``sweep_dir``, then the ``planned`` runs not started yet (``pending``)."""
+    records = []
+    for path in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+        folder = RunFolder(path)
+        cfg = folder.config() if folder.has_config() else None
+        if cfg is None:  # no config.yaml (not a run), or a damaged one: that run is hidden from the table
             continue
-        result = storage.read_json(run_dir / RESULT)
-        result = result if isinstance(result, dict) and "status" in result else {}
-        status = result.get("status") or ("partial" if (run_dir / "checkpoint.pt").exists() else "pending")
-        runs.append((run_dir.name, cfg, result, status))
-    started = {run_id for run_id, *_ in runs}
-    runs += [(cfg.run_id, cfg, {}, "pending") for cfg in (sweep.runs() if sweep else []) if cfg.run_id not in started]
+        records.append(RunRecord(folder.run_id, cfg, folder.result() or {}, folder.state()))
+    started = {r.run_id for r in records}
+    return records + [RunRecord(c.run_id, c, {}, "pending", started=False) for c in planned if c.run_id not in started]
+
+
+def table_of(records: Sequence[RunRecord], rule: SuccessConfig | None = None) -> pd.DataFrame:
+    """A row per run with the settings that differ between runs; success judged by ``rule`` (the sweep's
+    latest), else by each run's own."""
     rows, settings = [], []
-    for run_id, cfg, result, status in runs:
-        row = {"run_id": run_id, "version": cfg.version, "depth": cfg.depth, "seed": cfg.seed}
+    for record in records:
+        cfg, result, status = record.cfg, record.result, record.status
+        row = {"run_id": record.run_id, "version": cfg.version, "depth": cfg.depth, "seed": cfg.seed}
         row.update({k: result.get(k) for k in COLUMNS if k not in row})
         row["block"] = row["block"] or resolve_block(cfg.depth, cfg.model.block)[0]
         row["status"] = status
@@ -92,12 +99,21 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     return table.sort_values(["version", "depth", *varying, "seed"], kind="stable").reset_index(drop=True)
 
 
+def collect(sweep_dir: Path, sweep: SweepConfig | None = None) -> pd.DataFrame:
+    """A row per run of a sweep, finished or not: the runs with a folder, and those the sweep plans that
+    have not started yet (status ``pending``), so an interrupted sweep's table shows what is left as well
+    as what is done. ``sweep`` is the sweep being run; without it, the one saved in the folder."""
+    sweep = sweep or saved_sweep(sweep_dir)
+    return table_of(read_runs(sweep_dir, sweep.runs() if sweep else ()), sweep.success if sweep else None)
+
+
 def setting_columns(table: pd.DataFrame) -> list[str]:
     """The varying-setting columns of a results table (``model.width``, ``train.lr``, ...)."""
     return [c for c in table.columns if "." in c]
 
 
-def write_results(sweep_dir: Path) -> pd.DataFrame:
-    table = collect(sweep_dir)
+def write_results(sweep_dir: Path, sweep: SweepConfig | None = None) -> pd.DataFrame:
+    """Rebuild ``results.csv`` (see :func:`collect`) and return its table."""
+    table = collect(sweep_dir, sweep)
     storage.write_text(sweep_dir / RESULTS_CSV, table.to_csv(index=False))
     return table

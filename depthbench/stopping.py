@@ -21,6 +21,7 @@ import _thread
 import contextlib
 import signal
 import threading
+from multiprocessing import resource_tracker
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,8 +122,6 @@ def workers_born_deaf() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask") or not _in_main_thread():
         yield
         return
-    from multiprocessing import resource_tracker
-
     # multiprocessing starts its tracker process on first need and then unblocks these very signals.
     resource_tracker.ensure_running()
     before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

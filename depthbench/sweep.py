@@ -18,15 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import yaml
 from filelock import FileLock, Timeout
 
 from depthbench import stopping, storage
 from depthbench.architecture import resolve_block
 from depthbench.config import RunConfig, SweepConfig, dump_run_config
 from depthbench.errors import DepthbenchError
-from depthbench.estimate import best_segments
+from depthbench.data import load_dataset
+from depthbench.devices import precision_name, resolve_device, resolve_precision
+from depthbench.estimate import DataShape, best_segments, check_fits, known_shape
 from depthbench.layout import CONFIG, ERROR_LOG, FINISHED, LOCK, RESULT, SWEEP_FILE, run_state
-from depthbench.train import Progress, RunInterrupted, train_run
+from depthbench.results import write_results
+from depthbench.tracking import TensorBoardLogger
+from depthbench.train import Progress, RunInterrupted, check_resume_origin, checkpoint_origin, train_run
 
 Status = Literal["completed", "diverged", "failed", "interrupted", "skipped", "busy"]
 
@@ -139,8 +144,6 @@ def execute_run(
         if state == "failed":
             (run_dir / RESULT).unlink()
         if tensorboard:
-            from depthbench.tracking import TensorBoardLogger
-
             on_progress = TensorBoardLogger(run_dir, forward=on_progress)
         try:
             result = train_run(cfg, run_dir, on_progress=on_progress, should_stop=should_stop, notes=notes,
@@ -162,6 +165,9 @@ class Executor(Protocol):
     """Runs pending runs somewhere and yields their outcomes as they finish.
 
     ``remote`` is true when the runs train on other machines, whose devices this one cannot check.
+    :class:`LocalExecutor` is below; the others (``--jobs``, Ray, SLURM) are in :mod:`depthbench.executors`.
+    This contract, its options and the default executor live here, with ``run_sweep`` which uses them,
+    because the executors import :func:`execute_run` from this module: it cannot import them back.
     """
 
     remote: bool
@@ -171,6 +177,8 @@ class Executor(Protocol):
 
 @dataclass
 class RunOptions:
+    """What ``run_sweep`` hands an executor with the runs: how to run them, whom to tell, when to stop."""
+
     settings: RunSettings = RunSettings()
     reporter: Reporter | None = None
     stop: threading.Event = field(default_factory=threading.Event)
@@ -288,12 +296,12 @@ def _run_sweep(
     with contextlib.closing((executor or LocalExecutor()).execute(todo, folder, options)) as finished:
         for outcome in finished:
             outcomes.append(outcome)
-            _refresh_results(folder, outcome)
+            _refresh_results(folder, sweep, outcome)
             if reporter:
                 reporter.run_finished(outcome)
             if outcome.status == "failed" and fail_fast:
                 break
-    _refresh_results(folder)
+    _refresh_results(folder, sweep)
     failed = [r.run_id for r in runs if run_state(folder / r.run_id) == "failed"]
     return SweepOutcome(folder, outcomes, interrupted=options.stop.is_set(), failed=failed)
 
@@ -301,10 +309,6 @@ def _run_sweep(
 def preflight(runs: list[RunConfig], *, devices: bool = True) -> None:
     """Fail before anything is written if a device (when ``devices``) or dataset the runs need is not there,
     a batch is larger than its training set, or (when ``devices``) a run cannot fit its device's memory."""
-    from depthbench.data import load_dataset
-    from depthbench.estimate import DataShape, check_fits, known_shape
-    from depthbench.train import resolve_device
-
     resolved = {device: resolve_device(device) for device in sorted({r.train.device for r in runs})} if devices else {}
     for run in runs if devices else ():  # sizes the config alone tells: refused before any data is read or fetched
         if (shape := known_shape(run.dataset)) is not None:
@@ -322,8 +326,6 @@ def preflight(runs: list[RunConfig], *, devices: bool = True) -> None:
 
 def check_resume_origins(runs: list[RunConfig], folder: Path) -> None:
     """Refuse, before anything is written, to resume here a checkpoint made on another device type or precision."""
-    from depthbench.train import check_resume_origin, checkpoint_origin, precision_name, resolve_device, resolve_precision
-
     for run in runs:
         origin = checkpoint_origin(folder / run.run_id)
         if origin is not None:
@@ -331,11 +333,10 @@ def check_resume_origins(runs: list[RunConfig], folder: Path) -> None:
             check_resume_origin(run, origin, device, precision_name(resolve_precision(run.train.precision, device)))
 
 
-def _refresh_results(folder: Path, outcome: RunOutcome | None = None) -> None:
-    from depthbench.results import write_results  # results imports pandas; keep it off the planning path
+def _refresh_results(folder: Path, sweep: SweepConfig, outcome: RunOutcome | None = None) -> None:
 
     try:
-        write_results(folder)
+        write_results(folder, sweep)
     except OSError as err:
         # The previous results.csv stays whole (atomic write); `depthbench report` rebuilds it later.
         if outcome is not None:
@@ -344,7 +345,5 @@ def _refresh_results(folder: Path, outcome: RunOutcome | None = None) -> None:
 
 
 def sweep_yaml(sweep: SweepConfig) -> str:
-    import yaml
-
     return yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
 

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,15 @@ from torch import nn
 from depthbench import stopping, storage
 from depthbench.architecture import resolve_block
 from depthbench.augment import augment_batch, normalize
-from depthbench.config import DEVICE_NAME, RunConfig, TrainConfig, dump_run_config
+from depthbench.config import RunConfig, TrainConfig, dump_run_config
 from depthbench.data import TensorData, load_dataset
+from depthbench.devices import precision_name, resolve_device, resolve_precision
 from depthbench.errors import DepthbenchError
 from depthbench.estimate import DataShape, check_fits
 from depthbench.layout import CHECKPOINT, CONFIG, FINAL_WEIGHTS, METRICS, RESULT
+from depthbench.flow import record_step
 from depthbench.models import count_params, model_from_config
+from depthbench.seeds import Stream, seed_for
 
 
 class RunInterrupted(Exception):
@@ -62,41 +65,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * cfg.gamma**drops
 
 
-def resolve_device(name: str, option: str = "device") -> torch.device:
-    """The device ``name`` means here; ``option`` is how the user gave it, for the error message."""
-    if not DEVICE_NAME.fullmatch(name):
-        raise DepthbenchError(f"{option} '{name}' is unknown; auto, cpu, cuda or cuda:N")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DepthbenchError(f"train.device is '{name}' but no CUDA GPU is visible; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DepthbenchError(f"train.device is '{name}' but only {torch.cuda.device_count()} GPU(s) are visible")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. ``auto`` means bf16 on CUDA, fp32 on CPU."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def precision_name(amp_dtype: torch.dtype | None) -> str:
-    """How a step's precision is recorded (result.json, checkpoints): float32 or bfloat16."""
-    return str(amp_dtype or torch.float32).removeprefix("torch.")
-
-
-def _mix(seed: int, counter: int, salt: int) -> int:
-    # Distinct, well-spread generator seeds for (seed, counter) pairs; 63 bits keeps manual_seed happy.
-    return (seed * 0x9E3779B97F4A7C15 + counter * 0xBF58476D1CE4E5B9 + salt) % (1 << 63)
-
-
 class BatchOrder:
     """The training data order: a fresh permutation each epoch, a pure function of (seed, step)."""
 
@@ -112,7 +80,7 @@ class BatchOrder:
     def __call__(self, step: int) -> torch.Tensor:
         epoch, index = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(_mix(self.seed, epoch, 1))
+            gen = torch.Generator().manual_seed(seed_for(self.seed, Stream.DATA_ORDER, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).to(self.device)
         return self._perm[index * self.batch_size : (index + 1) * self.batch_size]
 
@@ -188,7 +156,7 @@ class TrainingSetup:
         # Data: uint8 on the device; normalisation and augmentation happen per batch.
         train_x, train_y = data.train_x.to(device), data.train_y.to(device)
         # Model and optimizer; the init is seeded so a run is reproducible from its seed alone.
-        torch.manual_seed(_mix(cfg.seed, 0, 2))
+        torch.manual_seed(seed_for(cfg.seed, Stream.INIT))
         model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels)
         memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         model = model.to(device=device, memory_format=memory_format)
@@ -213,13 +181,11 @@ class TrainingSetup:
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Set the step's learning rate and draw its augmented, normalised batch: a function of (seed, step)."""
+        """The step's augmented, normalised batch: a function of (seed, step)."""
         cfg = self.cfg
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.train)
         idx = self.order(step)
-        gen = torch.Generator(device=self.device).manual_seed(_mix(cfg.seed, step, 3))
-        torch.manual_seed(_mix(cfg.seed, step, 4))  # dropout-style layers draw from the global RNG
+        gen = torch.Generator(device=self.device).manual_seed(seed_for(cfg.seed, Stream.AUGMENT, step))
+        torch.manual_seed(seed_for(cfg.seed, Stream.LAYERS, step))  # dropout-style layers draw from the global RNG
         xb = self.train_x[idx]
         if cfg.dataset.augment:
             xb = augment_batch(xb, gen)
@@ -268,10 +234,64 @@ def check_resume_origin(cfg: RunConfig, origin: tuple[str, str] | None, device: 
     )
 
 
-def _discard_progress(run_dir: Path) -> Path:
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
-    (run_dir / METRICS).unlink(missing_ok=True)
-    return run_dir
+@dataclass
+class LogWindow:
+    """The metrics summed since the last log point: loss (summed over images), correct predictions,
+    images and seconds of training."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainState:
+    """Where a run stands, besides its weights and optimizer: what a checkpoint saves, by name."""
+
+    step: int = 0  # steps done
+    best_test_acc: float = math.nan
+    last_eval: dict[str, float] = field(default_factory=dict)  # test_loss and test_acc of the last evaluation
+    final: dict[str, Any] | None = None  # the last step's log row, once the run has trained all its steps
+    rows: int = 0  # rows written to metrics.jsonl
+    window: LogWindow = field(default_factory=LogWindow)  # the log window open at the checkpoint
+    elapsed_s: float = 0.0  # training wall time before this process took the run over
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
+        window = saved["window"]
+        if not isinstance(window, dict):  # checkpoints written before the window was saved by name
+            window = dict(zip(("loss_sum", "correct", "images", "seconds"), window, strict=True))
+        return cls(step=saved["step"], best_test_acc=saved["best_test_acc"], last_eval=saved["last_eval"],
+                   final=saved["final"], rows=saved["rows"], window=LogWindow(**window), elapsed_s=saved["elapsed_s"])
+
+
+def _resume(cfg: RunConfig, run_dir: Path, setup: TrainingSetup, notes: list[str], allow_device_change: bool
+            ) -> TrainState:
+    """The state to train from: the checkpoint's, with its weights loaded and metrics.jsonl cut back to
+    the rows it had seen (none repeat), or a fresh start when there is no usable checkpoint."""
+    checkpoint_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
+    saved = _load_checkpoint(checkpoint_path)
+    if saved is None and checkpoint_path.exists():
+        notes.append(f"{cfg.run_id}: checkpoint is unreadable or holds more than tensors and plain data; "
+                     "not loaded, starting the run over")
+        checkpoint_path.unlink()
+    if saved is not None:
+        if not allow_device_change:
+            check_resume_origin(cfg, _origin(saved), setup.device, setup.precision)
+        state = TrainState.from_checkpoint(saved)
+        kept = [row for row in storage.read_jsonl(metrics_path) if row.get("step", 0) <= state.step]
+        if len(kept) == state.rows:
+            setup.model.load_state_dict(saved["model"])
+            setup.optimizer.load_state_dict(saved["optimizer"])
+            storage.write_jsonl(metrics_path, kept)
+            notes.append(f"{cfg.run_id}: resumed from its checkpoint at step {state.step}")
+            return state
+        # The log lost rows the checkpoint had seen (a damaged file): only a fresh start restores them.
+        notes.append(f"{cfg.run_id}: metrics.jsonl is damaged ({len(kept)} of {state.rows} rows), starting over")
+        checkpoint_path.unlink()
+    metrics_path.unlink(missing_ok=True)
+    return TrainState()
 
 
 def train_run(
@@ -301,115 +321,97 @@ def train_run(
     setup = TrainingSetup.create(cfg, data)
     device, model, optimizer, autocast = setup.device, setup.model, setup.optimizer, setup.autocast
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-
-    # Resume: the checkpoint decides where we are; metrics rows past it are dropped so none repeat.
     metrics_path = run_dir / METRICS
-    state = _load_checkpoint(run_dir / CHECKPOINT)
-    if state is None and (run_dir / CHECKPOINT).exists():
-        notes.append(f"{cfg.run_id}: checkpoint is unreadable or holds more than tensors and plain data; "
-                     "not loaded, starting the run over")
-        (run_dir / CHECKPOINT).unlink()
-    if state is None:
-        step, best, elapsed_before, window, rows_written = 0, float("nan"), 0.0, (0.0, 0, 0, 0.0), 0
-        last_eval: dict[str, float] = {}
-        metrics_path.unlink(missing_ok=True)
-    else:
-        if not allow_device_change:
-            check_resume_origin(cfg, _origin(state), device, setup.precision)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best, elapsed_before = state["step"], state["best_test_acc"], state["elapsed_s"]
-        rows_written = state["rows"]
-        window, last_eval = tuple(state["window"]), state["last_eval"]
-        kept = [row for row in storage.read_jsonl(metrics_path) if row.get("step", 0) <= step]
-        if len(kept) != state["rows"]:
-            # The log lost rows the checkpoint had seen (a damaged file): only a fresh start restores them.
-            notes.append(f"{cfg.run_id}: metrics.jsonl is damaged ({len(kept)} of {state['rows']} rows), starting over")
-            return train_run(cfg, _discard_progress(run_dir), data=data, on_progress=on_progress,
-                             should_stop=should_stop, notes=notes, allow_device_change=allow_device_change)
-        storage.write_jsonl(metrics_path, kept)
-        notes.append(f"{cfg.run_id}: resumed from its checkpoint at step {step}")
+    state = _resume(cfg, run_dir, setup, notes, allow_device_change)
 
-    loss_sum = torch.tensor(window[0], device=device, dtype=torch.float64)
-    correct = torch.tensor(window[1], device=device, dtype=torch.int64)
-    seen, train_s_window = window[2], window[3]  # the open log window: sums, images, seconds
+    # The open log window's sums stay on the device between log points: no sync per step.
+    loss_sum = torch.tensor(state.window.loss_sum, device=device, dtype=torch.float64)
+    correct = torch.tensor(state.window.correct, device=device, dtype=torch.int64)
+    images, window_s = state.window.images, state.window.seconds
     compile_s = 0.0
-    t_resume = time.perf_counter()
-    t_window = time.perf_counter()
+    t_resume = t_window = time.perf_counter()
     status = "completed"
 
-    def checkpoint(final: dict[str, Any] | None = None, window_s: float = 0.0) -> None:
+    def checkpoint(open_window_s: float = 0.0) -> None:
+        state.window = LogWindow(loss_sum.item(), correct.item(), images, open_window_s)
+        elapsed_s = state.elapsed_s + time.perf_counter() - t_resume
         storage.save_torch(run_dir / CHECKPOINT, {
-            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "best_test_acc": best, "last_eval": last_eval, "final": final, "rows": rows_written,
-            "window": (loss_sum.item(), correct.item(), seen, window_s),
-            "elapsed_s": elapsed_before + time.perf_counter() - t_resume, "config": cfg.model_dump(mode="json"),
-            "device_type": device.type, "precision": setup.precision,
+            **asdict(state), "elapsed_s": elapsed_s, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": cfg.model_dump(mode="json"), "device_type": device.type, "precision": setup.precision,
         })
 
-    final = state.get("final") if state else None
     model.train()
     # A stop signal here only sets the event should_stop reads (see stopping); outside this loop (loading
     # data, building the model) it stops the run at once, as there is no progress to save.
     with stopping.deferred():
-        while final is None and step < tc.steps:
-            # Stop requests are honoured between steps, after which the checkpoint is exact.
+        while state.final is None and state.step < tc.steps:
+            # Stop: honoured between steps, where the checkpoint is exact.
             if should_stop and should_stop():
-                checkpoint(window_s=train_s_window + time.perf_counter() - t_window)
-                raise RunInterrupted(f"stopped at step {step}/{tc.steps}, checkpoint saved")
+                checkpoint(window_s + time.perf_counter() - t_window)
+                raise RunInterrupted(f"stopped at step {state.step}/{tc.steps}, checkpoint saved")
 
-            # One SGD step on an augmented batch.
-            xb, yb = setup.batch(step)
-            if step in tc.diagnose_steps:
-                from depthbench.diagnose import record_step  # leaves weights, BN statistics and RNG untouched
+            # Learning rate: the schedule's value at this step.
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, tc)
 
-                record_step(model, xb, yb, step, run_dir)
+            # Batch: augmented and normalised, a function of (seed, step).
+            xb, yb = setup.batch(state.step)
+            if state.step in tc.diagnose_steps:
+                record_step(model, xb, yb, state.step, run_dir)  # leaves weights, BN statistics and RNG untouched
+
+            # Step: forward, backward, SGD update.
             t_step = time.perf_counter()
             loss, logits = sgd_step(setup.step_model, optimizer, xb, yb, autocast)
             loss_sum += loss.double() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
-            seen += len(yb)
-            step += 1
+            images += len(yb)
+            state.step += 1
+            step = state.step
             if tc.compile and compile_s == 0.0:
                 compile_s = time.perf_counter() - t_step  # the first compiled step is mostly compilation
                 t_window = time.perf_counter()
             if on_progress:
                 on_progress(Progress(step, tc.steps))
 
-            # Log point: running train metrics, evaluation when due, divergence check, checkpoint.
+            # Log point: running train metrics, evaluation when due, divergence check.
             evaluate_now = step % tc.eval_every == 0 or step == tc.steps
-            if step % tc.log_every == 0 or evaluate_now:
-                train_loss = loss_sum.item() / seen
-                train_s_window += time.perf_counter() - t_window
-                row = {"step": step, "lr": lr_at(step - 1, tc), "train_loss": train_loss,
-                       "train_acc": correct.item() / seen}
-                if not math.isfinite(train_loss):
-                    status = "diverged"
-                elif evaluate_now:
-                    last_eval = dict(zip(("test_loss", "test_acc"), evaluate(
-                        model, test_x, test_y, setup.mean, setup.std, tc.eval_batch_size, autocast, tc.channels_last),
-                        strict=True))
-                    best = last_eval["test_acc"] if math.isnan(best) else max(best, last_eval["test_acc"])
-                    row.update(last_eval)
-                row["img_per_s"] = seen / train_s_window if train_s_window > 0 else float("nan")
-                row["elapsed_s"] = round(elapsed_before + time.perf_counter() - t_resume, 3)
-                storage.append_jsonl(metrics_path, row)
-                rows_written += 1
-                if on_progress:
-                    on_progress(Progress(step, tc.steps, row))
-                loss_sum.zero_(), correct.zero_()
-                seen, train_s_window = 0, 0.0
-                if status == "diverged":
-                    break
-                if step == tc.steps:
-                    final = {**row}
-                if step % tc.checkpoint_every == 0 or final is not None:
-                    checkpoint(final)
-                t_window = time.perf_counter()
+            if not (step % tc.log_every == 0 or evaluate_now):
+                continue
+            train_loss = loss_sum.item() / images
+            window_s += time.perf_counter() - t_window
+            row = {"step": step, "lr": lr_at(step - 1, tc), "train_loss": train_loss,
+                   "train_acc": correct.item() / images}
+            if not math.isfinite(train_loss):
+                status = "diverged"
+            elif evaluate_now:
+                state.last_eval = dict(zip(("test_loss", "test_acc"), evaluate(
+                    model, test_x, test_y, setup.mean, setup.std, tc.eval_batch_size, autocast, tc.channels_last),
+                    strict=True))
+                acc = state.last_eval["test_acc"]
+                state.best_test_acc = acc if math.isnan(state.best_test_acc) else max(state.best_test_acc, acc)
+                row.update(state.last_eval)
+            row["img_per_s"] = images / window_s if window_s > 0 else float("nan")
+            row["elapsed_s"] = round(state.elapsed_s + time.perf_counter() - t_resume, 3)
+            storage.append_jsonl(metrics_path, row)
+            state.rows += 1
+            if on_progress:
+                on_progress(Progress(step, tc.steps, row))
+            loss_sum.zero_(), correct.zero_()
+            images, window_s = 0, 0.0
+            if status == "diverged":
+                break
+
+            # Checkpoint: at log points, every checkpoint_every steps and after the last step.
+            if step == tc.steps:
+                state.final = {**row}
+            if step % tc.checkpoint_every == 0 or state.final is not None:
+                checkpoint()
+            t_window = time.perf_counter()
 
     # Finish: the weights to keep, then result.json, which marks the run as done.
     rows = storage.read_jsonl(metrics_path)
     last_row = rows[-1] if rows else {}
+    last_eval = state.last_eval
     if tc.keep_checkpoint == "weights" and status == "completed":
         storage.save_torch(run_dir / FINAL_WEIGHTS, {"model": model.state_dict(), "config": cfg.model_dump(mode="json")})
     block, n = resolve_block(cfg.depth, cfg.model.block)
@@ -423,15 +425,15 @@ def train_run(
         "block": block,
         "units_per_stage": n,
         "params": count_params(model),
-        "steps": last_row.get("step", step),
+        "steps": last_row.get("step", state.step),
         "train_loss": last_row.get("train_loss", float("nan")),
         "train_acc": last_row.get("train_acc", float("nan")),
         "test_loss": last_eval.get("test_loss", float("nan")) if status == "completed" else float("nan"),
         "test_acc": last_eval.get("test_acc", float("nan")) if status == "completed" else float("nan"),
-        "best_test_acc": best,
+        "best_test_acc": state.best_test_acc,
         "img_per_s": sum(train_rates) / len(train_rates) if train_rates else float("nan"),
         "compile_s": round(compile_s, 3),
-        "wall_s": round(elapsed_before + time.perf_counter() - t_resume, 3),
+        "wall_s": round(state.elapsed_s + time.perf_counter() - t_resume, 3),
         "setup_s": round(t_resume - t_start, 3),
         "device": str(device),
         "precision": setup.precision,

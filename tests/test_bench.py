@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from depthbench import bench
+from depthbench.bench import probes
 from depthbench.augment import normalize
 from depthbench.cli import app
 from depthbench.config import DatasetConfig
@@ -34,7 +35,7 @@ TINY = ("--batch-size", "16", "--steps", "2", "--warmup", "1", "--data", "synthe
 @pytest.fixture(autouse=True)
 def _small_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
     # The real peak uses 2048-4096 square matrices (seconds on a CPU); the arithmetic is the same.
-    monkeypatch.setattr(bench, "MATMUL_SIZES", {"cpu": (256,), "cuda": (256,)})
+    monkeypatch.setattr(probes, "MATMUL_SIZES", {"cpu": (256,), "cuda": (256,)})
 
 
 def invoke(*args: str):

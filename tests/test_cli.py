@@ -63,6 +63,7 @@ def test_dry_run_lists_runs_without_training(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "8 of 8 runs to do" in result.output and "v2-d11-s1-" in result.output
     assert "bottleneck (n=1)" in result.output
+    assert "grid: version: v1, v2; depth: 8, 11; seed: 0, 1\n" in result.output
     assert not (tmp_path / "smoke").exists()
 
 

@@ -27,9 +27,9 @@ from typer.testing import CliRunner
 from depthbench import storage
 from depthbench.cli import app
 from depthbench.config import SweepConfig
-from depthbench.executors import (
-    ParallelExecutor, RayExecutor, SlurmExecutor, _Attempt, _cores, _LiveRuns, make_executor,
-)
+from depthbench.executors import ParallelExecutor, RayExecutor, SlurmExecutor, make_executor
+from depthbench.executors.base import _Attempt, _LiveRuns
+from depthbench.executors.local import _cores
 from depthbench.stopping import workers_born_deaf
 from depthbench.sweep import RunOptions, RunOutcome, RunSettings, SweepOutcome, run_sweep, sweep_yaml
 from tests.conftest import tiny_sweep

@@ -35,7 +35,8 @@ The modules, in the order a measurement uses them:
 """
 
 from depthbench.bench.baseline import PILImageSet, measure_usual, usual_transform
-from depthbench.bench.modes import _add_linearity, linearity_notes, run_bench, run_scaling
+from depthbench.bench.modes import _add_linearity  # noqa: F401  tests check the analysis on hand-made rows
+from depthbench.bench.modes import linearity_notes, run_bench, run_scaling
 from depthbench.bench.probes import PeakMemory, activation_mb, matmul_peak
 from depthbench.bench.render import render_bench, render_scaling
 from depthbench.bench.spec import BenchSpec, parse_depths

@@ -1,0 +1,87 @@
+"""The results of :mod:`depthbench.bench.modes` for the terminal: a few lines and a rich table each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+
+from depthbench.architecture import EVERY_UNIT
+from depthbench.bench.modes import PAPER_STEPS
+
+
+def render_bench(result: dict[str, Any]) -> Group:
+    """The single-net measurement as a few lines and a table, for the terminal."""
+    r = result
+    header = (f"{r['version']} ResNet-{r['depth']} ({r['block']}, n={r['units_per_stage']}, {r['params']:,} params), "
+              f"batch {r['batch_size']}, {r['steps']} timed steps after {r['warmup']}"
+              + (f", checkpointing ({_segments(r['checkpoint_segments'])})" if r["checkpointing"] else "")
+              + (", compiled" if r["compile"] else ""))
+    table = Table()
+    for column in ("", "depthbench trainer", f"usual pipeline ({r['workers']} workers)"):
+        table.add_column(column, justify="right")
+    table.add_row("images/s", f"{r['img_per_s']:.1f}", f"{r['baseline_img_per_s']:.1f}")
+    table.add_row("ms per step", f"{1000 * r['step_s']:.1f}", f"{1000 * r['baseline_step_s']:.1f}")
+    table.add_row("speedup", f"{r['speedup']:.2f}x", "1.00x")
+    lines = [
+        f"training FLOPs per image {_si(r['train_flops_per_img'], 'FLOP')} (3x forward); achieved "
+        f"{_si(r['achieved_flops'], 'FLOP/s')} of a {_si(r['matmul_peak_flops'], 'FLOP/s')} matmul peak "
+        f"({r['precision']} torch.mm, n={r['matmul_peak_size']}): MFU {100 * r['mfu']:.1f}%",
+        f"training memory {_mb(r['peak_mem_mb'])} above data and weights (peak {_mb(r['peak_mem_total_mb'])} in all), "
+        f"of which activations saved for backward {_mb(r['activation_mb'])}",
+        f"evaluation {r['eval_img_per_s']:.0f} images/s (inference mode, batches of 1000)",
+        f"per-run overhead {r['overhead_s']:.2f} s: data load {r['data_load_s']:.2f} s, setup {r['setup_s']:.2f} s, "
+        f"first step {1000 * r['first_step_s']:.0f} ms vs {1000 * r['step_s']:.0f} ms steady"
+        + (f" (compile {r['compile_s']:.1f} s)" if r["compile"] else "")
+        + f"; process start to bench {r['startup_s']} s; "
+        f"a {PAPER_STEPS:,}-step run would train {r['paper_run_h']:.1f} h",
+    ]
+    return Group(header, _where(r), table, *lines)
+
+
+def render_scaling(result: dict[str, Any]) -> Group:
+    """The scaling table, one row per depth, then the notes on linearity."""
+    r = result
+    header = (f"{r['version']} time per step and training memory against depth, batch {r['batch_size']}, "
+              f"{r['steps']} timed steps after {r['warmup']}; "
+              f"ckpt = checkpointing ({_segments(r['checkpoint_segments'])}); "
+              f"matmul peak {_si(r['matmul_peak_flops'], 'FLOP/s')}")
+    table = Table()
+    for column in ("depth", "block (n)", "params", "train GFLOP/img", "ms/step", "img/s", "MFU", "time vs FLOPs",
+                   "memory", "activations", "ms/step ckpt", "memory ckpt", "activations ckpt"):
+        table.add_column(column, justify="right")
+    for row in r["rows"]:
+        ckpt_ms = "n/a" if row["step_s_ckpt"] is None else f"{1000 * row['step_s_ckpt']:.0f}"
+        table.add_row(
+            str(row["depth"]), f"{row['block']} ({row['units_per_stage']})", f"{row['params']:,}",
+            f"{row['train_flops_per_img'] / 1e9:.3f}", f"{1000 * row['step_s']:.0f}", f"{row['img_per_s']:.1f}",
+            f"{100 * row['mfu']:.1f}%", f"{row['time_vs_flops']:.2f}x", _mb(row["peak_mem_mb"]),
+            _mb(row["activation_mb"]), ckpt_ms, _mb(row["peak_mem_mb_ckpt"]), _mb(row["activation_mb_ckpt"]),
+        )
+    legend = ("memory: peak above data and weights (CPU: resident set; CUDA: allocator); activations: tensors the "
+              "forward pass saves for backward; ckpt: the same with activation checkpointing")
+    return Group(header, _where(r), table, legend, *(f"note: {note}" for note in r["notes"]))
+
+
+def _si(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f} {prefix}{unit}"
+    return f"{value:.1f} {unit}"
+
+
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f} MB"
+
+
+def _segments(segments: int) -> str:
+    return "one segment per unit" if segments >= EVERY_UNIT else f"{segments} segments per stage"
+
+
+def _where(result: dict[str, Any]) -> str:
+    load = f", 1-min load {result['load_1m']} -> {result['load_1m_end']}" if result.get("load_1m") is not None else ""
+    return (f"{result['device']} ({result['device_name']}, {result['cpu_capability']}, {result['threads']} threads), "
+            f"{result['precision']}{load}; data: {result['data']}")
