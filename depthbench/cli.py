@@ -155,9 +155,10 @@ def _interrupted(cfg: Any, out: Path, device: str | None, again: str) -> NoRetur
 
 
 def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> None:
-    from depthbench.estimate import format_bytes, plan_estimates
     from depthbench.architecture import resolve_block
-    from depthbench.sweep import plan, run_state, sweep_dir_for
+    from depthbench.estimate import format_bytes, plan_estimates
+    from depthbench.layout import run_state
+    from depthbench.sweep import plan, sweep_dir_for
 
     runs, todo = plan(cfg, out, device=device, retry_failed=retry_failed)
     folder = sweep_dir_for(cfg, out)

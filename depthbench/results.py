@@ -99,12 +99,16 @@ def table_of(records: Sequence[RunRecord], rule: SuccessConfig | None = None) ->
     return table.sort_values(["version", "depth", *varying, "seed"], kind="stable").reset_index(drop=True)
 
 
-def collect(sweep_dir: Path, sweep: SweepConfig | None = None) -> pd.DataFrame:
+def collect(sweep_dir: Path, sweep: SweepConfig | None = None, planned: Sequence[RunConfig] | None = None
+            ) -> pd.DataFrame:
     """A row per run of a sweep, finished or not: the runs with a folder, and those the sweep plans that
     have not started yet (status ``pending``), so an interrupted sweep's table shows what is left as well
-    as what is done. ``sweep`` is the sweep being run; without it, the one saved in the folder."""
+    as what is done. ``sweep`` is the sweep being run and ``planned`` its runs, as ``run_sweep`` has them;
+    without them, the sweep saved in the folder."""
     sweep = sweep or saved_sweep(sweep_dir)
-    return table_of(read_runs(sweep_dir, sweep.runs() if sweep else ()), sweep.success if sweep else None)
+    if planned is None:
+        planned = sweep.runs() if sweep else ()
+    return table_of(read_runs(sweep_dir, planned), sweep.success if sweep else None)
 
 
 def setting_columns(table: pd.DataFrame) -> list[str]:
@@ -112,8 +116,9 @@ def setting_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if "." in c]
 
 
-def write_results(sweep_dir: Path, sweep: SweepConfig | None = None) -> pd.DataFrame:
+def write_results(sweep_dir: Path, sweep: SweepConfig | None = None, planned: Sequence[RunConfig] | None = None
+                  ) -> pd.DataFrame:
     """Rebuild ``results.csv`` (see :func:`collect`) and return its table."""
-    table = collect(sweep_dir, sweep)
+    table = collect(sweep_dir, sweep, planned)
     storage.write_text(sweep_dir / RESULTS_CSV, table.to_csv(index=False))
     return table

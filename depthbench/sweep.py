@@ -296,12 +296,12 @@ def _run_sweep(
     with contextlib.closing((executor or LocalExecutor()).execute(todo, folder, options)) as finished:
         for outcome in finished:
             outcomes.append(outcome)
-            _refresh_results(folder, sweep, outcome)
+            _refresh_results(folder, sweep, runs, outcome)
             if reporter:
                 reporter.run_finished(outcome)
             if outcome.status == "failed" and fail_fast:
                 break
-    _refresh_results(folder, sweep)
+    _refresh_results(folder, sweep, runs)
     failed = [r.run_id for r in runs if run_state(folder / r.run_id) == "failed"]
     return SweepOutcome(folder, outcomes, interrupted=options.stop.is_set(), failed=failed)
 
@@ -333,10 +333,11 @@ def check_resume_origins(runs: list[RunConfig], folder: Path) -> None:
             check_resume_origin(run, origin, device, precision_name(resolve_precision(run.train.precision, device)))
 
 
-def _refresh_results(folder: Path, sweep: SweepConfig, outcome: RunOutcome | None = None) -> None:
+def _refresh_results(folder: Path, sweep: SweepConfig, runs: list[RunConfig], outcome: RunOutcome | None = None
+                     ) -> None:
 
     try:
-        write_results(folder, sweep)
+        write_results(folder, sweep, runs)
     except OSError as err:
         # The previous results.csv stays whole (atomic write); `depthbench report` rebuilds it later.
         if outcome is not None:

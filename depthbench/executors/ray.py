@@ -169,6 +169,9 @@ class RayExecutor:
             # A private instance for this sweep: keep every Ray port on loopback. Ray only does that when
             # it believes multi-node clusters are off, a switch it reads when it is first imported.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            # Ray's C++ crash handler also catches SIGTERM while ray.init runs and aborts the process with a
+            # stack dump; without it a stop there ends the sweep with its resume line like any other phase.
+            os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         import ray
 
         if ray.is_initialized():

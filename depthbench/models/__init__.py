@@ -4,8 +4,8 @@ torch-free tables of :mod:`depthbench.architecture`."""
 
 from depthbench.architecture import BLOCKS, PLACEMENTS, VERSION_UNIT, EVERY_UNIT, resolve_block, valid_depths
 from depthbench.models.resnet import (
-    SHORTCUT_GATES, GatedSum, ResidualUnit, ResNet, ShortcutGate, build_model, count_params, forward_flops,
-    model_from_config,
+    SHORTCUT_GATES, GatedSum, ResidualUnit, ResNet, ShortcutGate, ZeroPadShortcut, build_model, count_params,
+    forward_flops, model_from_config,
 )
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ResNet",
     "ResidualUnit",
     "ShortcutGate",
+    "ZeroPadShortcut",
     "build_model",
     "count_params",
     "forward_flops",

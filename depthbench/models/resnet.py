@@ -407,6 +407,7 @@ __all__ = [
     "ResNet",
     "ResidualUnit",
     "ShortcutGate",
+    "ZeroPadShortcut",
     "build_model",
     "count_params",
     "forward_flops",
