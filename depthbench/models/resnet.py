@@ -399,17 +399,3 @@ def forward_flops(model: nn.Module, image_size: int = 32, in_channels: int = 3) 
         for m, training in modes.items():
             m.training = training
     return 2 * macs
-
-
-__all__ = [
-    "SHORTCUT_GATES",
-    "GatedSum",
-    "ResNet",
-    "ResidualUnit",
-    "ShortcutGate",
-    "ZeroPadShortcut",
-    "build_model",
-    "count_params",
-    "forward_flops",
-    "model_from_config",
-]
