@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test rehearse bench clean
 
 # The stamp is rebuilt when the dependencies change, so `make test` also updates an old .venv.
 $(STAMP): pyproject.toml constraints.txt
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The GPU check (scripts/gpu_check.sh) on this CPU: tiny sizes, a fresh venv without pydantic, wheels
+# fetched for this Python; keeps the check that a GPU machine runs once working. A few minutes.
+rehearse: $(STAMP)
+	bash scripts/gpu_check.sh --rehearse
 
 clean:
 	rm -rf $(VENV) .pytest_cache

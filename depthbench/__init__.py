@@ -15,11 +15,12 @@ so loading a sweep, planning it and reading a runs/ folder answer fast::
       seeds.py         named random streams: (seed, stream, counter) -> generator seed
       stopping.py      Ctrl-C and SIGTERM in every phase of a sweep
       estimate.py      parameters and training memory from a config, before anything is built
-      devices.py       device names and precisions resolved on this machine
+      devices.py       device names, precisions (native bf16 detection), the CPU allocator setting
       data.py          datasets as uint8 tensors, subsets, the locked on-disk cache
-      augment.py       batched crop/flip and normalisation on the device
+      augment.py       crop/flip draws on the CPU, applied batched on the device; normalisation
       models/          the nets: resnet.py (V1, V2, every placement and shortcut of the papers)
       flow.py          per-unit gradient and signal measurements (train.diagnose_steps)
+      step.py          the training step: eager, or one CUDA graph checked against eager (with fallback)
       train.py         the one trainer: setup, resume, the labelled step loop, result.json
       sweep.py         plan, claim, train and record each run; preflight; results.csv refresh
       executors/       where runs train: base.py (contract, shared pieces), local.py, ray.py, slurm.py

@@ -14,30 +14,32 @@ import torch.nn.functional as F
 from depthbench.errors import DepthbenchError
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """Randomly translate (zero-pad ``pad`` px, crop back to H x W) and horizontally flip each image of ``x``.
+def draw_augmentation(
+    n: int, generator: torch.Generator, pad: int = 4, flip: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The random part of :func:`augment_batch` for ``n`` images, drawn on ``generator``'s device.
 
-    ``x`` is N x C x H x W, uint8 or float, in any memory format (channels_last is kept). Each image
-    gets its own shift, uniform in [-pad, pad] independently along x and y, and is flipped with
-    probability 1/2 when ``flip``. All randomness comes from ``generator``, which must live on
-    ``x``'s device (``torch.Generator(device=x.device)``), so a run's augmentation is reproducible.
-    The padding is zeros in ``x``'s units: black for uint8 pixels, which is why this runs before
-    normalisation.
+    ``shift`` is 2 x n x 1 (dy, dx), uniform in [-pad, pad]; ``flipped`` is n x 1 bool, or None
+    without ``flip``. The trainer draws these on the CPU from a generator seeded by (seed, step) and
+    sends them to the device with the batch: the same augmentation on every device, and no generator
+    made on a GPU per step.
     """
-    if x.dim() != 4:
-        raise DepthbenchError(f"augment_batch needs an N x C x H x W batch, got shape {tuple(x.shape)}")
     if pad < 0:
         raise DepthbenchError(f"augment_batch: pad must be >= 0, got {pad}")
-    if generator.device.type != x.device.type:
-        raise DepthbenchError(
-            f"augment_batch: the generator is on {generator.device} but the batch is on {x.device}; "
-            "create it with torch.Generator(device=x.device)"
-        )
+    shift = torch.randint(-pad, pad + 1, (2, n, 1), generator=generator, device=generator.device)
+    flipped = torch.rand(n, 1, generator=generator, device=generator.device) < 0.5 if flip else None
+    return shift, flipped
+
+
+def apply_augmentation(
+    x: torch.Tensor, shift: torch.Tensor, flipped: torch.Tensor | None, pad: int = 4
+) -> torch.Tensor:
+    """Translate and flip each image of ``x`` as ``shift`` and ``flipped`` (on ``x``'s device) say.
+
+    Device work only, a fixed sequence of kernels whatever the draws: a CUDA graph can capture it.
+    """
     n, _, h, w = x.shape
     device = x.device
-    shift = torch.randint(-pad, pad + 1, (2, n, 1), generator=generator, device=device)
-    flipped = torch.rand(n, 1, generator=generator, device=device) < 0.5 if flip else None
-
     # Output pixel (i, j) of image k reads padded pixel (i + pad + dy_k, j + pad + dx_k); a flip reverses
     # the columns it reads. One gather with these per-image index grids does every crop and flip at once.
     rows = torch.arange(h, device=device) + pad + shift[0]  # N x H
@@ -51,6 +53,23 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, fli
     if _is_channels_last(x):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Randomly translate (zero-pad ``pad`` px, crop back to H x W) and horizontally flip each image of ``x``.
+
+    ``x`` is N x C x H x W, uint8 or float, in any memory format (channels_last is kept). Each image
+    gets its own shift, uniform in [-pad, pad] independently along x and y, and is flipped with
+    probability 1/2 when ``flip``. All randomness comes from ``generator`` (on any device; the draws
+    travel to ``x``'s), so a run's augmentation is reproducible. The padding is zeros in ``x``'s units:
+    black for uint8 pixels, which is why this runs before normalisation.
+    """
+    if x.dim() != 4:
+        raise DepthbenchError(f"augment_batch needs an N x C x H x W batch, got shape {tuple(x.shape)}")
+    shift, flipped = draw_augmentation(len(x), generator, pad, flip)
+    shift = shift.to(x.device, non_blocking=True)
+    flipped = flipped.to(x.device, non_blocking=True) if flipped is not None else None
+    return apply_augmentation(x, shift, flipped, pad)
 
 
 def normalize(

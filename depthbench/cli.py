@@ -264,17 +264,26 @@ def bench(
     depths: Annotated[str | None, typer.Option(
         help="Comma-separated depths, e.g. 20,56,110,164: a table of time and memory against depth, "
              "with and without checkpointing, instead of the comparison.")] = None,
+    concurrent: Annotated[str | None, typer.Option(
+        help="Comma-separated counts of runs at once, e.g. 1,2,4: the total images/s of that many runs of the "
+             "net sharing the device, each in its own process (CPU: cores/N threads each; CUDA: the same GPU), "
+             "against one run alone (always measured), instead of the comparison.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 128,
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per measurement, after the warmup.")] = 20,
     warmup: Annotated[int, typer.Option(min=1, help="Untimed steps first (the first one is reported apart).")] = 3,
     device: DeviceOption = None,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 on CUDA and on CPUs with native bf16, i.e. oneDNN sees AMX or AVX512-BF16; fp32 "
+             "elsewhere), fp32 or bf16.")] = "auto",
     checkpointing: Annotated[bool, typer.Option(
         "--checkpointing", help="Activation checkpointing (model.checkpointing).")] = False,
     segments: Annotated[int, typer.Option(
         min=0, help="Checkpointed segments per stage; 0: one per residual unit.")] = 0,
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the trainer's model; compile time is reported apart.")] = False,
+    cuda_graph: Annotated[bool, typer.Option(
+        "--cuda-graph/--no-cuda-graph", help="On CUDA, capture the trainer's step once as a CUDA graph and "
+                                             "replay it (train.cuda_graph); no effect on a CPU.")] = True,
     data: Annotated[str, typer.Option(
         help="auto (the shared CIFAR-10 tarball if present, else synthetic), synthetic, "
              "or an image folder / .tar.gz.")] = "auto",
@@ -283,17 +292,31 @@ def bench(
         min=0, help="DataLoader workers of the usual pipeline; default min(4, cores).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
-    """Time the trainer against the usual torchvision + DataLoader script: images/s, speedup, MFU, memory."""
-    from depthbench.bench import BenchSpec, parse_depths, render_bench, render_scaling, run_bench, run_scaling
+    """Time the trainer against the usual torchvision + DataLoader script: images/s, speedup, MFU, memory,
+    and the host's cost of a step (ms on tiny batches, kernels dispatched).
 
+    --depths: time and memory against depth instead. --concurrent: several runs sharing the device instead.
+    """
+    from depthbench.bench import (
+        BenchSpec, parse_counts, parse_depths, render_bench, render_concurrent, render_scaling, run_bench,
+        run_concurrent, run_scaling,
+    )
+
+    if depths and concurrent:
+        raise DepthbenchError("--depths and --concurrent are two separate measurements; give one of them")
     spec = BenchSpec(version=version, depth=depth, batch_size=batch_size, steps=steps, warmup=warmup,
                      device=device or "auto", precision=precision, checkpointing=checkpointing, segments=segments,
-                     compile=compile, data=data, train_subset=train_subset, workers=workers)
-    result = run_scaling(spec, parse_depths(depths)) if depths else run_bench(spec)
+                     compile=compile, cuda_graph=cuda_graph, data=data, train_subset=train_subset, workers=workers)
+    if depths:
+        result, render = run_scaling(spec, parse_depths(depths)), render_scaling
+    elif concurrent:
+        result, render = run_concurrent(spec, parse_counts(concurrent)), render_concurrent
+    else:
+        result, render = run_bench(spec), render_bench
     if json_output:
         typer.echo(json.dumps(result))
     else:
-        console.print(render_scaling(result) if depths else render_bench(result))
+        console.print(render(result))
 
 
 @command

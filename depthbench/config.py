@@ -142,6 +142,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     compile: bool = False
+    cuda_graph: bool = Field(
+        True, description="on CUDA, capture the whole training step once as a CUDA graph and replay it "
+                          "(checked against an eager step first; falls back to eager on a mismatch)")
     checkpoint_every: int = Field(1000, gt=0)
     keep_checkpoint: Literal["weights", "full", "none"] = "weights"
     diagnose_steps: tuple[int, ...] = Field((), description="steps at which to record gradient/signal flow")
@@ -275,7 +278,7 @@ class RunConfig(_Section):
 # changing them must not orphan finished results, so they stay out of the run id.
 EXECUTION_KEYS = (
     "device", "eval_every", "log_every", "eval_batch_size", "checkpoint_every", "keep_checkpoint", "compile",
-    "diagnose_steps",
+    "diagnose_steps", "cuda_graph",
 )
 
 

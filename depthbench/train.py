@@ -28,16 +28,17 @@ from torch import nn
 
 from depthbench import stopping, storage
 from depthbench.architecture import resolve_block
-from depthbench.augment import augment_batch, normalize
+from depthbench.augment import apply_augmentation, draw_augmentation, normalize
 from depthbench.config import RunConfig, TrainConfig, dump_run_config
 from depthbench.data import TensorData, load_dataset
-from depthbench.devices import precision_name, resolve_device, resolve_precision
+from depthbench.devices import keep_freed_memory, precision_name, resolve_device, resolve_precision
 from depthbench.errors import DepthbenchError
 from depthbench.estimate import DataShape, check_fits
-from depthbench.layout import CHECKPOINT, CONFIG, FINAL_WEIGHTS, METRICS, RESULT
 from depthbench.flow import record_step
+from depthbench.layout import CHECKPOINT, CONFIG, FINAL_WEIGHTS, METRICS, RESULT
 from depthbench.models import count_params, model_from_config
 from depthbench.seeds import Stream, seed_for
+from depthbench.step import Step, choose_step, sgd_step  # noqa: F401  sgd_step: bench and tests take it from here
 
 
 class RunInterrupted(Exception):
@@ -108,23 +109,6 @@ def evaluate(
     return loss_sum.item() / len(x), correct.item() / len(x)
 
 
-def sgd_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
-    autocast: Callable[[], Any],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward, backward and optimizer step on a prepared batch; the loss and logits, detached.
-
-    The trainer's step, shared with ``depthbench bench`` so that what is timed is what trains.
-    """
-    with autocast():
-        logits = model(xb)
-        loss = F.cross_entropy(logits.float(), yb)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), logits.detach()
-
-
 @dataclass
 class TrainingSetup:
     """A run ready to train on its device: the uint8 data, the seeded model, its optimizer, the batch recipe.
@@ -144,6 +128,11 @@ class TrainingSetup:
     std: torch.Tensor
     memory_format: torch.memory_format
     amp_dtype: torch.dtype | None  # None: plain fp32
+    random_layers: bool  # some layer draws random numbers each step (dropout): the global RNG is seeded per step
+    # The open log window's sums, on the device so that a step never waits for the GPU; a graphed
+    # step adds to them inside its graph.
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
 
     @classmethod
     def create(cls, cfg: RunConfig, data: TensorData) -> TrainingSetup:
@@ -153,6 +142,10 @@ class TrainingSetup:
         amp_dtype = resolve_precision(tc.precision, device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+            if device.index is not None:
+                torch.cuda.set_device(device)  # one process, one GPU: a CUDA graph captures and replays there
+        if device.type == "cpu":
+            keep_freed_memory()
         # Data: uint8 on the device; normalisation and augmentation happen per batch.
         train_x, train_y = data.train_x.to(device), data.train_y.to(device)
         # Model and optimizer; the init is seeded so a run is reproducible from its seed alone.
@@ -160,9 +153,15 @@ class TrainingSetup:
         model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels)
         memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         model = model.to(device=device, memory_format=memory_format)
+        # Fused on CUDA: one kernel updates every tensor, weight decay included, allocates nothing per step
+        # (the foreach path makes a decayed copy of each gradient) and reads the learning rate from a device
+        # tensor, as a captured graph needs. The CPU takes foreach: 4 calls a step instead of 4 per tensor,
+        # with the arithmetic of PyTorch's default CPU loop, so CPU results are those of earlier versions
+        # to the bit; the fused CPU kernel rounds differently (FMA) and would change every one of them.
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=lr_at(0, tc), momentum=tc.momentum,
-            weight_decay=tc.weight_decay, nesterov=tc.nesterov and tc.momentum > 0,
+            model.parameters(), lr=lr_at(0, tc), momentum=tc.momentum, weight_decay=tc.weight_decay,
+            nesterov=tc.nesterov and tc.momentum > 0,
+            **({"fused": True} if device.type == "cuda" else {"foreach": True}),
         )
         return cls(
             cfg, device, model, torch.compile(model) if tc.compile else model, optimizer,
@@ -170,26 +169,55 @@ class TrainingSetup:
             torch.tensor(data.mean, device=device).view(1, -1, 1, 1),
             torch.tensor(data.std, device=device).view(1, -1, 1, 1),
             memory_format, amp_dtype,
+            random_layers=any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()),
+            loss_sum=torch.zeros((), device=device, dtype=torch.float64),
+            correct=torch.zeros((), device=device, dtype=torch.int64),
         )
 
     @property
     def precision(self) -> str:
         return precision_name(self.amp_dtype)
 
-    def autocast(self) -> Any:
+    def autocast(self, cache_enabled: bool = True) -> Any:
         """The context a forward pass runs in: autocast to ``amp_dtype``, or nothing for fp32."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        if not self.amp_dtype:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache_enabled)
+
+    def draws(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What makes the step's batch: its image indices (on the device) and its augmentation draws
+        (shift and flip, on the CPU, None without augmentation), all functions of (seed, step)."""
+        idx = self.order(step)
+        if not self.cfg.dataset.augment:
+            return idx, None, None
+        gen = torch.Generator().manual_seed(seed_for(self.cfg.seed, Stream.AUGMENT, step))
+        shift, flipped = draw_augmentation(len(idx), gen)
+        return idx, shift, flipped
+
+    def assemble(self, idx: torch.Tensor, shift: torch.Tensor | None, flipped: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented, normalised batch from :meth:`draws`' output moved to the device: device work only."""
+        xb = self.train_x[idx]
+        if shift is not None:
+            xb = apply_augmentation(xb, shift, flipped)
+        return normalize(xb, self.mean, self.std).contiguous(memory_format=self.memory_format), self.train_y[idx]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's augmented, normalised batch: a function of (seed, step)."""
-        cfg = self.cfg
-        idx = self.order(step)
-        gen = torch.Generator(device=self.device).manual_seed(seed_for(cfg.seed, Stream.AUGMENT, step))
-        torch.manual_seed(seed_for(cfg.seed, Stream.LAYERS, step))  # dropout-style layers draw from the global RNG
-        xb = self.train_x[idx]
-        if cfg.dataset.augment:
-            xb = augment_batch(xb, gen)
-        return normalize(xb, self.mean, self.std).contiguous(memory_format=self.memory_format), self.train_y[idx]
+        idx, shift, flipped = self.draws(step)
+        if shift is not None and self.device.type != "cpu":
+            shift, flipped = shift.to(self.device, non_blocking=True), flipped.to(self.device, non_blocking=True)
+        return self.assemble(idx, shift, flipped)
+
+    def seed_layers(self, step: int) -> None:
+        """Seed the global RNG for the step's dropout masks; nothing to do (and no host work) without dropout."""
+        if self.random_layers:
+            torch.manual_seed(seed_for(self.cfg.seed, Stream.LAYERS, step))
+
+    def add_to_sums(self, loss: torch.Tensor, logits: torch.Tensor, yb: torch.Tensor) -> None:
+        """Add a step's summed loss and correct predictions to the log window, without a sync."""
+        self.loss_sum += loss.double() * len(yb)
+        self.correct += (logits.argmax(1) == yb).sum()
 
 
 def _load_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any] | None:
@@ -277,8 +305,16 @@ def _resume(cfg: RunConfig, run_dir: Path, setup: TrainingSetup, notes: list[str
                      "not loaded, starting the run over")
         checkpoint_path.unlink()
     if saved is not None:
+        origin = _origin(saved)
+        if (cfg.train.precision == "auto" and origin and origin[0] == setup.device.type
+                and origin[1] != setup.precision):
+            # `auto` picks by hardware, and its pick has changed (bf16 on CPUs that have it natively, since
+            # issue 11): a run keeps the precision it started in rather than mix two in one result.
+            setup.amp_dtype = torch.bfloat16 if origin[1] == "bfloat16" else None
+            notes.append(f"{cfg.run_id}: continues in {origin[1]}, the precision it started in "
+                         "(precision auto would now choose another here)")
         if not allow_device_change:
-            check_resume_origin(cfg, _origin(saved), setup.device, setup.precision)
+            check_resume_origin(cfg, origin, setup.device, setup.precision)
         state = TrainState.from_checkpoint(saved)
         kept = [row for row in storage.read_jsonl(metrics_path) if row.get("step", 0) <= state.step]
         if len(kept) == state.rows:
@@ -325,9 +361,10 @@ def train_run(
     state = _resume(cfg, run_dir, setup, notes, allow_device_change)
 
     # The open log window's sums stay on the device between log points: no sync per step.
-    loss_sum = torch.tensor(state.window.loss_sum, device=device, dtype=torch.float64)
-    correct = torch.tensor(state.window.correct, device=device, dtype=torch.int64)
+    loss_sum, correct = setup.loss_sum, setup.correct
+    loss_sum.fill_(state.window.loss_sum), correct.fill_(state.window.correct)
     images, window_s = state.window.images, state.window.seconds
+    train_step: Step | None = None  # chosen at the first step: graphed or eager (step.choose_step)
     compile_s = 0.0
     t_resume = t_window = time.perf_counter()
     status = "completed"
@@ -350,21 +387,18 @@ def train_run(
                 checkpoint(window_s + time.perf_counter() - t_window)
                 raise RunInterrupted(f"stopped at step {state.step}/{tc.steps}, checkpoint saved")
 
-            # Learning rate: the schedule's value at this step.
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(state.step, tc)
-
-            # Batch: augmented and normalised, a function of (seed, step).
-            xb, yb = setup.batch(state.step)
+            lr = lr_at(state.step, tc)
             if state.step in tc.diagnose_steps:
+                xb, yb = setup.batch(state.step)
                 record_step(model, xb, yb, state.step, run_dir)  # leaves weights, BN statistics and RNG untouched
+            if train_step is None:
+                train_step = choose_step(setup, state.step, lr, notes)
 
-            # Step: forward, backward, SGD update.
+            # Step: the batch of (seed, step), augmented and normalised; forward, backward, SGD update at the
+            # schedule's learning rate; loss and correct predictions added to the window's sums.
             t_step = time.perf_counter()
-            loss, logits = sgd_step(setup.step_model, optimizer, xb, yb, autocast)
-            loss_sum += loss.double() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
-            images += len(yb)
+            train_step(state.step, lr)
+            images += tc.batch_size
             state.step += 1
             step = state.step
             if tc.compile and compile_s == 0.0:
@@ -437,6 +471,7 @@ def train_run(
         "setup_s": round(t_resume - t_start, 3),
         "device": str(device),
         "precision": setup.precision,
+        "cuda_graph": bool(train_step and train_step.graphed),  # the step was one replayed CUDA graph
     }
     result["success"] = status == "completed" and cfg.success(result)
     storage.write_json(run_dir / RESULT, _json_safe(result))

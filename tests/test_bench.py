@@ -24,7 +24,8 @@ from depthbench.cli import app
 from depthbench.config import DatasetConfig
 from depthbench.data import load_dataset
 from depthbench.models import build_model, count_params, forward_flops
-from depthbench.train import resolve_precision, sgd_step
+from depthbench.devices import precision_name
+from depthbench.train import TrainingSetup, resolve_precision, sgd_step
 
 runner = CliRunner()
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))
@@ -88,7 +89,7 @@ def test_bench_json_reports_consistent_figures() -> None:
     out = json.loads(result.stdout)
     for key in ("img_per_s", "baseline_img_per_s", "speedup", "mfu", "peak_mem_mb", "step_s", "baseline_step_s",
                 "train_flops_per_img", "achieved_flops", "matmul_peak_flops", "eval_img_per_s", "setup_s",
-                "first_step_s", "overhead_s", "data_load_s", "activation_mb"):
+                "first_step_s", "overhead_s", "data_load_s", "activation_mb", "host_ms_per_step", "kernels_per_step"):
         assert out[key] > 0, key
     assert out["speedup"] == pytest.approx(out["img_per_s"] / out["baseline_img_per_s"])
     assert out["step_s"] == pytest.approx(16 / out["img_per_s"])
@@ -100,9 +101,16 @@ def test_bench_json_reports_consistent_figures() -> None:
     net = build_model("v2", 8)
     assert out["train_flops_per_img"] == 3 * forward_flops(net) and out["params"] == count_params(net)
     assert (out["depth"], out["block"], out["units_per_stage"], out["workers"]) == (8, "basic", 1, 1)
-    assert (out["device"], out["precision"], out["channels_last"], out["compile"]) == ("cpu", "float32", True, False)
+    auto = precision_name(resolve_precision("auto", torch.device("cpu")))
+    assert (out["device"], out["precision"], out["channels_last"], out["compile"]) == ("cpu", auto, True, False)
+    assert out["cuda_graph"] is True  # the default; a CPU step ignores it
     assert out["data"].startswith("synthetic") and out["matmul_peak_size"] == 256
     assert out["peak_mem_total_mb"] > out["peak_mem_mb"]
+    # The host's cost: the tiny-batch step against the full one, and the kernels that step dispatched.
+    assert out["host_share"] == pytest.approx(out["host_ms_per_step"] / (1000 * out["step_s"]))
+    assert list(out["kernels_by_phase"]) == ["batch", "forward", "backward", "optimizer", "metrics"]
+    assert out["kernels_per_step"] == sum(out["kernels_by_phase"].values())
+    assert out["aten_calls_per_step"] > out["kernels_per_step"]  # views and allocations are not kernels
 
 
 def test_bench_scaling_prints_a_row_per_depth_with_and_without_checkpointing() -> None:
@@ -113,7 +121,17 @@ def test_bench_scaling_prints_a_row_per_depth_with_and_without_checkpointing() -
     assert "basic (1)" in rows["8"] and "bottleneck (1)" in rows["11"]
     assert "1.00x" in rows["8"]  # time vs FLOPs is relative to the first depth
     assert all(len(re.findall(r"\d MB", row)) == 4 for row in rows.values())  # memory and activations, both ways
-    assert "note: " in result.stdout
+    assert "note: " in result.stdout and "host ms: a step on batches of 2 8x8 images" in result.stdout
+
+
+def test_bench_scaling_json_has_host_cost_and_kernels_per_depth() -> None:
+    result = invoke("--depths", "8,14", *TINY, "--device", "cpu", "--precision", "fp32", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [row["depth"] for row in rows] == [8, 14]
+    assert all(row["host_ms_per_step"] > 0 for row in rows)
+    # One more basic unit per stage: 3 x (9 forward + 7 backward) kernels (see the kernel-count test).
+    assert rows[1]["kernels_per_step"] - rows[0]["kernels_per_step"] == 3 * (9 + 7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -128,9 +146,32 @@ def test_cuda_bench_runs_bf16_and_reports_the_allocator_peak() -> None:
     assert out["mfu"] == pytest.approx(out["achieved_flops"] / out["matmul_peak_flops"])
 
 
-def test_cpu_auto_precision_is_fp32_on_a_cpu_without_bf16_units() -> None:
-    # bf16 autocast on a CPU without AVX512-BF16/AMX is emulated and slower than fp32 (BENCHMARKS.md).
-    assert resolve_precision("auto", torch.device("cpu")) is None
+def _kernels(version: str, depth: int) -> list[dict[str, int]]:
+    """The kernels of two steady steps of the tiny fp32 CPU host setup of ResNet-``depth``, by phase."""
+    dataset, _ = bench.spec.bench_dataset("synthetic", 64)
+    cfg = bench.spec.host_config(bench.spec.run_config(
+        bench.BenchSpec(version=version, depth=depth, device="cpu", precision="fp32"), dataset), 10)
+    setup = TrainingSetup.create(cfg, load_dataset(cfg.dataset))
+    bench.count_kernels(setup, 0)  # the first step also creates the momentum buffers
+    return [bench.count_kernels(setup, step).by_phase for step in (1, 2)]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_kernel_count_is_deterministic_and_grows_by_the_units_kernels(version: str) -> None:
+    """A basic unit is 9 forward kernels (two BN, ReLU and conv, the add, and each BN's step counter in
+    training) and 7 backward (the gradients of those six, and their sum where the branches join); nothing
+    else of a step depends on the depth."""
+    (k8, again), (k14, _), (k20, _) = (_kernels(version, depth) for depth in (8, 14, 20))
+    assert k8 == again  # deterministic: a function of the net and the code path
+    for shallow, deep in ((k8, k14), (k14, k20)):  # one more unit per stage, 3 in all
+        assert deep["forward"] - shallow["forward"] == 3 * 9
+        assert deep["backward"] - shallow["backward"] == 3 * 7
+        assert {p: deep[p] for p in ("batch", "optimizer", "metrics")} == {
+            p: shallow[p] for p in ("batch", "optimizer", "metrics")}
+    # foreach SGD on CPU (fused on CUDA): 4 calls for all 60-odd parameter tensors (decay, momentum scale and
+    # add, update), not 4 per tensor
+    assert k20["optimizer"] == 4
+    assert 150 <= sum(k20.values()) <= 300, k20  # ResNet-20: about 200 (23 of them preparing the batch)
 
 
 def test_linearity_notes_say_where_cost_is_not_linear() -> None:
@@ -187,6 +228,9 @@ def test_peak_memory_sees_an_allocation_and_not_what_came_before() -> None:
     (("--precision", "fp16"), "error: --precision 'fp16' is unknown; auto, fp32 or bf16"),
     (("--checkpointing", "--compile"), "error: --checkpointing and --compile do not combine"),
     (("--segments", "4"), "error: --segments says how --checkpointing splits each stage; add --checkpointing"),
+    (("--concurrent", "1,x"), "error: --concurrent '1,x' must be comma-separated whole numbers, e.g. 1,2,4"),
+    (("--concurrent", "0,2"), "error: --concurrent '0,2': each count of runs at once must be at least 1"),
+    (("--concurrent", "2", "--depths", "8,14"), "error: --depths and --concurrent are two separate measurements"),
 ])
 def test_bench_user_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
     result = runner.invoke(app, ["bench", *args])

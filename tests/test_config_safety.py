@@ -253,6 +253,7 @@ def test_run_ids_are_unchanged(name: str) -> None:
 
 
 CONTENT_HASHES = {  # the same, for every shipped config
+    "bf16-vs-fp32-cpu.yaml": ["6190970c", "7227103c"],
     "cifar10-cpu.yaml": ["91ab9f6e"], "cifar10-jpeg-cpu.yaml": ["ce0edd6a"], "cifar10.yaml": ["ac64f344"],
     "cifar100.yaml": ["3c7afa38"], "demo.yaml": ["21a94dbd"], "smoke.yaml": ["cbb445c5"],
     "study-digits.yaml": ["fb39d6d7"], "table3-cifar10.yaml": ["ac64f344"], "table3-cifar100.yaml": ["3c7afa38"],

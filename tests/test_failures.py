@@ -368,7 +368,8 @@ def test_resuming_on_another_device_or_precision_is_refused_unless_asked(finishe
     expected = json.loads((run_dir / "result.json").read_text())
     _rewind(run_dir, 4)
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert (state["device_type"], state["precision"]) == ("cpu", "float32")  # recorded by the trainer
+    here = expected["precision"]  # precision auto: bfloat16 on CPUs with native bf16, float32 elsewhere
+    assert (state["device_type"], state["precision"]) == ("cpu", here)  # recorded by the trainer
     torch.save({**state, "device_type": "cuda", "precision": "bfloat16"}, run_dir / "checkpoint.pt")
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
 
@@ -376,7 +377,7 @@ def test_resuming_on_another_device_or_precision_is_refused_unless_asked(finishe
     assert refused.exit_code == 2
     assert refused.output == (
         f"error: {run_dir.name}: its checkpoint was trained on cuda in bfloat16, this resume would run on cpu in "
-        "float32; resume it where it started (--device cuda, train.precision bf16) or pass --allow-device-change "
+        f"{here}; resume it where it started (--device cuda, train.precision bf16) or pass --allow-device-change "
         "to continue here\n")
     assert before == {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}  # nothing written
 
@@ -446,10 +447,11 @@ def test_a_refusal_met_on_a_worker_fails_that_run_with_its_own_line(finished: tu
     run_dir = sorted(sweep_dir.glob("v2-*"))[1]
     _rewind(run_dir, 4)
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    torch.save({**state, "precision": "bfloat16"}, run_dir / "checkpoint.pt")
+    here = state["precision"]
+    torch.save({**state, "device_type": "cuda"}, run_dir / "checkpoint.pt")
     outcome = execute_run(load_run_config(run_dir / "config.yaml"), sweep_dir)
     assert outcome.status == "failed"
-    assert outcome.message.startswith(f"{run_dir.name}: its checkpoint was trained on cpu in bfloat16, this resume "
-                                      "would run on cpu in float32;")
+    assert outcome.message.startswith(f"{run_dir.name}: its checkpoint was trained on cuda in {here}, this resume "
+                                      f"would run on cpu in {here};")
     assert json.loads((run_dir / "result.json").read_text())["error"] == outcome.message
     assert (run_dir / "checkpoint.pt").exists()  # kept for a resume where it started

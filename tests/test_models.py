@@ -170,7 +170,7 @@ def _names(module: nn.Module) -> list[str]:
 def test_stem_and_head_follow_the_placement(unit: str, stem: list[str], final_activation: list[str]) -> None:
     model = build_model("v1", 8, unit=unit, width=4)
     assert _names(model.stem) == stem
-    assert _names(model.head) == [*final_activation, "pool", "flatten"]
+    assert _names(model.head) == [*final_activation, "grad_format", "pool", "flatten"]
 
 
 def test_version_implies_the_unit() -> None:

@@ -13,6 +13,29 @@
   dense matmul peak of the same device, measured in the same run: model FLOPs utilisation (MFU).
 - Growth with depth (``depths``): time per step and training memory with and without activation
   checkpointing, one row per depth.
+- The host's share (every mode's net, and each depth of ``depths``):
+
+  - ``host_ms_per_step``: what one trainer step costs the host, whatever the arithmetic. The trainer's own
+    step (:class:`~depthbench.train.TrainingSetup` and its step: the same net, precision, channels_last,
+    optimizer, checkpointing and compilation) is timed on batches of 2 synthetic 8x8 images, where the
+    kernels are the same as at full size but their arithmetic is negligible: the median wall time of 30
+    single steps after 5 warmup steps, each from the host's call to the device's last kernel. On CUDA it is
+    the launch cost that a step pays even with an idle GPU; the share of a full step it takes
+    (``host_share``) says how much faster the step could get from fewer launches (a CUDA graph, fusion)
+    rather than from faster arithmetic. On a CPU it is the dispatch overhead plus tiny arithmetic.
+  - ``kernels_per_step``: the aten operator calls that one steady-state step (batch preparation, forward
+    with the loss, backward, optimizer, the loop's running sums) hands to a backend kernel on the device,
+    counted with a ``TorchDispatchMode`` (:class:`~depthbench.bench.probes.KernelCount`) on the eager
+    model; views, other metadata changes and bare allocations compute nothing and are left out. On CUDA
+    each is roughly one kernel launch (a foreach op launches one per chunk of tensors); a CUDA graph
+    replays the same kernels with one launch, and ``--compile`` fuses them. The count is deterministic: a
+    function of the net and the code path. ``kernels_by_phase`` splits it into ``batch``, ``forward``,
+    ``backward``, ``optimizer`` and ``metrics``; ``aten_calls_per_step`` is every aten call, views included.
+- Sharing the device (``concurrent``): the total images/s of 1, 2, ... runs of the net training at once,
+  each in its own spawned process as ``sweep --jobs N`` trains them (on a CPU each with cores // N torch
+  threads, on CUDA all on the same GPU), released together by a barrier after their warmup, each timing its
+  own steady-state steps; per count of runs the total, per-run and slowest rates, the gain over one run
+  alone, the runs' memory, and a sentence on whether sharing pays beyond the timing noise.
 
 Timings are steady-state steps after a warmup; data loading, setup and compilation are reported
 apart as per-run overhead. Training memory is the peak above what was resident once the data and the
@@ -26,35 +49,45 @@ The modules, in the order a measurement uses them:
 - :mod:`~depthbench.bench.spec`: what to measure (:class:`BenchSpec`), checked and turned into the
   trainer's :class:`~depthbench.config.RunConfig`.
 - :mod:`~depthbench.bench.probes`: the instruments: step timing, peak memory, activation bytes,
-  the matmul peak, facts about the host.
-- :mod:`~depthbench.bench.trainer`: the depthbench trainer's step, timed and measured.
+  kernel counts, the matmul peak, facts about the host.
+- :mod:`~depthbench.bench.trainer`: the depthbench trainer's step, timed and measured, at full size and
+  on tiny batches (the host's cost).
 - :mod:`~depthbench.bench.baseline`: the usual pipeline, timed the same way.
-- :mod:`~depthbench.bench.modes`: the comparison (:func:`run_bench`) and the growth with depth
-  (:func:`run_scaling`) with its linearity analysis, each returning one JSON-able dict.
+- :mod:`~depthbench.bench.concurrent`: several runs of the trainer at once, each in its own process.
+- :mod:`~depthbench.bench.modes`: the comparison (:func:`run_bench`), the growth with depth
+  (:func:`run_scaling`) with its linearity analysis, and the device shared (:func:`run_concurrent`),
+  each returning one JSON-able dict.
 - :mod:`~depthbench.bench.render`: those dicts as rich tables; the measuring modules never import rich.
 """
 
 from depthbench.bench.baseline import PILImageSet, measure_usual, usual_transform
 from depthbench.bench.modes import _add_linearity  # noqa: F401  tests check the analysis on hand-made rows
-from depthbench.bench.modes import linearity_notes, run_bench, run_scaling
-from depthbench.bench.probes import PeakMemory, activation_mb, matmul_peak
-from depthbench.bench.render import render_bench, render_scaling
-from depthbench.bench.spec import BenchSpec, parse_depths
-from depthbench.bench.trainer import measure_trainer
+from depthbench.bench.modes import linearity_notes, run_bench, run_concurrent, run_scaling, sharing_verdict
+from depthbench.bench.probes import KernelCount, PeakMemory, activation_mb, matmul_peak
+from depthbench.bench.render import render_bench, render_concurrent, render_scaling
+from depthbench.bench.spec import BenchSpec, parse_counts, parse_depths
+from depthbench.bench.trainer import count_kernels, measure_host, measure_trainer
 
 __all__ = [
     "BenchSpec",
+    "KernelCount",
     "PILImageSet",
     "PeakMemory",
     "activation_mb",
+    "count_kernels",
     "linearity_notes",
     "matmul_peak",
+    "measure_host",
     "measure_trainer",
     "measure_usual",
+    "parse_counts",
     "parse_depths",
     "render_bench",
+    "render_concurrent",
     "render_scaling",
     "run_bench",
+    "run_concurrent",
     "run_scaling",
+    "sharing_verdict",
     "usual_transform",
 ]

@@ -1,11 +1,13 @@
-"""The two ways bench runs: :func:`run_bench` compares the trainer with the usual pipeline on one net,
-:func:`run_scaling` measures time and memory against depth and says whether they grow linearly.
+"""The three ways bench runs: :func:`run_bench` compares the trainer with the usual pipeline on one net,
+:func:`run_scaling` measures time and memory against depth and says whether they grow linearly, and
+:func:`run_concurrent` measures what several runs sharing the device train in total.
 
 Each returns one JSON-able dict (``--json`` prints it as is); :mod:`depthbench.bench.render` draws it.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,9 +16,10 @@ import torch
 
 from depthbench.architecture import EVERY_UNIT, resolve_block
 from depthbench.bench.baseline import default_workers, measure_usual
+from depthbench.bench.concurrent import share_device
 from depthbench.bench.probes import device_name, load_avg, matmul_peak, process_age
 from depthbench.bench.spec import BenchSpec, bench_dataset, run_config
-from depthbench.bench.trainer import measure_trainer
+from depthbench.bench.trainer import measure_host, measure_trainer
 from depthbench.config import RunConfig
 from depthbench.data import TensorData, load_dataset
 from depthbench.errors import DepthbenchError
@@ -27,6 +30,9 @@ PAPER_STEPS = 64_000  # the CIFAR schedule of He et al., for the extrapolated ru
 # Within these bounds, time per FLOP (against the first row) and activation memory per added unit
 # (against the other increments of the same block) count as linear in depth.
 LINEAR_BAND = (0.8, 1.25)
+# Sharing the device pays when the runs' total images/s beats one run's by more than the timing noise
+# (the spread of one run's timing windows), and never by less than this.
+MIN_GAIN = 0.05
 
 
 def run_bench(spec: BenchSpec) -> dict[str, Any]:
@@ -40,8 +46,11 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     block, n, params, flops = _net(cfg, data)
     workers = spec.workers if spec.workers is not None else default_workers()
 
-    trainer = measure_trainer(cfg, data, steps=spec.steps, warmup=spec.warmup, evaluate_too=True)
+    # The usual pipeline first: the trainer's setup tunes this process's allocator (keep_freed_memory),
+    # which the usual script would not have had.
     usual = measure_usual(cfg, data, steps=spec.steps, warmup=spec.warmup, workers=workers)
+    trainer = measure_trainer(cfg, data, steps=spec.steps, warmup=spec.warmup, evaluate_too=True)
+    host = measure_host(cfg, data.num_classes)
     peak, peak_n = matmul_peak(device, resolve_precision(cfg.train.precision, device) or torch.float32)
 
     step_s, img_per_s = trainer.timing.step_s, trainer.timing.img_per_s
@@ -64,6 +73,13 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "peak_mem_total_mb": trainer.peak_total_mb,
         "activation_mb": trainer.activation_mb,
         "eval_img_per_s": trainer.eval_img_per_s,
+        "cuda_graph_used": trainer.graphed,  # cuda_graph asked for it; this says whether the check let it run
+        "step_notes": list(trainer.notes),
+        "host_ms_per_step": host.ms_per_step,
+        "host_share": host.ms_per_step / (1000 * step_s),
+        "kernels_per_step": host.kernels,
+        "kernels_by_phase": host.kernels_by_phase,
+        "aten_calls_per_step": host.aten_calls,
         "setup_s": trainer.setup_s,
         "first_step_s": trainer.first_step_s,
         "compile_s": extra_first if spec.compile else 0.0,
@@ -91,12 +107,14 @@ def run_scaling(spec: BenchSpec, depths: Sequence[int]) -> dict[str, Any]:
         if not spec.compile:  # checkpointing does not compile (run_config says why)
             ckpt_cfg = run_config(spec, cfg.dataset, depth=cfg.depth, checkpointing=True)
             ckpt = measure_trainer(ckpt_cfg, data, steps=spec.steps, warmup=spec.warmup)
+        host = measure_host(cfg, data.num_classes)
         rows.append({
             "depth": cfg.depth, "block": block, "units_per_stage": n, "params": params,
             "train_flops_per_img": flops,
             "step_s": plain.timing.step_s, "img_per_s": plain.timing.img_per_s,
             "mfu": flops * plain.timing.img_per_s / peak,
             "peak_mem_mb": plain.peak_mem_mb, "activation_mb": plain.activation_mb,
+            "host_ms_per_step": host.ms_per_step, "kernels_per_step": host.kernels,
             "step_s_ckpt": ckpt.timing.step_s if ckpt else None,
             "peak_mem_mb_ckpt": ckpt.peak_mem_mb if ckpt else None,
             "activation_mb_ckpt": ckpt.activation_mb if ckpt else None,
@@ -107,8 +125,66 @@ def run_scaling(spec: BenchSpec, depths: Sequence[int]) -> dict[str, Any]:
             "rows": rows, "notes": linearity_notes(rows), "load_1m_end": load_avg()}
 
 
+def run_concurrent(spec: BenchSpec, counts: Sequence[int]) -> dict[str, Any]:
+    """Images/s in total of 1 and each of ``counts`` runs of spec's net training at once on the device, each
+    in its own process (see :mod:`depthbench.bench.concurrent`), and whether sharing the device pays."""
+    if spec.segments and not spec.checkpointing:
+        raise DepthbenchError("--segments says how --checkpointing splits each stage; add --checkpointing")
+    startup = process_age()
+    (cfg,), described, data, load_s = _prepare(spec, [spec.depth])  # also fills the cache the runs load from
+    context = _context(spec, cfg, described, load_s, startup)
+    block, n, params, _ = _net(cfg, data)
+    rows: list[dict[str, Any]] = []
+    for runs in sorted({1, *counts}):  # one run alone is what the others are measured against
+        shared = share_device(cfg, runs, steps=spec.steps, warmup=spec.warmup)
+        total = sum(run.img_per_s for run in shared)
+        span = max(run.end for run in shared) - min(run.start for run in shared)
+        peaks = [run.peak_mem_mb for run in shared]
+        used = [run.device_used_mb for run in shared]
+        rows.append({
+            "runs": runs, "threads_per_run": shared[0].threads,
+            "total_img_per_s": total,
+            "per_run_img_per_s": total / runs,
+            "slowest_run_img_per_s": min(run.img_per_s for run in shared),
+            # Every image over the time from the first start to the last end: below the total when the runs
+            # did not overlap well.
+            "wall_img_per_s": runs * spec.steps * spec.batch_size / span,
+            "speedup": total / rows[0]["total_img_per_s"] if rows else 1.0,
+            "noise": max(_spread(run.window_img_per_s) for run in shared),
+            "peak_mem_mb": None if None in peaks else sum(peaks),
+            "device_used_mb": None if None in used else max(used),
+        })
+    return {"mode": "concurrent", **context, "depth": cfg.depth, "block": block, "units_per_stage": n,
+            "params": params, "checkpointing": spec.checkpointing, "rows": rows, "verdict": sharing_verdict(rows),
+            "load_1m_end": load_avg()}
+
+
+def sharing_verdict(rows: list[dict[str, Any]]) -> str:
+    """One sentence: does training several runs at once raise the device's total images/s beyond the noise?
+    ``rows`` start with one run alone; ``noise`` is the relative spread of a run's timing windows."""
+    alone, shared = rows[0], rows[1:]
+    if not shared:
+        return "one run only: nothing to compare it with; add counts, e.g. --concurrent 1,2,4"
+    margin = max(alone["noise"], MIN_GAIN)
+    best = max(shared, key=lambda row: row["speedup"])
+    noise = f"(noise {100 * margin:.0f}%: one run's spread over its timing windows, at least {100 * MIN_GAIN:.0f}%)"
+    if best["speedup"] > 1 + margin:
+        return (f"sharing pays: {best['runs']} runs at once train {best['speedup']:.2f}x the images/s of one run "
+                f"alone {noise}")
+    if best["speedup"] < 1 - margin:
+        return (f"sharing costs: any number of runs at once trains fewer images/s in total than one run alone "
+                f"(at best {best['speedup']:.2f}x, {best['runs']} runs) {noise}")
+    return (f"sharing does not pay beyond the noise: at best {best['runs']} runs at once train "
+            f"{best['speedup']:.2f}x the images/s of one run alone {noise}")
+
+
+def _spread(rates: Sequence[float]) -> float:
+    """(max - min) / median: how far apart a run's timing windows are, relative to their middle."""
+    return (max(rates) - min(rates)) / statistics.median(rates)
+
+
 # ---------------------------------------------------------------------------------------------
-# What both modes share
+# What the modes share
 
 
 def _prepare(spec: BenchSpec, depths: Sequence[int], checkpointing: bool | None = None,
@@ -134,7 +210,8 @@ def _context(spec: BenchSpec, cfg: RunConfig, described: str, load_s: float, sta
     amp_dtype = resolve_precision(cfg.train.precision, device)
     return {
         "version": cfg.version, "batch_size": spec.batch_size, "steps": spec.steps, "warmup": spec.warmup,
-        "compile": spec.compile, "channels_last": cfg.train.channels_last, "data": described,
+        "compile": spec.compile, "cuda_graph": cfg.train.cuda_graph, "channels_last": cfg.train.channels_last,
+        "data": described,
         "device": str(device), "device_name": device_name(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "precision": str(amp_dtype or torch.float32).removeprefix("torch."),

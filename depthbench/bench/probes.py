@@ -1,5 +1,6 @@
 """The instruments bench measures with: wall time of device work, peak memory over a window, the bytes
-one forward pass saves for backward, the device's dense matmul peak, and facts about the host."""
+one forward pass saves for backward, the kernels one step dispatches, the device's dense matmul peak,
+and facts about the host."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Square fp32 (or the autocast dtype) matmuls whose best rate is taken as the device's dense peak.
 MATMUL_SIZES = {"cpu": (2048, 4096), "cuda": (4096, 8192)}
@@ -147,6 +150,73 @@ def activation_mb(model: nn.Module, xb: torch.Tensor, autocast: Callable[[], Any
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
         model(xb)
     return sum(storages.values()) / MB
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+PHASES = ("batch", "forward", "backward", "optimizer", "metrics")
+# Aten calls that compute nothing beyond allocating (views and other metadata changes are told by their schema).
+_ALLOCATION_ONLY = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+
+
+class KernelCount(TorchDispatchMode):
+    """The aten operator calls that reach a backend kernel on ``device`` while it is active, by phase of a step.
+
+    Use as ``with KernelCount(model, optimizer, device) as count: step()``. Counted are the calls that the
+    dispatcher hands to a backend below autograd (``conv2d`` is one ``convolution``, its gradient one
+    ``convolution_backward``) with a tensor on ``device``, less those that compute nothing: views and other
+    metadata changes, and bare allocations. On CUDA each is roughly one kernel launch (a foreach op launches
+    one per chunk of tensors, a cuDNN call may launch a few). The count is deterministic: it depends on the
+    net and the code path, not on timing or data. ``calls`` is every aten call, views and allocations
+    included, on any device: what the host dispatches.
+
+    Phases: ``batch`` until the model's forward starts, ``forward`` the model and the loss, ``backward``
+    what the autograd engine runs (checkpointing's recomputation included), ``optimizer`` the optimizer's
+    step, ``metrics`` what follows it in the loop (the running loss and accuracy sums).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        super().__init__()
+        self.model, self.optimizer, self.device_type = model, optimizer, device.type
+        self.by_phase = dict.fromkeys(PHASES, 0)
+        self.calls = 0
+        self._phase = "batch"
+        self._hooks: list[Any] = []
+
+    @property
+    def kernels(self) -> int:
+        return sum(self.by_phase.values())
+
+    def __enter__(self) -> KernelCount:
+        self._hooks = [
+            self.model.register_forward_pre_hook(lambda *_: self._enter("forward")),
+            self.optimizer.register_step_pre_hook(lambda *_: self._enter("optimizer")),
+            self.optimizer.register_step_post_hook(lambda *_: self._enter("metrics")),
+        ]
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        super().__exit__(*exc)
+
+    def _enter(self, phase: str) -> None:
+        self._phase = phase
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func.namespace != "aten":  # the profiler's record_function markers, say
+            return out
+        self.calls += 1
+        if func.is_view or torch.Tag.inplace_view in func.tags or func.overloadpacket.__name__ in _ALLOCATION_ONLY:
+            return out
+        if any(isinstance(t, torch.Tensor) and t.device.type == self.device_type
+               for t in tree_leaves((args, kwargs, out))):
+            # The autograd engine runs backward (on CUDA in its own thread, where this mode is active too).
+            backward = torch._C._current_autograd_node() is not None
+            self.by_phase["backward" if backward else self._phase] += 1
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

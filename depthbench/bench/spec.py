@@ -1,5 +1,6 @@
 """What bench measures: one net and how it is trained, the data, and how long to time it, checked up
-front (a bad depth or option fails before any data loads) and turned into the trainer's RunConfig."""
+front (a bad depth or option fails before any data loads) and turned into the trainer's RunConfig; and
+the tiny variant of that RunConfig on which the host's cost of a step is measured."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from depthbench.devices import resolve_device
 # The shared CIFAR-10 JPEG tarball beside the project (../shared/data); absent on a user's machine.
 SHARED_CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 TEST_SUBSET = 1000  # images for the evaluation-throughput figure
+# The host's cost of a step is timed on batches of 2 images of 8x8 pixels: the same kernels are launched
+# as at full size, but their arithmetic is negligible, so the step takes what dispatching them takes.
+HOST_BATCH, HOST_IMAGE_SIZE = 2, 8
+HOST_WARMUP, HOST_STEPS = 5, 30  # the median of HOST_STEPS single steps after HOST_WARMUP
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class BenchSpec:
     checkpointing: bool = False
     segments: int = 0  # checkpointed segments per stage; 0 is one per residual unit
     compile: bool = False
+    cuda_graph: bool = True  # train.cuda_graph: on CUDA, the step captured once and replayed
     data: str = "auto"
     train_subset: int = 5000
     workers: int | None = None
@@ -37,13 +43,25 @@ class BenchSpec:
 
 def parse_depths(text: str) -> list[int]:
     """``"20,56,110"`` -> [20, 56, 110]."""
+    return _parse_list(text, "--depths", "depth", "20,56,110,164")
+
+
+def parse_counts(text: str) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4]: how many runs share the device at once."""
+    counts = _parse_list(text, "--concurrent", "count", "1,2,4")
+    if min(counts) < 1:
+        raise DepthbenchError(f"--concurrent '{text}': each count of runs at once must be at least 1, e.g. 1,2,4")
+    return counts
+
+
+def _parse_list(text: str, option: str, item: str, example: str) -> list[int]:
     try:
-        depths = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise DepthbenchError(f"--depths '{text}' must be comma-separated whole numbers, e.g. 20,56,110,164") from None
-    if not depths:
-        raise DepthbenchError("--depths needs at least one depth, e.g. --depths 20,56,110,164")
-    return depths
+        raise DepthbenchError(f"{option} '{text}' must be comma-separated whole numbers, e.g. {example}") from None
+    if not values:
+        raise DepthbenchError(f"{option} needs at least one {item}, e.g. {option} {example}")
+    return values
 
 
 def bench_dataset(data: str, train_subset: int) -> tuple[DatasetConfig, str]:
@@ -81,5 +99,15 @@ def run_config(spec: BenchSpec, dataset: DatasetConfig, depth: int | None = None
         name="bench", version=spec.version, depth=depth, seed=0, dataset=dataset,
         model=ModelConfig(checkpointing=(spec.segments or EVERY_UNIT) if ckpt else 0),
         train=TrainConfig(batch_size=spec.batch_size, device=spec.device, precision=spec.precision,
-                          compile=spec.compile),
+                          compile=spec.compile, cuda_graph=spec.cuda_graph),
     )
+
+
+def host_config(cfg: RunConfig, num_classes: int) -> RunConfig:
+    """``cfg`` on tiny synthetic batches (HOST_BATCH images of HOST_IMAGE_SIZE pixels): the same net (with
+    ``num_classes`` outputs), precision, memory format, checkpointing, compilation and optimizer, so the same
+    kernels; enough images that the timed steps stay within one epoch (one data order drawn)."""
+    images = HOST_BATCH * (HOST_WARMUP + HOST_STEPS + 2)
+    tiny = DatasetConfig(name="synthetic", image_size=HOST_IMAGE_SIZE, train_subset=images, test_subset=HOST_BATCH,
+                         num_classes=num_classes, augment=cfg.dataset.augment)
+    return cfg.model_copy(update={"dataset": tiny, "train": cfg.train.model_copy(update={"batch_size": HOST_BATCH})})

@@ -34,6 +34,11 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def threads_per_job(jobs: int) -> int:
+    """The torch threads of each of ``jobs`` processes sharing this machine: its share of the cores."""
+    return max(1, _cores() // jobs)
+
+
 @dataclass
 class _Worker:
     """What a worker process of :class:`ParallelExecutor` was given when it started."""
@@ -139,7 +144,7 @@ class ParallelExecutor:
         slots, events, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
         for i in range(self.jobs):
             slots.put(gpus[i % len(gpus)] if gpus else None)
-        threads = max(1, _cores() // self.jobs)
+        threads = threads_per_job(self.jobs)
         pool = ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=_start_worker,
                                    initargs=(slots, events, stop, threads))
         return pool, events, stop

@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from depthbench.architecture import BLOCKS, PLACEMENTS, VERSION_UNIT, Block, Placement, choice, resolve_block
 
+
 @dataclass(frozen=True)
 class ShortcutGate:
     """What the shortcut h(x) does on units whose dimensions do not change ([V2] section 3.1, Fig. 2).
@@ -73,6 +74,33 @@ class ShortcutGate:
 # ---------------------------------------------------------------------------------------------
 
 
+class _GradInInputFormat(torch.autograd.Function):
+    """Identity whose backward hands the gradient back in the input's memory format (channels_last).
+
+    Some backward ops return a plain NCHW gradient for a channels_last input: strided slicing (option A's
+    subsampling) and adaptive average pooling. Where that gradient meets channels_last ones (the sum at a
+    shortcut's input, the ReLU before pooling), the elementwise CPU kernels fall off their fast path: one
+    such ReLU backward took 30x an aligned one (BENCHMARKS.md, "Where the bf16 step goes"). One copy
+    here keeps every gradient channels_last. Values are untouched, so results are identical.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last) if ctx.channels_last else grad
+
+
+class GradInInputFormat(nn.Module):
+    """:class:`_GradInInputFormat` as a layer; no parameters, nothing saved for backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _GradInInputFormat.apply(x)
+
+
 class ZeroPadShortcut(nn.Module):
     """[V1] option A: subsample by the stride and append zero channels; no parameters."""
 
@@ -82,7 +110,7 @@ class ZeroPadShortcut(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
+        x = _GradInInputFormat.apply(x)[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
 
     def extra_repr(self) -> str:
@@ -230,6 +258,7 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         self.checkpointing = checkpointing
+        self._segments_built: tuple[int, list[tuple[nn.Sequential, Callable[[], tuple[Any, Any]]]]] | None = None
         stem_conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.stem = nn.Sequential(OrderedDict([("conv", stem_conv), *_activation(placement.after_conv, width)]))
         stages = []
@@ -242,7 +271,7 @@ class ResNet(nn.Module):
                 c_in = c_out
             stages.append(nn.Sequential(*units))
         self.stages = nn.ModuleList(stages)
-        pool = [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
+        pool = [("grad_format", GradInInputFormat()), ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
         self.head = nn.Sequential(OrderedDict([*_activation(placement.preact, c_in), *pool]))
         self.fc = nn.Linear(c_in, num_classes)
         self.apply(_init_weights)
@@ -254,13 +283,24 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         checkpointed = self.checkpointing > 0 and self.training and torch.is_grad_enabled()
-        for stage in self.stages:
-            if not checkpointed:
+        if not checkpointed:
+            for stage in self.stages:
                 x = stage(x)
-                continue
-            for segment in _segments(stage, self.checkpointing):
-                x = checkpoint(segment, x, use_reentrant=False, context_fn=_bn_stats_frozen_on_recompute(segment))
+            return self.fc(self.head(x))
+        for segment, context_fn in self._segment_plan():
+            x = checkpoint(segment, x, use_reentrant=False, context_fn=context_fn)
         return self.fc(self.head(x))
+
+    def _segment_plan(self) -> list[tuple[nn.Sequential, Callable[[], tuple[Any, Any]]]]:
+        """Every checkpointed segment in forward order with its recomputation context, built once per
+        ``checkpointing`` value rather than on every forward (slicing a stage makes a new Sequential).
+        A tuple is not a submodule, so the segments' units are not listed twice in ``state_dict``; they are
+        the stages' own units, so ``.to()`` and loading reach them.
+        """
+        if self._segments_built is None or self._segments_built[0] != self.checkpointing:
+            segments = [seg for stage in self.stages for seg in _segments(stage, self.checkpointing)]
+            self._segments_built = (self.checkpointing, [(seg, _bn_stats_frozen_on_recompute(seg)) for seg in segments])
+        return self._segments_built[1]
 
 
 def _segments(stage: nn.Sequential, k: int) -> Iterator[nn.Sequential]:
@@ -280,9 +320,10 @@ def _bn_stats_frozen_on_recompute(segment: nn.Module) -> Callable[[], tuple[Any,
     checkpoint rejects. Not usable under torch.compile, which only accepts TorchDispatchMode contexts here.
     """
 
+    bns = [m for m in segment.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+
     @contextlib.contextmanager
     def frozen() -> Iterator[None]:
-        bns = [m for m in segment.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
         saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
         for bn in bns:
             bn.momentum = 0.0

@@ -1,0 +1,249 @@
+"""The training step, run eagerly or captured once as a CUDA graph and replayed.
+
+An eager step launches every kernel from Python: about 1,560 for ResNet-110 and 13,700 for
+ResNet-1001, and on a GPU the launches take longer than the arithmetic. A CUDA graph records the
+whole step once (batch gather, augmentation and normalisation, forward, backward, the SGD update
+with the learning rate read from a device tensor, the metric sums) and replays it with one launch.
+Only the step's inputs change between replays: the batch's indices, its augmentation draws and the
+learning rate are copied into fixed buffers the graph reads.
+
+A graph replays whatever it captured, so it is checked before it is trusted (:func:`choose_step`):
+from one saved state, an eager step and a graphed step are run and their loss and updates compared.
+On a mismatch, or when capture fails, the run goes on eagerly with a one-line note. Either way the
+state is put back as it was, so the check changes nothing the run computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from depthbench.train import TrainingSetup
+
+# How far the graphed step may stray from the eager one: relative to the eager loss, and to the size
+# of the eager update of the weights and BN statistics. A replay runs the same kernels, so it agrees
+# to rounding; a graph that lost the update or the batch misses by 100%.
+LOSS_RTOL = 1e-3
+UPDATE_RTOL = 1e-2
+CAPTURE_WARMUP = 3  # eager steps on a side stream before capture, as CUDA graph capture needs
+
+
+def sgd_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+    autocast: Callable[[], Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward, backward and optimizer step on a prepared batch; the loss and logits, detached.
+
+    The eager step's arithmetic, shared with ``depthbench bench`` so that what is timed is what trains.
+    """
+    with autocast():
+        logits = model(xb)
+        loss = F.cross_entropy(logits.float(), yb)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+class Step(Protocol):
+    """One training step at ``step`` with learning rate ``lr``; adds its loss and correct predictions
+    to the setup's metric sums and returns the step's mean loss (a device tensor)."""
+
+    graphed: bool
+
+    def __call__(self, step: int, lr: float) -> torch.Tensor: ...
+
+
+class EagerStep:
+    """The step as PyTorch runs it by default: each op dispatched from Python."""
+
+    graphed = False
+
+    def __init__(self, setup: TrainingSetup) -> None:
+        self.setup = setup
+
+    def __call__(self, step: int, lr: float) -> torch.Tensor:
+        setup = self.setup
+        for group in setup.optimizer.param_groups:
+            group["lr"] = lr
+        setup.seed_layers(step)
+        xb, yb = setup.batch(step)
+        loss, logits = sgd_step(setup.step_model, setup.optimizer, xb, yb, setup.autocast)
+        setup.add_to_sums(loss, logits, yb)
+        return loss
+
+
+class GraphedStep:
+    """The step captured as one CUDA graph; ``__call__`` fills its input buffers and replays it."""
+
+    graphed = True
+
+    def __init__(self, setup: TrainingSetup) -> None:
+        if setup.device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need a CUDA device, not {setup.device}")
+        self.setup = setup
+        n, device = setup.cfg.train.batch_size, setup.device
+        self.idx = torch.zeros(n, dtype=torch.int64, device=device)
+        self.shift = torch.zeros(2, n, 1, dtype=torch.int64, device=device)
+        self.flipped = torch.zeros(n, 1, dtype=torch.bool, device=device)
+        # The fused CUDA SGD reads the learning rate through a float32 pointer: a new value is one copy.
+        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        self._lr_value: float | None = None
+        for group in setup.optimizer.param_groups:
+            group["lr"] = self.lr
+        self.graph = torch.cuda.CUDAGraph()
+        self.loss = self._capture()
+
+    def _body(self) -> torch.Tensor:
+        setup = self.setup
+        if setup.cfg.dataset.augment:
+            xb, yb = setup.assemble(self.idx, self.shift, self.flipped)
+        else:
+            xb, yb = setup.assemble(self.idx, None, None)
+        with setup.autocast(cache_enabled=False):  # a cached cast would be a tensor made outside the graph
+            logits = setup.step_model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+        loss.backward()
+        setup.optimizer.step()
+        setup.add_to_sums(loss.detach(), logits.detach(), yb)
+        return loss.detach()
+
+    def _capture(self) -> torch.Tensor:
+        self._set_inputs(0, 0.0)  # what the warmup steps train on is undone by choose_step
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: cuDNN's algorithm choice, momentum buffers, allocator
+            for _ in range(CAPTURE_WARMUP):
+                self.setup.optimizer.zero_grad(set_to_none=True)
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        # Gradients start as None, so the captured backward writes them (into the graph's own memory)
+        # instead of adding to them: each replay computes them afresh without a zero_grad.
+        self.setup.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            loss = self._body()
+        return loss
+
+    def _set_inputs(self, step: int, lr: float) -> None:
+        idx, shift, flipped = self.setup.draws(step)
+        self.idx.copy_(idx, non_blocking=True)
+        if shift is not None:
+            self.shift.copy_(shift, non_blocking=True)
+        if flipped is not None:
+            self.flipped.copy_(flipped, non_blocking=True)
+        if lr != self._lr_value:
+            self.lr.fill_(lr)
+            self._lr_value = lr
+
+    def __call__(self, step: int, lr: float) -> torch.Tensor:
+        self._set_inputs(step, lr)
+        self.graph.replay()
+        return self.loss
+
+
+Capture = Callable[["TrainingSetup"], Step]
+
+
+@dataclass
+class _Snapshot:
+    """Weights, buffers, momentum and metric sums, copied so they can be written back in place
+    (in place: a captured graph holds their addresses)."""
+
+    tensors: list[tuple[torch.Tensor, torch.Tensor]]
+    momentum: list[tuple[torch.Tensor, torch.Tensor | None]]  # (param, its buffer or None before step 1)
+
+    @classmethod
+    def take(cls, setup: TrainingSetup) -> _Snapshot:
+        live = [*setup.model.parameters(), *setup.model.buffers(), setup.loss_sum, setup.correct]
+        momentum = []
+        for p in setup.model.parameters():
+            buf = setup.optimizer.state.get(p, {}).get("momentum_buffer")
+            momentum.append((p, buf.clone() if buf is not None else None))
+        return cls([(t, t.detach().clone()) for t in live], momentum)
+
+    def restore(self, setup: TrainingSetup) -> None:
+        with torch.no_grad():
+            for live, saved in self.tensors:
+                live.copy_(saved)
+            for p, saved in self.momentum:
+                state = setup.optimizer.state.get(p, {})
+                buf = state.get("momentum_buffer")
+                if saved is not None and buf is not None:
+                    buf.copy_(saved)
+                elif buf is not None:
+                    # No momentum yet: SGD's first step sets buf = grad; a zero buffer gives 0 * m + grad,
+                    # the same numbers, and keeps the address a captured graph reads.
+                    buf.zero_()
+                elif saved is not None:
+                    state["momentum_buffer"] = saved.clone()
+
+
+def _outcome(setup: TrainingSetup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights and the floating buffers (BN statistics), each flattened into one float64 vector.
+    Apart, because the statistics move by far more than the weights in a step and would hide them."""
+    model = setup.model
+    weights = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    buffers = [b.detach().double().flatten() for b in model.buffers() if b.is_floating_point()]
+    return weights, torch.cat(buffers) if buffers else torch.zeros(0, dtype=torch.float64, device=weights.device)
+
+
+def compare(setup: TrainingSetup, candidate: Step, step: int, lr: float) -> str | None:
+    """Run an eager step and ``candidate`` from the same state; None when they agree, else what differs.
+    Leaves the state as it found it."""
+    snapshot = _Snapshot.take(setup)
+    before = _outcome(setup)
+    eager_loss = EagerStep(setup)(step, lr).item()
+    eager = [after - was for after, was in zip(_outcome(setup), before)]
+    snapshot.restore(setup)
+    try:
+        loss = candidate(step, lr).item()
+        got = [after - was for after, was in zip(_outcome(setup), before)]
+    finally:
+        snapshot.restore(setup)
+    if not abs(loss - eager_loss) <= LOSS_RTOL * max(1.0, abs(eager_loss)):
+        return f"loss {loss:.6g} vs eager {eager_loss:.6g}"
+    for what, mine, reference in zip(("weight", "BN statistics"), got, eager):
+        miss = (mine - reference).norm().item() / max(reference.norm().item(), 1e-12)
+        if not miss <= UPDATE_RTOL:
+            return f"{what} update off by {100 * miss:.3g}% of the eager one"
+    return None
+
+
+def wants_graph(setup: TrainingSetup) -> bool:
+    """On by default on CUDA (``train.cuda_graph``); a compiled model is left to torch.compile."""
+    tc = setup.cfg.train
+    return setup.device.type == "cuda" and tc.cuda_graph and not tc.compile
+
+
+def choose_step(setup: TrainingSetup, step: int, lr: float, notes: list[str], capture: Capture | None = None,
+                ) -> Step:
+    """The step the run trains with: the graphed one when the setup wants it and it passes
+    :func:`compare` against eager at ``step``, else the eager one (with a note saying why)."""
+    eager = EagerStep(setup)
+    if not wants_graph(setup):
+        return eager
+    if setup.random_layers:
+        # Dropout's masks come from (seed, step) through the global RNG, which a replay would not reseed.
+        notes.append(f"{setup.cfg.run_id}: a layer draws random numbers each step (dropout); CUDA graph off, "
+                     "training eager")
+        return eager
+    capture = capture or GraphedStep
+    snapshot = _Snapshot.take(setup)
+    try:
+        graphed = capture(setup)
+        snapshot.restore(setup)  # the capture's warmup steps trained; undo them
+        problem = compare(setup, graphed, step, lr)
+    except Exception as err:  # noqa: BLE001  capture is the GPU driver's business; any failure means: go eager
+        problem = f"capture failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    snapshot.restore(setup)
+    if problem is None:
+        return graphed
+    notes.append(f"{setup.cfg.run_id}: the CUDA-graph step disagreed with the eager step ({problem}); "
+                 "training eager")
+    return eager
