@@ -1,4 +1,5 @@
-# Two commands: `make demo` (set up, run the offline demo sweep, print its report) and `make test`.
+# Two commands: `make demo` (set up, run the offline demo sweep, print its report) and `make test`;
+# CI also runs `make rehearse` (the GPU check, rehearsed on this CPU).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
