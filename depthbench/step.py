@@ -115,7 +115,10 @@ class GraphedStep:
         return loss.detach()
 
     def _capture(self) -> torch.Tensor:
-        self._set_inputs(0, 0.0)  # what the warmup steps train on is undone by choose_step
+        # Captured on the draws of a step the run never takes (its last step is steps - 1), so that the
+        # check against eager, at a real step, fails if a replay kept the capture's batch. The warmup
+        # steps' training is undone by choose_step.
+        self._set_inputs(self.setup.cfg.train.steps, 0.0)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up: cuDNN's algorithm choice, momentum buffers, allocator
@@ -140,6 +143,8 @@ class GraphedStep:
         if lr != self._lr_value:
             self.lr.fill_(lr)
             self._lr_value = lr
+            for group in self.setup.optimizer.param_groups:  # what a checkpoint saves: the rate in use
+                group["lr"] = lr
 
     def __call__(self, step: int, lr: float) -> torch.Tensor:
         self._set_inputs(step, lr)
@@ -172,13 +177,14 @@ class _Snapshot:
             for live, saved in self.tensors:
                 live.copy_(saved)
             for p, saved in self.momentum:
-                state = setup.optimizer.state.get(p, {})
+                state = setup.optimizer.state[p]
                 buf = state.get("momentum_buffer")
                 if saved is not None and buf is not None:
                     buf.copy_(saved)
                 elif buf is not None:
                     # No momentum yet: SGD's first step sets buf = grad; a zero buffer gives 0 * m + grad,
-                    # the same numbers, and keeps the address a captured graph reads.
+                    # the same numbers (with dampening 0, the trainer's), and keeps the address a captured
+                    # graph reads.
                     buf.zero_()
                 elif saved is not None:
                     state["momentum_buffer"] = saved.clone()
@@ -241,8 +247,13 @@ def choose_step(setup: TrainingSetup, step: int, lr: float, notes: list[str], ca
         problem = compare(setup, graphed, step, lr)
     except Exception as err:  # noqa: BLE001  capture is the GPU driver's business; any failure means: go eager
         problem = f"capture failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        if setup.device.type == "cuda":  # a capture that failed to end can leave its stream current
+            torch.cuda.synchronize()
+            torch.cuda.set_stream(torch.cuda.default_stream())
     snapshot.restore(setup)
     if problem is None:
+        # The eager step's gradients: a replay never writes p.grad (its own live in the graph's memory).
+        setup.optimizer.zero_grad(set_to_none=True)
         return graphed
     notes.append(f"{setup.cfg.run_id}: the CUDA-graph step disagreed with the eager step ({problem}); "
                  "training eager")

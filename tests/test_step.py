@@ -47,6 +47,16 @@ class NoUpdate(EagerStep):
         return super().__call__(step, 0.0)
 
 
+class StaleBatch(EagerStep):
+    """A "graph" that replays the batch it was captured on (GraphedStep captures on step ``steps``, which a
+    run never takes, so that this is caught at whatever step the check runs)."""
+
+    graphed = True
+
+    def __call__(self, step: int, lr: float) -> torch.Tensor:
+        return super().__call__(self.setup.cfg.train.steps, lr)
+
+
 class TrainsWhileCapturing(EagerStep):
     """A faithful "graph" whose capture, like CUDA's warmup, trains three steps first."""
 
@@ -82,6 +92,7 @@ def test_a_faithful_graph_passes_and_the_check_leaves_the_state_as_it_was(monkey
 @pytest.mark.parametrize(("capture", "says"), [
     (TwiceTheRate, "weight update off by 100%"),
     (NoUpdate, "weight update off by 100%"),
+    (StaleBatch, "vs eager"),
 ])
 def test_a_graph_that_disagrees_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, capture: type, says: str) -> None:
     force_graph(monkeypatch, capture)
