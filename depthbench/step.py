@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from depthbench.train import TrainingSetup
+from depthbench.config import RunConfig
 
 # How far the graphed step may stray from the eager one: relative to the eager loss, and to the size
 # of the eager update of the weights and BN statistics. A replay runs the same kernels, so it agrees
@@ -49,6 +48,28 @@ def sgd_step(
     loss.backward()
     optimizer.step()
     return loss.detach(), logits.detach()
+
+
+class TrainingSetup(Protocol):
+    """What a step needs of a run made ready to train: :class:`depthbench.train.TrainingSetup` is the one
+    (named here by its shape, so that this module sits below the trainer that imports it)."""
+
+    cfg: RunConfig
+    device: torch.device
+    model: nn.Module
+    step_model: nn.Module  # the model, compiled when train.compile is set
+    optimizer: torch.optim.Optimizer
+    random_layers: bool
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+
+    def autocast(self, cache_enabled: bool = True) -> Any: ...
+    def draws(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]: ...
+    def assemble(self, idx: torch.Tensor, shift: torch.Tensor | None, flipped: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def seed_layers(self, step: int) -> None: ...
+    def add_to_sums(self, loss: torch.Tensor, logits: torch.Tensor, yb: torch.Tensor) -> None: ...
 
 
 class Step(Protocol):
@@ -152,7 +173,7 @@ class GraphedStep:
         return self.loss
 
 
-Capture = Callable[["TrainingSetup"], Step]
+Capture = Callable[[TrainingSetup], Step]
 
 
 @dataclass
