@@ -267,11 +267,14 @@ def choose_step(setup: TrainingSetup, step: int, lr: float, notes: list[str], ca
         snapshot.restore(setup)  # the capture's warmup steps trained; undo them
         problem = compare(setup, graphed, step, lr)
     except Exception as err:  # noqa: BLE001  capture is the GPU driver's business; any failure means: go eager
-        problem = f"capture failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         if setup.device.type == "cuda":  # a capture that failed to end can leave its stream current
             torch.cuda.synchronize()
             torch.cuda.set_stream(torch.cuda.default_stream())
-    snapshot.restore(setup)
+        snapshot.restore(setup)  # compare leaves the state as it found it; a failed capture may not
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        notes.append(f"{setup.cfg.run_id}: CUDA graph capture failed ({type(err).__name__}: {first_line}); "
+                     "training eager")
+        return eager
     if problem is None:
         # The eager step's gradients: a replay never writes p.grad (its own live in the graph's memory).
         setup.optimizer.zero_grad(set_to_none=True)

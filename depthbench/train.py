@@ -38,7 +38,7 @@ from depthbench.flow import record_step
 from depthbench.layout import CHECKPOINT, CONFIG, FINAL_WEIGHTS, METRICS, RESULT
 from depthbench.models import count_params, model_from_config
 from depthbench.seeds import Stream, seed_for
-from depthbench.step import Step, choose_step, sgd_step  # noqa: F401  sgd_step: bench and tests take it from here
+from depthbench.step import Step, choose_step
 
 
 class RunInterrupted(Exception):

@@ -18,14 +18,15 @@ from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from depthbench import bench
-from depthbench.bench import probes
 from depthbench.augment import normalize
+from depthbench.bench import probes
 from depthbench.cli import app
 from depthbench.config import DatasetConfig
 from depthbench.data import load_dataset
-from depthbench.models import build_model, count_params, forward_flops
 from depthbench.devices import precision_name
-from depthbench.train import TrainingSetup, resolve_precision, sgd_step
+from depthbench.models import build_model, count_params, forward_flops
+from depthbench.step import sgd_step
+from depthbench.train import TrainingSetup, resolve_precision
 
 runner = CliRunner()
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))

@@ -8,15 +8,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from depthbench.bench.probes import KernelCount, PeakMemory, StepTiming, activation_mb, sync, timed
 from depthbench.bench.spec import HOST_STEPS, HOST_WARMUP, host_config
 from depthbench.config import RunConfig
 from depthbench.data import TensorData, load_dataset
-from depthbench.step import choose_step
-from depthbench.train import TrainingSetup, evaluate, lr_at, sgd_step
+from depthbench.step import choose_step, sgd_step
+from depthbench.train import TrainingSetup, evaluate, lr_at
 
 
 @dataclass(frozen=True)
