@@ -1,15 +1,18 @@
-"""depthbench: ResNet V1 (post-activation) vs V2 (pre-activation) depth studies.
+"""depthbench: ResNet V1 (post-activation) vs V2 (pre-activation) depth studies, and the same question for
+Vision Transformers (Post-LN vs Pre-LN) and for ResNets without normalisation (Fixup, SkipInit).
 
 The library is importable without the CLI: ``build_model`` builds either family at any valid depth,
 ``load_sweep`` reads a sweep YAML, ``train_run`` trains one run, ``run_sweep`` runs a grid.
 
-One module per concept; imports point down this list (no cycles), and the first five import no torch,
+One module per concept, no import cycles, and the first seven import no torch,
 so loading a sweep, planning it and reading a runs/ folder answer fast::
 
     depthbench/
       errors.py        the one user-facing error type (one line, exit 2) and "did you mean"
       config.py        typed, frozen sweep and run configs; YAML read strictly (no torch)
       architecture.py  the ResNet family as data: blocks, the depth rule, placements (no torch)
+      transformer.py   the ViT family as data: where LayerNorm sits, DeepNorm's constants, sizes (no torch)
+      families.py      the model families: what v1, v2 and each unit mean; family defaults (no torch)
       layout.py        the runs/ folder: file names, a run's state, the one run-folder reader (no torch)
       storage.py       atomic, fsynced writes; tolerant reads (no torch at import)
       seeds.py         named random streams: (seed, stream, counter) -> generator seed
@@ -18,7 +21,8 @@ so loading a sweep, planning it and reading a runs/ folder answer fast::
       devices.py       device names, precisions (native bf16 detection), the CPU allocator setting
       data.py          datasets as uint8 tensors, subsets, the locked on-disk cache
       augment.py       crop/flip draws on the CPU, applied batched on the device; normalisation
-      models/          the nets: resnet.py (V1, V2, every placement and shortcut of the papers)
+      models/          the nets: resnet.py (V1, V2, every placement and shortcut of the papers, Fixup,
+                       SkipInit), vit.py (Post-LN, Pre-LN, DeepNorm, ReZero)
       flow.py          per-unit gradient and signal measurements (train.diagnose_steps)
       step.py          the training step: eager, or one CUDA graph checked against eager (with fallback)
       train.py         the one trainer: setup, resume, the labelled step loop, result.json

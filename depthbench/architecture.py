@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from depthbench.errors import DepthbenchError, did_you_mean
 
@@ -56,9 +56,17 @@ BLOCKS: dict[str, Block] = {
 _BOTTLENECK_FROM_DEPTH = 164
 
 
+# The ops a placement may put around a weight layer or after the addition. bn and relu as in [V1]/[V2];
+# the scalar ops hold one learnable number each, for the normalisation-free units (REFERENCE.md section 7):
+#   bias   x + b, b starting at 0    [Fixup]'s scalar bias; in skipinit the shift that BN's beta gave
+#   scale  a * x, a starting at 1    [Fixup]'s multiplier at the end of a branch
+#   gate   a * x, a starting at 0    [SkipInit]'s alpha: the branch starts switched off
+OPS = ("bn", "relu", "bias", "scale", "gate")
+
+
 @dataclass(frozen=True)
 class Placement:
-    """Where BN and ReLU sit around the weight layers of a unit ([V2] Fig. 4, Table 2).
+    """Where BN, ReLU and the scalar ops sit around the weight layers of a unit ([V2] Fig. 4, Table 2).
 
     ``layer`` is the op order around every weight layer but the last, ``last`` around the last one,
     ``after_add`` what follows the addition of shortcut and residual. The ops before ``conv`` in
@@ -66,11 +74,27 @@ class Placement:
     (the "next unit's pre-activation" that never comes), while the ops after ``conv`` follow the stem.
     So post-activation nets have a BN-ReLU stem and no final activation, and full pre-activation nets
     a bare conv stem and a final BN-ReLU, as in [V2] section 4.1.
+
+    ``init`` is how the weights start: ``he`` for every conv ([V1] section 3.4), or ``fixup``, which
+    rescales the branches after it ([Fixup] section 3; models.resnet's ``_fixup_init``).
     """
 
     layer: str
     last: str
     after_add: str
+    init: Literal["he", "fixup"] = "he"
+
+    def __post_init__(self) -> None:
+        # The unit names its modules by op and layer (bn1, relu1; bias1a before a conv and bias1b after
+        # it when both sides have one), so an op repeated on one side would silently replace its twin.
+        for pattern in (self.layer, self.last):
+            if pattern.split().count("conv") != 1:
+                raise ValueError(f"placement pattern '{pattern}' must hold exactly one conv")
+        for ops in (*self.split(self.layer), *self.split(self.last), self.after_add.split()):
+            if unknown := [op for op in ops if op not in OPS]:
+                raise ValueError(f"unknown placement ops {unknown}; one of {', '.join(OPS)}")
+            if len(set(ops)) != len(ops):
+                raise ValueError(f"placement ops {ops} repeat an op on one side of a conv")
 
     def split(self, pattern: str) -> tuple[list[str], list[str]]:
         """The ops before and after the conv of a layer pattern."""
@@ -98,6 +122,14 @@ PLACEMENTS: dict[str, Placement] = {
     "relu_only_preact": Placement(layer="relu conv bn", last="relu conv bn", after_add=""),
     # Fig. 4(e), the [V2] unit: y = x + conv(ReLU(BN(conv(ReLU(BN(x))))))
     "full_preact": Placement(layer="bn relu conv", last="bn relu conv", after_add=""),
+    # [Fixup], no normalisation, the [V1] unit with a scalar bias before every conv and activation and
+    # a scalar multiplier ending the branch: y = ReLU(x + s * conv(ReLU(conv(x + a1) + b1) + a2) + b2),
+    # with the last conv and the classifier at 0 and the other branch convs scaled down (init="fixup").
+    "fixup": Placement(layer="bias conv bias relu", last="bias conv scale bias", after_add="relu", init="fixup"),
+    # [SkipInit], no normalisation: the [V2] unit with BN dropped and a gate alpha (0 at init) ending the
+    # branch, y = x + alpha * f(x), each unit starting as the identity. The paper specifies only alpha; the
+    # scalar bias after each conv is our stand-in for the shift (BN's beta) that dropping BN removes.
+    "skipinit": Placement(layer="relu conv bias", last="relu conv bias gate", after_add=""),
 }
 # What the net's ends get, by the rule in Placement's docstring:
 #   original, bn_after_add, relu_before_add: stem conv-BN-ReLU, no final activation. For
@@ -105,6 +137,11 @@ PLACEMENTS: dict[str, Placement] = {
 #     and the ReLU'd stem, so a final ReLU would be a no-op (with option A shortcuts).
 #   relu_only_preact: stem conv-BN (BN follows every conv in this unit), final ReLU.
 #   full_preact: bare stem conv, final BN-ReLU.
+#   fixup: stem conv-bias-ReLU and a final scalar bias before pooling, which equals [Fixup]'s bias
+#     before the classifier (pooling is linear). In units whose shape changes the first bias is the
+#     shared pre-activation, so the shortcut (option A or a projection, no BN) takes x + a1, as the
+#     Fixup code's downsample does; identity units' shortcut takes the untouched x.
+#   skipinit: stem conv-bias, final ReLU; the shortcut of a unit whose shape changes takes ReLU(x).
 
 # `model.checkpointing: true`: one activation-checkpoint segment per residual unit (a stage runs as
 # min(k, n) segments, so any k above the deepest stage means one per unit). Run ids hash this number.

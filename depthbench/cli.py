@@ -155,7 +155,6 @@ def _interrupted(cfg: Any, out: Path, device: str | None, again: str) -> NoRetur
 
 
 def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> None:
-    from depthbench.architecture import resolve_block
     from depthbench.estimate import format_bytes, plan_estimates
     from depthbench.layout import run_state
     from depthbench.sweep import plan, sweep_dir_for
@@ -170,7 +169,7 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> N
         table.add_column(column)
     pending = {r.run_id for r in todo}
     for run in runs:
-        block, n = resolve_block(run.depth, run.model.block)
+        block, n = run.blocks
         state = run_state(folder / run.run_id)
         est, room = estimates[run.run_id], free[run.train.device]
         memory = "n/a" if est is None else format_bytes(est.total) + (" (too big)" if room and est.total > room else "")
@@ -194,7 +193,8 @@ def report(
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG figures into the sweep folder.")] = True,
 ) -> None:
     """Rebuild results.csv; write summary.csv, report.md and plots: V1 vs V2 side by side per depth."""
-    from depthbench.report import build_report, find_sweeps
+    from depthbench.families import FAMILIES
+    from depthbench.report import build_report, family_title, find_sweeps
 
     root = sweep_dir or out
     if not root.is_dir():
@@ -204,22 +204,19 @@ def report(
         raise DepthbenchError(f"no sweep results under '{root}'; run `depthbench sweep CONFIG` first")
     for folder in sweeps:
         rep = build_report(folder, group_by=group_by, sort=sort or (), plots=plots)
-        if rep.summary.empty:
+        if rep.table.empty:
             console.print(f"{folder.name}: no runs yet")
             continue
         done = int(rep.table.status.isin(("completed", "diverged", "failed")).sum())
-        table = Table(title=f"{folder.name}: V1 vs V2 by {rep.by} ({done}/{len(rep.table)} runs finished)",
-                      caption="acc = final test accuracy %, mean ± std over seeds; "
-                              "best and 95% intervals are in report.md")
-        # The terminal gets the columns a reader compares at a glance; report.md keeps all of them.
-        shown = [i for i, name in enumerate(rep.header) if not name.endswith(("best", "95% CI"))]
-        for i in shown:  # the row keys stay whole; statistics wrap if space is short
-            table.add_column(rep.header[i], justify="right", no_wrap=i < len(rep.keys))
-        for row in rep.cells:
-            table.add_row(*(row[i] for i in shown))
-        console.print(table)
-        for note in rep.notes:
-            console.print(note.replace("Warning:", "warning:", 1).replace("Note:", "note:", 1))
+        console.print(f"{rep.title} ({done}/{len(rep.table)} runs finished)")
+        for section in rep.sections:
+            named = f"{family_title(section.family)} " if len(rep.sections) > 1 else ""
+            names = section.names
+            if section.versions.cells:
+                _print_table(f"{named}{names['v1']} vs {names['v2']}", section.versions)
+            if section.units is not None:
+                reference = FAMILIES[section.family].version_unit["v2"]
+                _print_table(f"{named}units, each against {reference}", section.units)
         if rep.reference:
             ref = Table(title=f"{folder.name}: paper vs measured (test error %, fail = above 20%)")
             for column in rep.reference[0]:
@@ -231,30 +228,88 @@ def report(
         console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
+def _print_table(title: str, table: Any) -> None:
+    """One of report.md's tables on the terminal, with the columns a reader compares at a glance (report.md
+    keeps the best values and the 95% intervals), then its notes."""
+    shown = [i for i, name in enumerate(table.header) if not name.endswith(("best", "95% CI"))]
+    out = Table(title=title, caption="acc = final test accuracy %, mean ± std over seeds")
+    for i in shown:  # the row keys stay whole; statistics wrap if space is short
+        out.add_column(table.header[i], justify="right", no_wrap=i < len(table.keys))
+    for row in table.cells:
+        out.add_row(*(row[i] for i in shown))
+    console.print(out)
+    for note in table.notes:
+        console.print(note.replace("Warning:", "warning:", 1).replace("Note:", "note:", 1))
+
+
 @command
 def models(
-    max_depth: Annotated[int, typer.Option(help="List every valid depth up to this one (default: the papers' depths).")] = 0,
-    image_size: Annotated[int, typer.Option(help="Input size for the FLOP count.")] = 32,
+    family: Annotated[str, typer.Option(help="resnet or vit.")] = "resnet",
+    max_depth: Annotated[int, typer.Option(help="List every valid depth up to this one (default: the papers' depths; "
+                                                "for vit 2, 4, 6, 8, 12, 24, 48).")] = 0,
+    image_size: Annotated[int, typer.Option(help="Input size for the FLOP count (and a ViT's patch count).")] = 32,
     num_classes: Annotated[int, typer.Option(help="Classes of the head.")] = 10,
+    width: Annotated[int | None, typer.Option(min=1, help="Base width; default 16 (resnet), 192 (vit).")] = None,
+    heads: Annotated[int | None, typer.Option(min=1, help="vit: attention heads; default 3.")] = None,
+    patch: Annotated[int | None, typer.Option(min=1, help="vit: patch side; default 4.")] = None,
+    mlp_ratio: Annotated[float | None, typer.Option(help="vit: MLP width over width; default 4.0.")] = None,
+    pool: Annotated[str | None, typer.Option(help="vit: cls (class token) or mean; default cls.")] = None,
 ) -> None:
-    """Valid depths of each version and block, with parameters and forward FLOPs per image."""
+    """Valid depths of each version and block (or ViT unit), with parameters and forward FLOPs per image."""
+    from depthbench.architecture import choice
+    from depthbench.families import FAMILIES
+
+    vit = {"heads": heads, "patch": patch, "mlp_ratio": mlp_ratio, "pool": pool}
+    if choice("family", family, FAMILIES) == "vit":
+        defaults = {"heads": 3, "patch": 4, "mlp_ratio": 4.0, "pool": "cls"}
+        settings = {key: defaults[key] if value is None else value for key, value in vit.items()}
+        console.print(_vit_table(max_depth, image_size, num_classes, width or 192, **settings))
+        return
+    given = [f"--{key.replace('_', '-')}" for key, value in vit.items() if value is not None]
+    if given:
+        options = f"{given[0]} is a ViT option" if len(given) == 1 else f"{', '.join(given)} are ViT options"
+        raise DepthbenchError(f"{options}; add --family vit")
+    console.print(_resnet_table(max_depth, image_size, num_classes, width or 16))
+
+
+def _resnet_table(max_depth: int, image_size: int, num_classes: int, width: int) -> Table:
     import torch
 
     from depthbench.models import build_model, count_params, forward_flops, valid_depths
 
     paper = {"basic": [20, 32, 44, 56, 110, 1202], "bottleneck": [164, 1001]}
-    table = Table(title=f"ResNet depths ({num_classes} classes, {image_size}x{image_size} input, FLOPs = 2 x MACs)")
+    widened = "" if width == 16 else f", width {width}"
+    table = Table(title=f"ResNet depths ({num_classes} classes, {image_size}x{image_size} input{widened}, "
+                        "FLOPs = 2 x MACs)")
     for column in ("block", "depth", "n", "v1 params", "v2 params", "forward GFLOPs"):
         table.add_column(column, justify="right")
     for block, step in (("basic", 6), ("bottleneck", 9)):
         depths = valid_depths(block, max_depth) if max_depth else paper[block]
         for depth in depths:
             with torch.device("meta"):  # shapes only: no memory, no init cost, even for ResNet-1202
-                nets = {v: build_model(v, depth, num_classes, block=block) for v in ("v1", "v2")}
+                nets = {v: build_model(v, depth, num_classes, block=block, width=width) for v in ("v1", "v2")}
                 flops = forward_flops(nets["v2"], image_size)
             table.add_row(block, str(depth), str((depth - 2) // step), f"{count_params(nets['v1']):,}",
                           f"{count_params(nets['v2']):,}", f"{flops / 1e9:.3f}")
-    console.print(table)
+    return table
+
+
+def _vit_table(max_depth: int, image_size: int, num_classes: int, width: int, *, heads: int, patch: int,
+               mlp_ratio: float, pool: str) -> Table:
+    # Counted by formula (depthbench.transformer): nothing is built, and a shape that cannot be is one error.
+    from depthbench.transformer import UNITS, vit_forward_flops, vit_param_count
+
+    shape = {"width": width, "heads": heads, "mlp_ratio": mlp_ratio, "patch": patch, "image_size": image_size,
+             "in_channels": 3, "num_classes": num_classes, "pool": pool}
+    table = Table(title=f"ViT depths ({num_classes} classes, {image_size}x{image_size} input, width {width}, "
+                        f"{heads} heads, patch {patch}, MLP ratio {mlp_ratio:g}, {pool} pooling; "
+                        "v1 = post_ln, v2 = pre_ln; FLOPs = 2 x MACs)")
+    for column in ("depth", *(f"{unit} params" for unit in UNITS), "forward GFLOPs"):
+        table.add_column(column, justify="right")
+    for depth in range(1, max_depth + 1) if max_depth else (2, 4, 6, 8, 12, 24, 48):
+        counts = [f"{vit_param_count(depth, unit=unit, **shape):,}" for unit in UNITS]
+        table.add_row(str(depth), *counts, f"{vit_forward_flops(depth, **shape) / 1e9:.3f}")
+    return table
 
 
 @command
@@ -321,42 +376,66 @@ def bench(
 
 @command
 def diagnose(
+    family: Annotated[str, typer.Option(
+        "--family", help="resnet, or vit (a Vision Transformer; its v1 is Post-LN, its v2 Pre-LN).")] = "resnet",
     version: Annotated[list[str] | None, typer.Option("--version", help="v1 or v2; repeat to compare (default: both).")] = None,
-    depth: Annotated[list[int] | None, typer.Option("--depth", help="Depth; repeat for several (default: 110).")] = None,
+    depth: Annotated[list[int] | None, typer.Option(
+        "--depth", help="Depth (a ViT's: its blocks); repeat for several (default: 110 for resnet, 24 for vit).")] = None,
     unit: Annotated[list[str] | None, typer.Option(
-        "--unit", help="Unit placement overriding the version's (original, bn_after_add, ...); repeat for several.")] = None,
-    shortcut_gate: Annotated[str, typer.Option("--shortcut-gate", help="Shortcut of same-shape units.")] = "identity",
-    gate_bias: Annotated[float, typer.Option("--gate-bias", help="Initial b_g of gating shortcuts.")] = 0.0,
-    width: Annotated[int, typer.Option(help="Base width (16 in the papers).")] = 16,
+        "--unit", help="Unit overriding the version's; repeat for several. resnet: original, bn_after_add, "
+                       "relu_before_add, relu_only_preact, full_preact, fixup, skipinit; "
+                       "vit: post_ln, pre_ln, deepnorm, rezero.")] = None,
+    shortcut_gate: Annotated[str, typer.Option("--shortcut-gate", help="resnet: shortcut of same-shape units.")] = "identity",
+    gate_bias: Annotated[float, typer.Option("--gate-bias", help="resnet: initial b_g of gating shortcuts.")] = 0.0,
+    width: Annotated[int | None, typer.Option(
+        help="Base width of a ResNet, embedding width of a ViT (default: the family's, 16 and 192).")] = None,
+    heads: Annotated[int | None, typer.Option(help="vit: attention heads (default 3).")] = None,
+    patch: Annotated[int | None, typer.Option(help="vit: side of the square patches (default 4).")] = None,
+    mlp_ratio: Annotated[float | None, typer.Option(help="vit: MLP hidden width over width (default 4).")] = None,
+    pool: Annotated[str | None, typer.Option(help="vit: cls (class token) or mean of the tokens (default cls).")] = None,
     dataset: Annotated[str, typer.Option(help="cifar10, cifar100, imagefolder, digits or synthetic.")] = "cifar10",
     data_root: Annotated[Path | None, typer.Option(help="Data folder or archive (imagefolder: required).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Resize images to this size.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images in the measured batch.")] = 16,
-    steps: Annotated[int, typer.Option(help="Also measure after this many SGD steps (0: initialisation only).")] = 0,
-    lr: Annotated[float, typer.Option(help="Constant learning rate of those steps.")] = 0.1,
+    steps: Annotated[int, typer.Option(
+        help="Also measure after this many optimizer steps (the family's: SGD, AdamW; 0: initialisation only).")] = 0,
+    lr: Annotated[float | None, typer.Option(
+        help="Constant learning rate of those steps (default: the family's, 0.1 and 1e-3).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the batch.")] = 0,
     device: DeviceOption = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the run folders, diagnose.json/.csv/.png.")] = Path(
         "runs/diagnose"),
 ) -> None:
-    """Gradient and signal flow per residual unit at initialisation (and after --steps): V1 vs V2."""
+    """Gradient and signal flow per residual unit or Transformer block at initialisation (and after --steps):
+    V1 vs V2, Post-LN vs Pre-LN."""
     from depthbench.diagnose import build_configs, summarize_row, write_outputs
     from depthbench.diagnose import diagnose as run_diagnose
 
     if steps < 0:
         raise DepthbenchError(f"--steps must be 0 or more (got {steps})")
+    # Settings not given stay out, so that the family's defaults fill them.
+    model = {"family": family, "shortcut_gate": shortcut_gate, "gate_bias": gate_bias, "width": width,
+             "heads": heads, "patch": patch, "mlp_ratio": mlp_ratio, "pool": pool}
     configs = build_configs(
-        versions=version or ["v1", "v2"], depths=depth or [110], units=unit or [None],
-        model={"shortcut_gate": shortcut_gate, "gate_bias": gate_bias, "width": width},
+        versions=version or ["v1", "v2"], depths=depth, units=unit or [None],
+        model={k: v for k, v in model.items() if v is not None},
         dataset={"name": dataset, "root": str(data_root) if data_root else None, "image_size": image_size},
         batch_size=batch_size, steps=steps, seed=seed, lr=lr, device=device or "auto",
     )
     diagnoses = run_diagnose(configs, out)
-    table = Table(title=f"Gradient and signal flow (batch of {batch_size} images, seed {seed})",
-                  caption="||g|| = norm of dL/dx at a unit's input; cos = mean cos(x_l, x_l+1); "
-                          "zeroed = share of shortcut energy a ReLU after the addition zeroes")
+    # The last column is what can cut the identity path: a ReLU after the addition in a ResNet, the
+    # LayerNorm after it in a ViT.
+    if family == "vit":
+        last, last_key, last_spec = "id gain", "mean_identity_gain", ".3g"
+        caption = ("||g|| = norm of dL/dx at a block's input; cos = mean cos(x_l, x_l+1); "
+                   "id gain = mean factor the identity path multiplies x_l by (1: untouched)")
+    else:
+        last, last_key, last_spec = "zeroed", "mean_shortcut_zeroed", ".2%"
+        caption = ("||g|| = norm of dL/dx at a unit's input; cos = mean cos(x_l, x_l+1); "
+                   "zeroed = share of shortcut energy a ReLU after the addition zeroes")
+    table = Table(title=f"Gradient and signal flow (batch of {batch_size} images, seed {seed})", caption=caption)
     for column in ("net", "depth", "units", "step", "loss", "||g|| first", "||g|| middle", "||g|| last",
-                   "first/last", "mean cos", "zeroed", "seconds"):
+                   "first/last", "mean cos", last, "seconds"):
         table.add_column(column, justify="right")
     for d in diagnoses:
         for row in d.rows:
@@ -364,11 +443,10 @@ def diagnose(
             table.add_row(d.label, str(d.cfg.depth), str(sm["units"]), str(sm["step"]), _num(sm["loss"], ".3f"),
                           _num(sm["grad_first"], ".3g"), _num(sm["grad_middle"], ".3g"), _num(sm["grad_last"], ".3g"),
                           _num(sm["grad_first_over_last"], ".3g"), _num(sm["mean_cosine"], ".3f"),
-                          _num(sm["mean_shortcut_zeroed"], ".2%"), f"{d.seconds:.1f}")
+                          _num(sm[last_key], last_spec), f"{d.seconds:.1f}")
     console.print(table)
     files = write_outputs(diagnoses, out)
     console.print(f"wrote {', '.join(str(p) for p in files.values())}")
-
 
 def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)

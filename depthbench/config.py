@@ -23,11 +23,17 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from depthbench.architecture import EVERY_UNIT, VERSION_UNIT, resolve_block
+from depthbench.architecture import EVERY_UNIT, resolve_block
 from depthbench.errors import ConfigError, DepthbenchError, did_you_mean
+from depthbench.families import FAMILIES, family_of_unit, with_defaults
+from depthbench.transformer import check_heads, check_patch
 
 Version = Literal["v1", "v2"]
-Unit = Literal["original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact"]
+Family = Literal["resnet", "vit"]
+Unit = Literal[
+    "original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact", "fixup", "skipinit",
+    "post_ln", "pre_ln", "deepnorm", "rezero",
+]
 ShortcutGate = Literal[
     "identity", "constant_scaling", "exclusive_gating", "shortcut_only_gating", "conv1x1", "dropout"
 ]
@@ -94,9 +100,17 @@ class DatasetConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The net: its family, then settings every family reads (width, unit), then each family's own.
+
+    A family's own settings on a net of another family are refused (:class:`RunConfig`); the ViT's are
+    None on a ResNet and filled from the family's defaults (:mod:`depthbench.families`) on a ViT.
+    """
+
+    family: Family = Field("resnet", description="resnet, or vit (a Vision Transformer; v1 Post-LN, v2 Pre-LN)")
+    # ResNet only
     block: Literal["auto", "basic", "bottleneck"] = "auto"
     shortcut: Literal["auto", "A", "B"] = "auto"
-    width: int = Field(16, gt=0, description="base width: 16 in the papers")
+    width: int = Field(16, gt=0, description="base width (16 in the ResNet papers); a ViT's embedding size")
     unit: Unit | None = Field(None, description="overrides the unit that the version implies")
     shortcut_gate: ShortcutGate = "identity"
     shortcut_scale: float = Field(1.0, description="lambda on the shortcut (constant_scaling)")
@@ -104,6 +118,11 @@ class ModelConfig(_Section):
     gate_bias: float = Field(0.0, description="initial bias b_g of the 1x1 gate conv")
     shortcut_dropout: float = Field(0.5, ge=0.0, lt=1.0, description="drop rate on the shortcut")
     checkpointing: int = Field(0, ge=0, description="activation-checkpoint segments per stage; 0 off")
+    # ViT only
+    patch: int | None = Field(None, ge=1, description="side of the square, non-overlapping patches")
+    heads: int | None = Field(None, ge=1, description="attention heads; must divide width")
+    mlp_ratio: float | None = Field(None, gt=0.0, description="hidden width of the MLP over width")
+    pool: Literal["cls", "mean"] | None = Field(None, description="class token, or the mean of the patch tokens")
 
     @field_validator("checkpointing", mode="before")
     @classmethod
@@ -117,17 +136,40 @@ class ModelConfig(_Section):
 
 
 class WarmupConfig(_Section):
-    steps: int = Field(0, ge=0, description="steps at the warmup learning rate")
-    lr: float = Field(0.01, gt=0.0)
+    """The first steps of a run: a constant low rate that hands over to the schedule ([V1] ResNet-110's
+    0.01), or a linear ramp from 0 up to ``train.lr`` (the Transformer recipe, [Xiong])."""
+
+    steps: int | float = Field(0, ge=0, description="warmup steps, or a fraction (<1) of train.steps")
+    lr: float = Field(0.01, gt=0.0, description="the constant shape's rate")
+    shape: Literal["constant", "linear"] = "constant"
+
+    @field_validator("steps")
+    @classmethod
+    def _whole_or_fraction(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value >= 1:
+            if not value.is_integer():
+                raise ValueError(f"must be a whole number of steps or a fraction below 1 (got {value:g})")
+            return int(value)
+        return value
 
 
 class TrainConfig(_Section):
     steps: int = Field(64_000, gt=0)
     batch_size: int = Field(128, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    nesterov: bool = False
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd")
+    nesterov: bool = Field(False, description="sgd")
+    betas: tuple[float, float] | None = Field(None, description="adamw; (0.9, 0.999) when left out")
+    eps: float | None = Field(None, gt=0.0, description="adamw; 1e-8 when left out")
+    weight_decay: float = Field(1e-4, ge=0.0, description="L2 for sgd, decoupled for adamw")
+    decay_all: bool = Field(True, description="decay every parameter (the ResNet recipe); false skips norms, "
+                                              "biases, scalar gains and a ViT's position embedding and class token")
+    clip_grad_norm: float | None = Field(None, gt=0.0, description="clip the gradients' global L2 norm to this")
+    scalar_lr: float = Field(1.0, gt=0.0, description="learning-rate factor of the units' scalar parameters (Fixup's "
+                                                      "biases and multipliers, SkipInit's and ReZero's gates)")
+    schedule: Literal["multistep", "cosine"] = Field(
+        "multistep", description="multistep: times gamma at each milestone; cosine: from lr down to 0 at the last step")
     milestones: tuple[float, ...] = Field(
         (0.5, 0.75),
         description="fractions (<1) or step numbers; on a very short run the default fractions may resolve "
@@ -175,9 +217,19 @@ class TrainConfig(_Section):
         if list(resolved) != sorted(resolved) or (chosen and len(set(resolved)) < len(resolved)):
             raise ValueError(f"milestones: must be strictly increasing once resolved to steps (got {list(resolved)}); "
                              "give each drop a step of its own")
-        if self.warmup.steps >= self.steps:
-            raise ValueError(f"warmup.steps ({self.warmup.steps}) must be below steps ({self.steps})")
+        if self.warmup_steps >= self.steps:
+            written = self.warmup.steps
+            shown = f"{written:g}, i.e. {self.warmup_steps} steps" if isinstance(written, float) else f"{written}"
+            raise ValueError(f"warmup.steps ({shown}) must be below steps ({self.steps})")
+        if self.betas is not None and not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: each must be in [0, 1) (got {list(self.betas)})")
         return self
+
+    @property
+    def warmup_steps(self) -> int:
+        """Warmup as a step count: a fraction scales with ``steps``."""
+        w = self.warmup.steps
+        return round(w * self.steps) if isinstance(w, float) else w
 
     @property
     def milestone_steps(self) -> tuple[int, ...]:
@@ -252,24 +304,63 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     success: SuccessConfig = SuccessConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_defaults(cls, data: Any) -> Any:
+        # The unit's, the family's and the optimizer's defaults go under what the run wrote; the resolved
+        # values are what its config.yaml keeps. Sections given as objects count what was set on them as written.
+        if not isinstance(data, dict):
+            return data
+        data = {k: v.model_dump(exclude_unset=True) if isinstance(v, BaseModel) else v for k, v in data.items()}
+        return with_defaults(data)
+
     @model_validator(mode="after")
-    def _depth_fits(self) -> RunConfig:
-        try:
-            resolve_block(self.depth, self.model.block)
-        except DepthbenchError as err:
-            raise ValueError(str(err)) from None
+    def _fits_its_family(self) -> RunConfig:
+        if problem := _family_problem(self):
+            raise ValueError(problem)
+        if self.model.family == "resnet":
+            try:
+                resolve_block(self.depth, self.model.block)
+            except DepthbenchError as err:
+                raise ValueError(str(err)) from None
         return self
 
     @property
+    def blocks(self) -> tuple[str, int]:
+        """What the run's units are and how many a stage has: (basic | bottleneck, n) for a ResNet,
+        (transformer, depth) for a ViT, whose one stage is its ``depth`` blocks."""
+        if self.model.family == "vit":
+            return "transformer", self.depth
+        return resolve_block(self.depth, self.model.block)
+
+    @property
+    def unit(self) -> str:
+        """The unit this run builds: ``model.unit``, else the one its family's version implies."""
+        return FAMILIES[self.model.family].unit_of(self.version, self.model.unit)
+
+    @property
     def run_id(self) -> str:
-        return f"{self.version}-d{self.depth}-s{self.seed}-{self.content_hash}"
+        # A family other than the first says so in the folder name: runs/ lists what each folder trained.
+        family = "" if self.model.family == "resnet" else f"{self.model.family}-"
+        return f"{family}{self.version}-d{self.depth}-s{self.seed}-{self.content_hash}"
 
     @property
     def content_hash(self) -> str:
-        """Short hash of every setting that changes what is trained (not where or how it is logged)."""
+        """Short hash of every setting that changes what is trained (not where or how it is logged).
+
+        A setting added after run ids existed is hashed only when it differs from the value that means
+        what every earlier run did (:data:`ADDED_SETTINGS`), so runs/ folders made before it keep their ids.
+        """
         ident = self.model_dump(mode="json", exclude={"name", "version", "depth", "seed", "success"})
         for key in EXECUTION_KEYS:
             ident["train"].pop(key)
+        for key, before in ADDED_SETTINGS.items():
+            *parents, last = key.split(".")
+            section = ident
+            for part in parents:
+                section = section[part]
+            if section[last] == before:
+                del section[last]
         blob = json.dumps(ident, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
 
@@ -280,6 +371,71 @@ EXECUTION_KEYS = (
     "device", "eval_every", "log_every", "eval_batch_size", "checkpoint_every", "keep_checkpoint", "compile",
     "diagnose_steps", "cuda_graph",
 )
+
+
+# Settings added after run ids were first written, with the value (as JSON) that does what runs before
+# them did: at that value a setting stays out of the id. A new setting that changes what is trained
+# must be added here, or every existing runs/ folder would look unfinished.
+ADDED_SETTINGS: dict[str, Any] = {
+    "model.family": "resnet", "model.patch": None, "model.heads": None, "model.mlp_ratio": None,
+    "model.pool": None, "train.optimizer": "sgd", "train.betas": None, "train.eps": None,
+    "train.decay_all": True, "train.clip_grad_norm": None, "train.scalar_lr": 1.0, "train.schedule": "multistep",
+    "train.warmup.shape": "constant",
+}
+
+
+def _family_problem(run: RunConfig) -> str | None:
+    """A setting that the run's family, optimizer or schedule does not read, set to something that would
+    mean a change; or a unit of another family. One line, naming the key and the fix."""
+    model, train, family = run.model, run.train, FAMILIES[run.model.family]
+    if model.unit is not None and model.unit not in family.units:
+        other = family_of_unit(model.unit)
+        return (f"model.unit: '{model.unit}' is a {other} unit, not a {family.name} one; "
+                f"{family.name} units: {', '.join(family.units)}")
+    for name, other in FAMILIES.items():
+        if name == family.name:
+            continue
+        for key, unused in other.own_settings.items():
+            if key not in family.own_settings and not _same(getattr(model, key), unused):
+                return (f"model.{key} is a {name} setting, and this run is a {family.name} (model.family); "
+                        f"remove it, or set it in a sub-grid of {name} runs")
+    defaults = TrainConfig.model_fields
+    if train.optimizer == "sgd":
+        for key in ("betas", "eps"):
+            if getattr(train, key) is not None:
+                return f"train.{key} is an adamw setting, and train.optimizer is sgd; remove it"
+    else:
+        for key in ("momentum", "nesterov"):
+            if not _same(getattr(train, key), defaults[key].default):
+                return (f"train.{key} is an sgd setting, and train.optimizer is {train.optimizer}; remove it "
+                        "(adamw's are betas and eps)")
+    if train.schedule == "cosine":
+        for key in ("milestones", "gamma"):
+            if not _same(getattr(train, key), defaults[key].default):
+                return f"train.{key} belongs to the multistep schedule, and train.schedule is cosine; remove it"
+    if train.warmup.shape == "linear" and not _same(train.warmup.lr, WarmupConfig.model_fields["lr"].default):
+        return ("train.warmup.lr is the constant warmup's rate; a linear warmup ramps from 0 to train.lr: "
+                "remove it, or set train.warmup.shape: constant")
+    if model.family == "vit":
+        return _vit_shape_problem(run)
+    return None
+
+
+def _vit_shape_problem(run: RunConfig) -> str | None:
+    """Patch and heads that cannot fit the image and the width, where the config alone tells the image
+    side (every dataset but imagefolder, which the model checks when it is built)."""
+    model = run.model
+    side = run.dataset.image_size or (None if run.dataset.name == "imagefolder" else 32)
+    try:
+        check_heads(model.width, model.heads)
+    except DepthbenchError as err:
+        return f"model.heads: {err}"
+    try:
+        if side is not None:
+            check_patch(side, model.patch)
+    except DepthbenchError as err:
+        return f"model.patch: {err}"
+    return None
 
 
 Grid = dict[str, list[Any]]
@@ -353,7 +509,7 @@ class ReferenceRow(_Section):
             for part in key.split("."):
                 have = have.get(part) if isinstance(have, dict) else None
             if key == "model.unit" and have is None:
-                have = VERSION_UNIT[run.version]
+                have = run.unit
             if not _same(have, want):
                 return False
         return True
@@ -464,7 +620,8 @@ class SweepConfig(_Section):
 
     def runs(self) -> list[RunConfig]:
         """Every grid combination as a validated RunConfig, in grid order (sub-grid by sub-grid)."""
-        base = self.model_dump(exclude={"grid", "resources", "reference"})
+        # Only what the sweep wrote: what it left out is each run's to resolve (a ViT's defaults differ).
+        base = self.model_dump(exclude={"grid", "resources", "reference"}, exclude_unset=True)
         grids = self.grids()
         runs: dict[str, RunConfig] = {}
         for i, axes in enumerate(grids):

@@ -1,5 +1,6 @@
 """The ``depthbench diagnose`` command: nets measured at initialisation and after a few steps of the
-one trainer, side by side (the measurements themselves are :mod:`depthbench.flow`'s)."""
+one trainer, side by side (the measurements themselves are :mod:`depthbench.flow`'s). The nets are
+ResNets (residual units) or ViTs (Transformer blocks), one family per diagnosis run."""
 
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ import pandas as pd
 from pydantic import ValidationError
 
 from depthbench import storage
-from depthbench.config import DatasetConfig, ModelConfig, RunConfig, TrainConfig, dump_run_config
+from depthbench.config import DatasetConfig, ModelConfig, RunConfig, TrainConfig, WarmupConfig, dump_run_config
 from depthbench.data import load_dataset
 from depthbench.errors import ConfigError
+from depthbench.families import FAMILIES, version_label
 from depthbench.flow import measure, read_diagnostics, record_step, summarize_row
 from depthbench.layout import CONFIG, DIAGNOSE_JSON, DIAGNOSTICS
 from depthbench.plots import unit_flow
 from depthbench.train import TrainingSetup, train_run
 
+# Depth when none is given: ResNet-110, the net both [V1] and [V2] report on CIFAR-10; 24 blocks for a
+# ViT, as ViT-Large has.
+DEFAULT_DEPTHS: dict[str, int] = {"resnet": 110, "vit": 24}
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,13 @@ class Diagnosis:
 
     @property
     def label(self) -> str:
-        """The version, with the unit and gate when they are not the version's own."""
-        parts = [self.cfg.version]
-        if self.cfg.model.unit:
-            parts.append(self.cfg.model.unit)
+        """The version ('v1' for a ResNet, 'Post-LN' for a ViT), with the unit and gate when they are not
+        the version's own. ResNets keep the version names their earlier diagnose.json files and
+        docs/diagnose.md show."""
+        family = self.cfg.model.family
+        parts = [self.cfg.version if family == "resnet" else version_label(family, self.cfg.version)]
+        if self.cfg.unit != FAMILIES[family].version_unit[self.cfg.version]:
+            parts.append(self.cfg.unit)
         if self.cfg.model.shortcut_gate != "identity":
             parts.append(self.cfg.model.shortcut_gate)
         return " ".join(parts)
@@ -45,31 +53,40 @@ class Diagnosis:
 
 def diagnosis_config(
     version: str, depth: int, *, dataset: DatasetConfig, model: ModelConfig, batch_size: int, steps: int,
-    seed: int = 0, lr: float = 0.1, device: str = "auto",
+    seed: int = 0, lr: float | None = None, device: str = "auto",
 ) -> RunConfig:
-    """The run that ``diagnose`` measures: measured before its first SGD step (initialisation) and, when
-    ``steps > 0``, again after ``steps`` updates at a constant learning rate on un-augmented batches. The
-    trainer measures before a step, so the run has ``steps + 1`` steps; its test evaluation is one batch."""
+    """The run that ``diagnose`` measures: measured before its first optimizer step (initialisation) and,
+    when ``steps > 0``, again after ``steps`` updates at a constant learning rate on un-augmented batches.
+    The trainer measures before a step, so the run has ``steps + 1`` steps; its test evaluation is one batch.
+
+    The optimizer and everything else not set here are the family's (SGD for a ResNet, AdamW with its
+    weight decay for a ViT); so is ``lr`` when it is None (0.1 and 1e-3). The family's schedule and warmup
+    are not: a diagnosis compares nets at one constant rate."""
+    constant_rate = {"schedule": "multistep", "milestones": (), "warmup": WarmupConfig(steps=0)}
     return RunConfig(
         name="diagnose", version=version, depth=depth, seed=seed,
         dataset=dataset.model_copy(update={"augment": False, "test_subset": dataset.test_subset or batch_size}),
         model=model,
+        # Only what is set on this TrainConfig counts as written: the family's defaults fill the rest.
         train=TrainConfig(
-            steps=steps + 1, batch_size=batch_size, lr=lr, milestones=(), eval_every=steps + 1,
-            log_every=max(1, steps), checkpoint_every=steps + 1, keep_checkpoint="none", device=device,
-            diagnose_steps=tuple(sorted({0, steps})),
+            steps=steps + 1, batch_size=batch_size, **constant_rate, **({} if lr is None else {"lr": lr}),
+            eval_every=steps + 1, log_every=max(1, steps), checkpoint_every=steps + 1, keep_checkpoint="none",
+            device=device, diagnose_steps=tuple(sorted({0, steps})),
         ),
     )
 
 
 def build_configs(
-    *, versions: Sequence[str], depths: Sequence[int], units: Sequence[str | None], model: dict[str, Any],
-    dataset: dict[str, Any], batch_size: int, steps: int, seed: int = 0, lr: float = 0.1, device: str = "auto",
+    *, versions: Sequence[str], depths: Sequence[int] | None, units: Sequence[str | None], model: dict[str, Any],
+    dataset: dict[str, Any], batch_size: int, steps: int, seed: int = 0, lr: float | None = None,
+    device: str = "auto",
 ) -> list[RunConfig]:
     """The diagnosis runs for every (depth, version, unit), validated: a bad value is one ConfigError line
-    naming the setting."""
+    naming the setting. ``model`` holds the settings given (``family`` among them); those left out are
+    the family's defaults, as are ``depths`` (:data:`DEFAULT_DEPTHS`) and ``lr`` when None."""
     dataset_cfg = _validated(DatasetConfig, dataset)
     model_cfgs = [_validated(ModelConfig, {**model, "unit": unit}) for unit in units]
+    depths = depths or [DEFAULT_DEPTHS[model_cfgs[0].family]]
     return [
         _validated(diagnosis_config, {
             "version": version, "depth": depth, "dataset": dataset_cfg, "model": model_cfg, "batch_size": batch_size,
@@ -128,7 +145,8 @@ def measure_at_init(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def tidy(diagnoses: Sequence[Diagnosis]) -> list[dict[str, Any]]:
-    """One row per (net, step, unit): the CSV that ``diagnose`` writes."""
+    """One row per (net, step, unit): the CSV that ``diagnose`` writes (a ViT's rows have one more
+    column, ``identity_gain``)."""
     return [
         {"net": d.label, "version": d.cfg.version, "depth": d.cfg.depth, "step": row["step"], "loss": row["loss"], **unit}
         for d in diagnoses for row in d.rows for unit in row["units"]
@@ -137,11 +155,14 @@ def tidy(diagnoses: Sequence[Diagnosis]) -> list[dict[str, Any]]:
 
 def write_outputs(diagnoses: Sequence[Diagnosis], out: Path) -> dict[str, Path]:
     """``diagnose.json`` (per net and step: the summary and every unit), ``diagnose.csv`` (one row per unit)
-    and ``diagnose.png`` (gradient norm, cosine and zeroed shortcut energy per unit) in ``out``."""
+    and ``diagnose.png`` in ``out``: per unit, the gradient norm, the cosine and the zeroed shortcut energy
+    of a ResNet; the gradient norms at the input and of the weights and the cosine of a ViT (whose zeroed
+    fractions are None; :data:`depthbench.plots.FLOW_MEASURES` has no axis for its identity gain yet)."""
     out = Path(out)
     records = [
-        {"net": d.label, "version": d.cfg.version, "depth": d.cfg.depth, "seed": d.cfg.seed, "run_id": d.cfg.run_id,
-         "batch": row["batch"], "seconds": round(d.seconds, 2), **summarize_row(row), "per_unit": row["units"]}
+        {"net": d.label, "family": d.cfg.model.family, "version": d.cfg.version, "depth": d.cfg.depth,
+         "seed": d.cfg.seed, "run_id": d.cfg.run_id, "batch": row["batch"], "seconds": round(d.seconds, 2),
+         **summarize_row(row), "per_unit": row["units"]}
         for d in diagnoses for row in d.rows
     ]
     files = {"json": out / DIAGNOSE_JSON, "csv": out / "diagnose.csv", "png": out / "diagnose.png"}
@@ -150,12 +171,16 @@ def write_outputs(diagnoses: Sequence[Diagnosis], out: Path) -> dict[str, Path]:
     entries = [{"series": d.label, "depth": d.cfg.depth, "step": row["step"], "units": row["units"]}
                for d in diagnoses for row in d.rows]
     batch = diagnoses[0].cfg.train.batch_size if diagnoses else 0
-    unit_flow(entries, files["png"], measures=("grad_input", "cosine", "shortcut_zeroed"),
-              title=f"Gradient and signal flow per residual unit (one batch of {batch} images)")
+    if any(d.cfg.model.family == "vit" for d in diagnoses):
+        measures, units = ("grad_input", "grad_params", "cosine"), "Transformer block"
+    else:
+        measures, units = ("grad_input", "cosine", "shortcut_zeroed"), "residual unit"
+    unit_flow(entries, files["png"], measures=measures,
+              title=f"Gradient and signal flow per {units} (one batch of {batch} images)")
     return files
 
 
 __all__ = [
-    "DIAGNOSE_JSON", "DIAGNOSTICS", "Diagnosis", "build_configs", "diagnose", "diagnosis_config", "measure",
-    "measure_at_init", "read_diagnostics", "record_step", "summarize_row", "tidy", "write_outputs",
+    "DEFAULT_DEPTHS", "DIAGNOSE_JSON", "DIAGNOSTICS", "Diagnosis", "build_configs", "diagnose", "diagnosis_config",
+    "measure", "measure_at_init", "read_diagnostics", "record_step", "summarize_row", "tidy", "write_outputs",
 ]

@@ -13,8 +13,9 @@ the head), counting what each layer holds. ``tests/test_estimate.py`` checks eve
 
 Training memory on the device is the sum of:
 
-- model state: weights, gradients and SGD momentum, 4 bytes per parameter each (fp32 also under bf16
-  autocast, which adds its bf16 copies of the weights for the forward pass: 2 bytes per parameter);
+- model state: weights, gradients and SGD momentum (AdamW: two moments), 4 bytes per parameter each
+  (fp32 also under bf16 autocast, which adds its bf16 copies of the weights for the forward pass: 2
+  bytes per parameter);
 - data: the uint8 train and test images and their int64 labels, which the trainer moves to the device
   whole (REFERENCE.md section 5), and the epoch's permutation. On CPU the "device copy" is the loaded
   dataset itself, already resident when a run is checked, so only the permutation counts;
@@ -32,10 +33,31 @@ What autograd saves, per op (as PyTorch 2.x does on CPU and CUDA, in any memory 
     conv           its input (and under autocast, its bf16 copy of the weight)
     batch norm     its input, and four per-channel vectors (running and batch statistics)
     relu, sigmoid  its output
-    add, zero-pad shortcut, constant scaling, average pooling, flatten: nothing
+    scale, gate    its input (a learnable scalar times a map: the map is needed for the scalar's gradient)
+    add, zero-pad shortcut, constant scaling, scalar bias, average pooling, flatten: nothing
     gated sum      (1 - g) and x; exclusive gating also g and the residual
     dropout        its mask: a float tensor on CPU, a bool tensor on CUDA (fused kernel)
     linear         its input and the (transposed view or bf16 copy of the) weight
+
+A ViT (``model.family: vit``) is ``depth`` identical blocks, so what it saves is a formula rather than a
+trace (:func:`_vit_footprint`). Per image, with T tokens, width w, MLP width h, H heads and e bytes per
+activation element (4, or 2 under bf16 autocast); on CPU this is exact::
+
+    patch embedding      the image (e per pixel; under autocast also the bf16 copy of the conv weight)
+    every linear         its input (e: under autocast a bf16 copy of the fp32 stream) and its weight, as above
+    attention            q, k, v and the output (4Tw, e) and the logsumexp (HT, fp32); the fused kernel
+                         keeps no T x T scores (CUDA's kernels may pad the logsumexp and keep an RNG state)
+    GELU                 its input, the MLP's hidden map (Th)
+    LayerNorm            its input (Tw, fp32: autocast runs LayerNorm in fp32, and the residual stream stays
+                         fp32 from the fp32 position embedding on), its mean and 1/std (2T, fp32)
+    ReZero's a * F(x)    F(x) (Tw, e), for a's gradient
+    alpha * x, additions, the class token's concatenation, mean pooling: nothing
+    head                 its input: without autocast and with a class token the view of all T tokens it is
+                         selected from (Tw, fp32), else the w pooled values
+
+So a block saves e(6Tw + 2Th) + 4HT bytes (the qkv input, q, k, v, the attention output, the MLP's input
+and its hidden map before and after the GELU), plus 2(4Tw + 8T) for its two LayerNorms (post_ln, pre_ln,
+deepnorm) or 2eTw for ReZero's two gated products; pre_ln's final LayerNorm adds 4Tw + 8T. A ViT does not checkpoint.
 """
 
 from __future__ import annotations
@@ -58,6 +80,7 @@ from depthbench.config import DatasetConfig, ModelConfig, RunConfig
 from depthbench.data import TensorData
 from depthbench.devices import resolve_device
 from depthbench.errors import DepthbenchError
+from depthbench.transformer import UNITS, VIT_VERSION_UNIT, mlp_hidden, vit_param_count, vit_settings, vit_tokens
 
 # Bytes per input pixel of the batch being prepared: the uint8 gather, the padded crop, the float
 # normalisation and its channels_last copy (train.py's TrainingSetup.batch).
@@ -177,9 +200,22 @@ class _Trace:
         self.save(y)
         return y
 
+    def bias(self, x: _Map) -> _Map:
+        """x + b, b one learnable number (models.ScalarBias): the add saves nothing."""
+        self.params += 1
+        return self.new(x.channels, x.side)
+
+    def scale(self, x: _Map) -> _Map:
+        """a * x, a one learnable number (models.ScalarMultiplier, the scale and gate ops): x is saved for
+        a's gradient (a itself is a parameter, which bench does not count). The 0-dim a keeps bf16 maps bf16."""
+        self.save(x)
+        self.params += 1
+        return self.new(x.channels, x.side)
+
     def ops(self, names: Iterable[str], x: _Map) -> _Map:
+        table = {"bn": self.bn, "relu": self.relu, "bias": self.bias, "scale": self.scale, "gate": self.scale}
         for name in names:
-            x = {"bn": self.bn, "relu": self.relu}[name](x)
+            x = table[name](x)
         return x
 
     def linear(self, x: _Map, features: int) -> _Map:
@@ -336,9 +372,13 @@ def _footprint(net: _Net, checkpointing: int, elem: int, mask_elem: int) -> _Foo
 
 
 def parameter_count(version: str, depth: int, model: ModelConfig | None = None, num_classes: int = 10,
-                    in_channels: int = 3) -> int:
-    """Parameters of the net ``models.model_from_config`` builds for these settings, without building it."""
-    net = _net(version, depth, model or ModelConfig(), num_classes, in_channels, 32)
+                    in_channels: int = 3, image_size: int = 32) -> int:
+    """Parameters of the net ``models.model_from_config`` builds for these settings, without building it.
+    ``image_size`` matters to a ViT only (its position embedding has one vector per patch)."""
+    model = model or ModelConfig()
+    if model.family == "vit":
+        return _vit_footprint(version, depth, model, num_classes, in_channels, image_size, 4).params
+    net = _net(version, depth, model, num_classes, in_channels, 32)
     return _footprint(net, 0, 4, 4).params
 
 
@@ -356,9 +396,39 @@ def activation_bytes(cfg: RunConfig, shape: DataShape, device_type: str = "cpu",
 
 
 def _run_footprint(cfg: RunConfig, shape: DataShape, device_type: str, bf16: bool | None) -> _Footprint:
-    net = _net(cfg.version, cfg.depth, cfg.model, shape.num_classes, shape.channels, shape.image_size)
     elem = _precision_bytes(cfg, device_type, bf16)
+    if cfg.model.family == "vit":
+        return _vit_footprint(cfg.version, cfg.depth, cfg.model, shape.num_classes, shape.channels,
+                              shape.image_size, elem)
+    net = _net(cfg.version, cfg.depth, cfg.model, shape.num_classes, shape.channels, shape.image_size)
     return _footprint(net, cfg.model.checkpointing, elem, 1 if device_type == "cuda" else elem)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ViT, by formula
+
+
+def _vit_footprint(version: str, depth: int, model: ModelConfig, num_classes: int, in_channels: int, side: int,
+                   elem: int) -> _Footprint:
+    """A ViT's parameters and saved bytes, as models.ViT runs it: the formula of the module docstring."""
+    settings = vit_settings(model)
+    unit = settings.pop("unit") or VIT_VERSION_UNIT[version]
+    params = vit_param_count(depth, **settings, unit=unit, image_size=side, in_channels=in_channels,
+                             num_classes=num_classes)
+    rule, w, heads = UNITS[unit], settings["width"], settings["heads"]
+    hidden = mlp_hidden(w, settings["mlp_ratio"])
+    t = vit_tokens(patch=settings["patch"], image_size=side, pool=settings["pool"])
+    layer_norm = 4 * t * w + 2 * 4 * t  # fp32 input, mean and 1/std
+    block = elem * (6 * t * w + 2 * t * hidden) + 4 * heads * t
+    block += 2 * elem * t * w if rule.gate else rule.norms_per_block * layer_norm
+    head = layer_norm if rule.final_norm else 0
+    # Without autocast the head's input is a view, and autograd keeps the storage it views: every token.
+    head += 4 * t * w if elem == 4 and settings["pool"] == "cls" else elem * w
+    saved = elem * in_channels * side**2 + depth * block + head
+    weights = depth * (4 * w * w + 2 * w * hidden) + w * num_classes  # every linear's
+    fixed = elem * weights + (2 * in_channels * settings["patch"] ** 2 * w if elem == 2 else 0)
+    largest = max(in_channels * side**2, 3 * t * w, t * hidden)
+    return _Footprint(params, saved, fixed, 0, largest, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +465,9 @@ def estimate_memory(cfg: RunConfig, shape: DataShape, device_type: str = "cpu", 
     elem = _precision_bytes(cfg, device_type, bf16)
     tc = cfg.train
     batch, evaluated = tc.batch_size, min(tc.eval_batch_size, shape.test_size)
-    model = fp.params * ((8 if tc.momentum == 0 else 12) + (2 if elem == 2 else 0))
+    # Weights and gradients, then the optimizer's state: SGD's momentum buffer, AdamW's two moments.
+    state = 8 if tc.optimizer == "adamw" else 0 if tc.momentum == 0 else 4
+    model = fp.params * (8 + state + (2 if elem == 2 else 0))
     data = 8 * shape.train_size  # BatchOrder's permutation
     if device_type != "cpu":
         data += (shape.train_size + shape.test_size) * (shape.pixels + 8)
@@ -535,8 +607,8 @@ def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool 
     batch = _largest_batch(cfg, fits)
     if batch:
         fixes.append(f"train.batch_size: {batch}")
-    _, n = resolve_block(cfg.depth, cfg.model.block)
-    segments = best_segments(n)
+    # Activation checkpointing is a ResNet setting; a ViT's only fixes are the batch and the device.
+    segments = best_segments(cfg.blocks[1]) if cfg.model.family == "resnet" else 0
     if est.segments != segments:
         ckpt = _with(cfg, checkpointing=segments)
         if fits(ckpt):

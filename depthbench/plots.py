@@ -4,8 +4,9 @@ Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no 
 state), so plotting works on headless machines and from worker threads. Each function takes tidy
 data, writes one PNG and returns its path, or None when there is nothing to draw.
 
-A *series* is one line: a version with the settings that set it apart (``v1``, ``v2 unit=full_preact``).
-Colours follow the series, line styles the training step, so V1 and V2 read the same in every figure.
+A *series* is one line: what the report names it (a version, ``V1`` or ``Post-LN``, or a unit, ``fixup``)
+with the settings that set it apart (``V2 width=16``). Colours follow the series, line styles the training
+step, so a series reads the same in every figure.
 """
 
 from __future__ import annotations
@@ -34,15 +35,21 @@ def _colours(labels: Sequence[str]) -> dict[str, str]:
     return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
 
 
-def _depth_axis(ax: Axes, depths: Sequence[int]) -> None:
-    """Depth on a log axis when it spans a decade (20 ... 1001), labelled with the depths themselves."""
+_MAX_DEPTH_TICKS = 12  # beyond this many the labels of close depths (a ViT's 2, 3, 4, ...) run together
+
+
+def _depth_axis(ax: Axes, depths: Sequence[int], label: str = "depth (weight layers)") -> None:
+    """Depth on a log axis when it spans a decade (a ResNet's 20 ... 1001, a ViT's 2 ... 48), labelled with
+    the depths themselves: every one, or an even spread with both ends when there are many."""
     depths = sorted(set(depths))
     if depths[0] > 0 and depths[-1] / depths[0] >= 10:
         ax.set_xscale("log")
         ax.minorticks_off()
-    ax.set_xticks(depths)
-    ax.set_xticklabels([str(d) for d in depths])
-    ax.set_xlabel("depth (weight layers)")
+    ticks = depths[:: math.ceil(len(depths) / _MAX_DEPTH_TICKS)]
+    ticks[-1] = depths[-1]  # the deepest net always gets its label, in place of the spread's last one (no crowding)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(d) for d in ticks])
+    ax.set_xlabel(label)
 
 
 def _spans_decades(values: Sequence[float]) -> bool:
@@ -62,18 +69,22 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def error_vs_depth(table: pd.DataFrame, series: Sequence[str], path: Path, title: str = "") -> Path | None:
+def error_vs_depth(
+    table: pd.DataFrame, series: Sequence[str], path: Path, title: str = "",
+    depth_label: str = "depth (weight layers)",
+) -> Path | None:
     """Final test error (%) against depth, a line per series: mean over seeds with ± 1 std error bars.
 
     ``table`` has one row per run (``depth``, ``status``, ``test_acc`` and the ``series`` columns);
-    only completed runs count. A point's label gives its n where seeds are missing.
+    only completed runs count, and lines come in the order their runs first appear. A point's label
+    gives its n where seeds are missing. ``depth_label`` names the x axis (what the family's depth counts).
     """
     done = table[(table.status == "completed") & table.test_acc.notna()].copy()
     if done.empty:
         return None
     done["error"] = 100 * (1 - done.test_acc.astype(float))
     done["series"] = series_labels(done, series)
-    labels = list(dict.fromkeys(done.sort_values(list(series)).series))
+    labels = list(dict.fromkeys(done.series))
     colours = _colours(labels)
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
@@ -82,17 +93,19 @@ def error_vs_depth(table: pd.DataFrame, series: Sequence[str], path: Path, title
         runs = done[done.series == label]
         stats = runs.groupby("depth").error.agg(["mean", "std", "count"]).reset_index()
         spread = stats["std"].fillna(0)
-        # error bars stop at 0% error; each run is a dot, nudged sideways so the series do not overlap
-        ax.errorbar(stats.depth, stats["mean"], yerr=[spread.clip(upper=stats["mean"]), spread], marker="o",
+        # error bars stop at 0% and 100% error; each run is a dot, nudged sideways so the series do not overlap
+        bars = [spread.clip(upper=stats["mean"]), spread.clip(upper=100 - stats["mean"])]
+        ax.errorbar(stats.depth, stats["mean"], yerr=bars, marker="o",
                     capsize=4, color=colours[label], label=f"{label}: mean ± std (n = {_counts(stats['count'])})")
         nudge = 1 + 0.03 * (i - (len(labels) - 1) / 2) if len(depths) > 1 else 1
-        ax.scatter(runs.depth * nudge, runs.error, s=14, color=colours[label], alpha=0.45, zorder=3,
-                   label=f"{label}: each run")
-    _depth_axis(ax, done.depth.tolist())
+        ax.scatter(runs.depth * nudge, runs.error, s=14, color=colours[label], alpha=0.45, zorder=3)
+    _depth_axis(ax, done.depth.tolist(), depth_label)
     ax.set_ylabel("test error (%)")
     ax.set_title(title or "Final test error against depth (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    # Beside the axes once the lines are many, where it cannot hide them; the dots are the single runs.
+    beside = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if len(labels) > 4 else {}
+    ax.legend(fontsize="small", title="dots: each run", title_fontsize="small", **beside)
     return _save(fig, path)
 
 
@@ -102,16 +115,16 @@ def _counts(counts: pd.Series) -> str:
 
 
 def series_labels(table: pd.DataFrame, series: Sequence[str]) -> pd.Series:
-    """``v1``, ``v2 unit=full_preact``: the version, then each other series setting as short key=value."""
+    """``V1``, ``fixup width=16``: the first series column's value as it is, then each other series setting
+    as key=value, the key without its section (``width``, ``warmup.steps``); missing values left out."""
+    first, *settings = series
 
     def label(row: pd.Series) -> str:
-        parts = []
-        for key in series:
+        parts = [str(row[first])]
+        for key in settings:
             value = row[key]
-            if key == "version":
-                parts.insert(0, str(value))
-            elif not (isinstance(value, float) and math.isnan(value)):
-                parts.append(f"{key.split('.')[-1]}={value}")
+            if not (value is None or (isinstance(value, float) and math.isnan(value))):
+                parts.append(f"{key.split('.', 1)[-1]}={value}")
         return " ".join(parts)
 
     return table.apply(label, axis=1) if len(table) else pd.Series(dtype=str)

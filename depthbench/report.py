@@ -1,4 +1,4 @@
-"""V1-vs-V2 statistics by depth (or by any grid axis), published values beside ours, and the study's plots.
+"""V1-vs-V2 statistics by depth (or any grid axis), every unit against V2's, paper values beside ours, plots.
 
 For each configuration (by default depth plus every other setting the grid varies; ``group_by`` picks
 other axes) and version: how many runs finished, the success rate, test accuracy mean ± sample std over
@@ -7,7 +7,19 @@ training loss. Where both versions have results, V2 − V1 of mean accuracy with
 p-value and the 95% interval of the difference (Welch–Satterthwaite degrees of freedom). Too few runs
 to test anything are said so in words, not left to a blank cell.
 
-A sweep whose config carries a ``reference`` (the paper's table, see configs/paper/) gets a second
+Every model family (:mod:`depthbench.families`) has the same two versions, named as its papers name them:
+a ResNet's V1 and V2, a ViT's Post-LN and Pre-LN. A sweep of both families gets a table per family, since
+a ResNet and a ViT of one depth are different nets; runs of two families never share a row or a line.
+
+A sweep that also trains other units (``model.unit``: Fixup, SkipInit, DeepNorm, ...) compares them
+within their family in a units table: per configuration and unit the same statistics, and each unit
+against the family's V2 unit (full_preact, pre_ln) with Welch's test. The V1 and V2 columns then hold
+only the runs of each version's own unit, so that they compare the two designs; a run whose ``model.unit``
+overrides its version is a row of the units table alone. A unit's runs are pooled over version labels
+there, and ``summary.csv`` is that table, one row per (configuration, unit); without other units it is
+one row per (configuration, version).
+
+A sweep whose config carries a ``reference`` (the paper's table, see configs/paper/) gets a further
 table: each published row beside the median test error of the runs it names, "fail" meaning an error
 above 20% as in [V2] Table 1. ``build_report`` also draws the figures of :mod:`depthbench.plots` into
 the sweep folder and links them from ``report.md``.
@@ -17,7 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +40,9 @@ import pandas as pd
 from scipy import stats
 
 from depthbench import storage
-from depthbench.architecture import VERSION_UNIT
 from depthbench.config import SweepConfig
 from depthbench.errors import DepthbenchError, did_you_mean
+from depthbench.families import FAMILIES, family_of_unit, version_label
 from depthbench.layout import DIAGNOSE_JSON, RESULTS_CSV, SWEEP_FILE, RunFolder
 from depthbench.plots import error_vs_depth, series_labels, training_curves, unit_flow
 from depthbench.results import RunRecord, read_runs, saved_sweep, setting_columns, table_of
@@ -45,36 +57,121 @@ PLOT_FILES = {
     "curves": "curves.png",
     "grad_flow": "grad_flow.png",
 }
+FAMILY_TITLES = {"resnet": "ResNet", "vit": "ViT"}  # how titles and legends name a family
+DEPTH_MEANS = {"resnet": "weight layers", "vit": "transformer blocks"}  # what a family's depth counts
+
+
+def family_title(family: str) -> str:
+    return FAMILY_TITLES.get(family, family)
 
 
 # ---------------------------------------------------------------------------------------------
-# Grouping
+# Families, units and grouping
 # ---------------------------------------------------------------------------------------------
+
+
+def families(table: pd.DataFrame) -> pd.Series:
+    """The model family of each run. ``model.family`` is a column only where the sweep varies it; else a ViT
+    is told by its block ("transformer", as :func:`depthbench.results.table_of` gives it) and the rest are
+    ResNets, the family of every config that does not name one."""
+    if "model.family" in table.columns:
+        return table["model.family"].astype(object)
+    if "block" in table.columns:
+        return table["block"].map(lambda block: "vit" if block == "transformer" else "resnet").astype(object)
+    return pd.Series("resnet", index=table.index, dtype=object)
 
 
 def prepare(table: pd.DataFrame) -> pd.DataFrame:
-    """The results table as the report reads it: where ``model.unit`` varies, runs that left it to their
-    version show the unit that version implies (original for v1, full_preact for v2)."""
+    """The results table as the report reads it, with ``family``, ``unit`` (the unit each run builds) and
+    ``own_unit`` (the unit its version implies: original / full_preact for a ResNet, post_ln / pre_ln for a
+    ViT) added. Where ``model.unit`` varies, runs that left it to their version show that unit there too."""
     table = table.copy()
+    table["family"] = families(table)
+    table["own_unit"] = pd.Series(
+        [FAMILIES[f].version_unit[v] for f, v in zip(table.family, table.version, strict=True)],
+        index=table.index, dtype=object)
     if "model.unit" in table.columns:
-        implied = table.version.map(VERSION_UNIT)
-        table["model.unit"] = table["model.unit"].where(table["model.unit"].notna(), implied)
+        table["model.unit"] = table["model.unit"].astype(object).where(table["model.unit"].notna(), table.own_unit)
+        table["unit"] = table["model.unit"]
+    else:
+        table["unit"] = table.own_unit
     return table
+
+
+def units_vary(table: pd.DataFrame) -> bool:
+    """Whether some run of a prepared table builds a unit other than its version's own: the sweep
+    compares units, not only versions."""
+    return bool((table.unit != table.own_unit).any())
+
+
+def default_keys(table: pd.DataFrame) -> list[str]:
+    """The rows of the report when none are asked for: depth and every setting that varies within a
+    family, after the family where a sweep has two. Not ``model.unit``: the version split and the units
+    table show it. Nor a setting that only follows the family (a ViT's optimizer beside a ResNet's): it
+    would repeat the family."""
+    family = families(table)
+    keys = ["depth"]
+    for column in setting_columns(table):
+        if column in ("model.family", "model.unit"):
+            continue
+        # a missing value counts as one (None beside 0.05 varies)
+        if any(part.nunique(dropna=False) > 1 for _, part in table[column].groupby(family)):
+            keys.append(column)
+    return ["model.family", *keys] if family.nunique() > 1 else keys
 
 
 def row_keys(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[str]:
     """The axes that make a row of the report: ``group_by`` as given (checked against the grid's axes),
-    else depth and every varying setting. Version, unless grouped by, is the column split instead."""
+    else :func:`default_keys`. Version, unless grouped by, is the column split instead. Where the sweep
+    has two families the family is always a key: their runs are never pooled."""
     axes = ["version", "depth", "seed", *setting_columns(table)]
     if not group_by:
-        return ["depth", *setting_columns(table)]
+        return default_keys(table)
     for key in group_by:
         if key not in axes:
             raise DepthbenchError(
                 f"cannot group by '{key}'{did_you_mean(key, axes)}: it is not an axis that varies in this sweep; "
                 f"one of {', '.join(axes)}"
             )
-    return list(dict.fromkeys(group_by))
+    keys = list(dict.fromkeys(group_by))
+    if families(table).nunique() > 1 and "model.family" not in keys:
+        keys.insert(0, "model.family")
+    return keys
+
+
+def unit_keys(keys: Sequence[str]) -> list[str]:
+    """The row keys of the units table: the report's, less the version and the unit (the table's split)."""
+    return [k for k in keys if k not in ("version", "model.unit")]
+
+
+def version_runs(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """The runs a V1-vs-V2 table compares (of a prepared table): those that build their version's own
+    unit, so that V1 and V2 mean the two designs and a v1-labelled Fixup run is not pooled into V1. Only
+    where ``model.unit`` is a row key (grouped by it) does every run have its row."""
+    return table if "model.unit" in keys else table[table.unit == table.own_unit]
+
+
+def one_per_experiment(table: pd.DataFrame) -> pd.DataFrame:
+    """A prepared table's runs, each experiment once. The version only picks the unit of a run that leaves
+    ``model.unit`` out, so ``v1`` with unit full_preact and ``v2`` at the same seed and settings build the
+    same net from the same draws: one experiment, kept as the run whose version implies its unit (a
+    completed one first). Counting both would count one result twice and overstate what a test can tell."""
+    identity = ["family", "unit", "depth", "seed", *(c for c in setting_columns(table) if c != "model.unit")]
+    rank = 2 * (table.status != "completed").astype(int) + (table.unit != table.own_unit).astype(int)
+    kept = table.assign(_rank=rank).sort_values("_rank", kind="stable").drop_duplicates(identity)
+    return kept.drop(columns="_rank").sort_index()
+
+
+def unit_order(unit: str) -> int:
+    """Where a unit comes among its family's: V1's, V2's, then the others as the family lists them."""
+    family = FAMILIES.get(family_of_unit(unit) or "")
+    order = [*family.version_unit.values(), *family.units] if family else []
+    return order.index(unit) if unit in order else len(order)
+
+
+def reference_unit(family: str) -> str:
+    """The unit every other unit of a family is compared with: V2's, the clean identity path."""
+    return FAMILIES[family].version_unit["v2"]
 
 
 def _split(keys: Sequence[str]) -> list[str]:
@@ -85,40 +182,110 @@ def _key_tuple(key: Any) -> tuple:
     return key if isinstance(key, tuple) else (key,)
 
 
+def _groups(table: pd.DataFrame, keys: Sequence[str]) -> Iterator[tuple[tuple, pd.DataFrame]]:
+    """(key values, runs) for each configuration; the whole table as one group when there are no keys."""
+    if table.empty:
+        return
+    if not keys:
+        yield (), table
+        return
+    for key, group in table.groupby(list(keys), sort=True, dropna=False):
+        yield _key_tuple(key), group
+
+
+def _accuracies(runs: pd.DataFrame) -> pd.Series:
+    return runs.loc[runs.status == "completed", "test_acc"].astype(float).dropna()
+
+
+_STAT_COLUMNS = [
+    "runs", "finished", "success_rate", "diverged", "failed", "n", "test_acc_mean", "test_acc_std",
+    "test_acc_ci95_low", "test_acc_ci95_high", "test_acc_median", "test_acc_best", "train_loss_mean",
+]
+
+
+def _stats(group: pd.DataFrame) -> dict[str, Any]:
+    """The statistics of one configuration's runs, as a row of summary.csv."""
+    finished = group[group.status.isin(FINISHED)]
+    acc = _accuracies(finished)
+    n = len(acc)
+    mean, std = (acc.mean(), acc.std(ddof=1) if n > 1 else math.nan) if n else (math.nan, math.nan)
+    half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+    return {
+        "runs": len(group),
+        "finished": len(finished),
+        "success_rate": finished.success.astype(bool).mean() if len(finished) else math.nan,
+        "diverged": int((finished.status == "diverged").sum()),
+        "failed": int((finished.status == "failed").sum()),
+        "n": n,
+        "test_acc_mean": mean,
+        "test_acc_std": std,
+        # An accuracy lies in [0, 1]; so does its interval (the t-interval alone may leave it).
+        "test_acc_ci95_low": float(np.clip(mean - half, 0.0, 1.0)),  # NaN stays NaN
+        "test_acc_ci95_high": float(np.clip(mean + half, 0.0, 1.0)),
+        "test_acc_median": acc.median() if n else math.nan,
+        "test_acc_best": acc.max() if n else math.nan,
+        "train_loss_mean": finished.loc[finished.status == "completed", "train_loss"].astype(float).mean(),
+    }
+
+
 def summarize(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per (configuration, version) with the statistics over its seeds."""
+    """One row per (configuration, version) with the statistics over its seeds, over the runs of each
+    version's own unit (:func:`version_runs`)."""
     table = prepare(table)
-    keys = [*row_keys(table, group_by), *_split(row_keys(table, group_by))]
+    keys = row_keys(table, group_by)
+    keys = [*keys, *_split(keys)]
+    rows = [{**dict(zip(keys, key, strict=True)), **_stats(group)}
+            for key, group in _groups(version_runs(table, keys), keys)]
+    return pd.DataFrame(rows, columns=[*keys, *_STAT_COLUMNS])
+
+
+def summarize_units(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per (configuration, unit): every run, once per experiment (:func:`one_per_experiment`),
+    whichever version label it carries; units in their family's order (V1's, V2's, the others)."""
+    table = prepare(table)
+    keys = unit_keys(row_keys(table, group_by))
     rows = []
-    for key, group in table.groupby(keys, sort=True, dropna=False):
-        finished = group[group.status.isin(FINISHED)]
-        acc = finished.loc[finished.status == "completed", "test_acc"].astype(float).dropna()
-        n = len(acc)
-        mean, std = (acc.mean(), acc.std(ddof=1) if n > 1 else math.nan) if n else (math.nan, math.nan)
-        half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
-        rows.append({
-            **dict(zip(keys, _key_tuple(key), strict=True)),
-            "runs": len(group),
-            "finished": len(finished),
-            "success_rate": finished.success.astype(bool).mean() if len(finished) else math.nan,
-            "diverged": int((finished.status == "diverged").sum()),
-            "failed": int((finished.status == "failed").sum()),
-            "n": n,
-            "test_acc_mean": mean,
-            "test_acc_std": std,
-            # An accuracy lies in [0, 1]; so does its interval (the t-interval alone may leave it).
-            "test_acc_ci95_low": float(np.clip(mean - half, 0.0, 1.0)),  # NaN stays NaN
-            "test_acc_ci95_high": float(np.clip(mean + half, 0.0, 1.0)),
-            "test_acc_median": acc.median() if n else math.nan,
-            "test_acc_best": acc.max() if n else math.nan,
-            "train_loss_mean": finished.loc[finished.status == "completed", "train_loss"].astype(float).mean(),
-        })
-    return pd.DataFrame(rows)
+    for key, group in _groups(one_per_experiment(table), keys):
+        for unit in sorted(group.unit.unique(), key=unit_order):
+            rows.append({**dict(zip(keys, key, strict=True)), "model.unit": unit,
+                         **_stats(group[group.unit == unit])})
+    return pd.DataFrame(rows, columns=[*keys, "model.unit", *_STAT_COLUMNS])
 
 
 # ---------------------------------------------------------------------------------------------
-# V2 - V1
+# Welch's test: V2 - V1, and each unit - V2's unit
 # ---------------------------------------------------------------------------------------------
+
+
+def _welch(a: pd.Series, b: pd.Series) -> tuple[float, float, float, float]:
+    """Mean of ``a`` minus mean of ``b`` with Welch's p-value and 95% interval: (diff, p, low, high),
+    p and interval NaN when a side has fewer than 2 values."""
+    diff = float(a.mean() - b.mean())
+    if min(len(a), len(b)) < 2:
+        return diff, math.nan, math.nan, math.nan
+    with catch_warnings():
+        # scipy warns of "catastrophic cancellation" when one side's seeds tie; Welch's test is still
+        # defined then (one variance is zero), and both tying gives the nan handled below.
+        simplefilter("ignore", RuntimeWarning)
+        test = stats.ttest_ind(a, b, equal_var=False)
+    p = float(test.pvalue)
+    if math.isnan(p):  # identical values on both sides: no spread to test against
+        return diff, (1.0 if diff == 0 else 0.0), diff, diff
+    interval = test.confidence_interval(0.95)
+    return diff, p, float(interval.low), float(interval.high)
+
+
+def _test_note(n: int, per: str) -> str:
+    """What ``n`` runs on the smaller side allow: no test, a weak one, or '' for a usable one."""
+    if n < 2:
+        return f"n < 2 per {per}: no test possible"
+    return f"n < {WEAK_N} per {per}: weak evidence" if n < WEAK_N else ""
+
+
+NO_TEST = _test_note(1, "version")
+WEAK_TEST = _test_note(2, "version")
+UNIT_NO_TEST = _test_note(1, "unit")
+UNIT_WEAK_TEST = _test_note(2, "unit")
 
 
 @dataclass(frozen=True)
@@ -136,55 +303,94 @@ class Comparison:
     @property
     def note(self) -> str:
         """What the sample sizes allow: no test, a weak one, or '' for a usable one."""
-        n = min(self.n_v1, self.n_v2)
-        return NO_TEST if n < 2 else WEAK_TEST if n < WEAK_N else ""
-
-
-NO_TEST = "n < 2 per version: no test possible"
-WEAK_TEST = f"n < {WEAK_N} per version: weak evidence"
+        return _test_note(min(self.n_v1, self.n_v2), "version")
 
 
 def compare(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[Comparison]:
-    """Welch's t-test of V2 against V1 test accuracy at each configuration where both have runs."""
+    """Welch's t-test of V2 against V1 test accuracy at each configuration where both have runs of their
+    own unit."""
     table = prepare(table)
     keys = row_keys(table, group_by)
     if "version" in keys:
         return []
-    done = table[table.status == "completed"]
+    done = version_runs(table[table.status == "completed"], keys)
     comparisons = []
-    for key, group in done.groupby(keys, sort=True, dropna=False):
-        v1 = group.loc[group.version == "v1", "test_acc"].astype(float).dropna()
-        v2 = group.loc[group.version == "v2", "test_acc"].astype(float).dropna()
+    for key, group in _groups(done, keys):
+        v1, v2 = _accuracies(group[group.version == "v1"]), _accuracies(group[group.version == "v2"])
         if v1.empty or v2.empty:
             continue
-        diff = v2.mean() - v1.mean()
-        low = high = math.nan
-        if min(len(v1), len(v2)) < 2:
-            p = math.nan
-        else:
-            with catch_warnings():
-                # scipy warns of "catastrophic cancellation" when one version's seeds tie; Welch's test is still
-                # defined then (one variance is zero), and both tying gives the nan handled below.
-                simplefilter("ignore", RuntimeWarning)
-                test = stats.ttest_ind(v2, v1, equal_var=False)
-            p = float(test.pvalue)
-            if math.isnan(p):  # identical values on both sides: no spread to test against
-                p = 1.0 if diff == 0 else 0.0
-                low = high = diff
-            else:
-                interval = test.confidence_interval(0.95)
-                low, high = float(interval.low), float(interval.high)
-        comparisons.append(Comparison(_key_tuple(key), diff, p, len(v1), len(v2), low, high))
+        diff, p, low, high = _welch(v2, v1)
+        comparisons.append(Comparison(key, diff, p, len(v1), len(v2), low, high))
     return comparisons
 
 
+@dataclass(frozen=True)
+class UnitComparison:
+    """One unit minus its family's V2 unit (the ``reference``) of mean test accuracy at one configuration,
+    with Welch's test and interval."""
+
+    config: tuple
+    unit: str
+    reference: str
+    diff: float
+    p_value: float
+    n: int
+    n_reference: int
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+
+    @property
+    def note(self) -> str:
+        return _test_note(min(self.n, self.n_reference), "unit")
+
+
+def compare_units(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[UnitComparison]:
+    """Welch's t-test of each unit against its family's V2 unit at each configuration where both have
+    completed runs, every run counted once per experiment."""
+    table = prepare(table)
+    keys = unit_keys(row_keys(table, group_by))
+    done = one_per_experiment(table)
+    done = done[done.status == "completed"]
+    comparisons = []
+    for key, group in _groups(done, keys):
+        # the family is a row key where a sweep has two (row_keys): a group is one family's
+        reference = reference_unit(group.family.iloc[0])
+        base = _accuracies(_reference_runs(done, group, keys, reference))
+        if base.empty:
+            continue
+        for unit in sorted(set(group.unit) - {reference}, key=unit_order):
+            acc = _accuracies(group[group.unit == unit])
+            if acc.empty:
+                continue
+            diff, p, low, high = _welch(acc, base)
+            comparisons.append(UnitComparison(key, unit, reference, diff, p, len(acc), len(base), low, high))
+    return comparisons
+
+
+def _reference_runs(done: pd.DataFrame, group: pd.DataFrame, keys: Sequence[str], reference: str) -> pd.DataFrame:
+    """The reference unit's runs that a group of other units' runs is compared with: those at the group's
+    values of the keys the reference runs themselves vary. A setting that only other units vary (Fixup's
+    ``train.scalar_lr``, say) does not take the reference away from them."""
+    runs = done[(done.unit == reference) & (done.family == group.family.iloc[0])]
+    for key in keys:
+        values = runs[key].astype(str)  # as text, so that None and NaN count as values
+        if values.nunique() > 1:
+            runs = runs[values == str(group[key].iloc[0])]
+    return runs
+
+
 # ---------------------------------------------------------------------------------------------
-# The table, as strings for the console and report.md
+# The tables, as strings for the console and report.md
 # ---------------------------------------------------------------------------------------------
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _same_key(key: tuple) -> tuple:
+    # Missing values (None, NaN, NA) as one, so a configuration found in two tables is matched.
+    return tuple(None if _missing(v) else v for v in key)
 
 
 def _pct(value: float) -> str:
@@ -208,12 +414,21 @@ def _cell(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _success(row: pd.Series) -> str:
+    return "-" if math.isnan(row.success_rate) else f"{100 * row.success_rate:.0f}%"
+
+
+def _difference(c: Comparison | UnitComparison) -> list[str]:
+    """A difference of means in points, its interval and its p-value, as cells."""
+    return [f"{100 * c.diff:+.2f}", _ci(c.ci_low, c.ci_high, sign="+"),
+            "-" if math.isnan(c.p_value) else f"{c.p_value:.3f}"]
+
+
 def _stat_cells(row: pd.Series | None) -> list[str]:
     if row is None:
         return ["-"] * 7
     return [
-        f"{row.finished}/{row.runs}",
-        "-" if math.isnan(row.success_rate) else f"{100 * row.success_rate:.0f}%",
+        f"{row.finished}/{row.runs}", _success(row),
         _acc(row), _pct(row.test_acc_median), _pct(row.test_acc_best),
         "-" if math.isnan(row.train_loss_mean) else f"{row.train_loss_mean:.3f}",
         # a t-interval ignores that accuracy lies in [0, 1]; show it cut there
@@ -222,6 +437,13 @@ def _stat_cells(row: pd.Series | None) -> list[str]:
 
 
 _STAT_NAMES = ("runs", "success", "acc % mean ± std", "median", "best", "train loss", "95% CI")
+RESNET_NAMES = {"v1": "V1", "v2": "V2"}
+
+
+def version_names(family: str | None) -> dict[str, str]:
+    """What a table calls the versions: a family's own names (V1, Post-LN), or v1 and v2 for a table
+    whose rows are of several families (``None``)."""
+    return {v: version_label(family, v) if family else v for v in ("v1", "v2")}
 
 
 def _sort_value(value: Any) -> tuple:
@@ -249,54 +471,90 @@ def parse_sort(sort: Sequence[str], keys: Sequence[str]) -> list[tuple[str, bool
     return order
 
 
+def _sorted(rows: list[tuple[tuple, list[str]]], keys: Sequence[str], sort: Sequence[str]) -> list[list[str]]:
+    for name, descending in reversed(parse_sort(sort, keys)):
+        index = keys.index(name)
+        rows.sort(key=lambda r: _sort_value(r[0][index]), reverse=descending)
+    return [line for _, line in rows]
+
+
 def report_rows(
     summary: pd.DataFrame, comparisons: list[Comparison], keys: Sequence[str] | None = None,
-    sort: Sequence[str] = (),
+    sort: Sequence[str] = (), names: dict[str, str] | None = None,
 ) -> tuple[list[str], list[list[str]]]:
     """The side-by-side table as header and string cells, shared by the console and report.md.
 
     Rows are ``keys`` (default: depth and the varying settings), versions side by side unless
-    ``version`` is a row key. ``sort`` orders rows by row keys (``key`` or ``key:desc``)."""
+    ``version`` is a row key, named by ``names`` (default V1 and V2; :func:`version_names`). ``sort``
+    orders rows by row keys (``key`` or ``key:desc``)."""
     keys = list(keys) if keys is not None else [c for c in summary.columns if c == "depth" or "." in c]
+    names = names or RESNET_NAMES
     split = _split(keys)
     versions = sorted(summary.version.unique()) if split else [None]
     header = [*keys]
     for v in versions:
-        header += [f"{v.upper()} {name}" if v else name for name in _STAT_NAMES]
+        header += [f"{names.get(v, v.upper())} {name}" if v else name for name in _STAT_NAMES]
     if comparisons:
-        header += ["V2−V1 (pts)", "V2−V1 95% CI", "p (Welch)"]
-    by_config = {c.config: c for c in comparisons}
+        difference = f"{names['v2']}−{names['v1']}"
+        header += [f"{difference} (pts)", f"{difference} 95% CI", "p (Welch)"]
+    by_config = {_same_key(c.config): c for c in comparisons}
     rows: list[tuple[tuple, list[str]]] = []
-    for key, group in summary.groupby(keys, sort=True, dropna=False):
-        key = _key_tuple(key)
+    for key, group in _groups(summary, keys):
         line = [_cell(k) for k in key]
         for v in versions:
             match = group[group.version == v] if v else group
             line += _stat_cells(match.iloc[0] if len(match) else None)
         if comparisons:
-            c = by_config.get(key)
-            line += ["-"] * 3 if c is None else [
-                f"{100 * c.diff:+.2f}", _ci(c.ci_low, c.ci_high, sign="+"),
-                "-" if math.isnan(c.p_value) else f"{c.p_value:.3f}",
-            ]
+            c = by_config.get(_same_key(key))
+            line += ["-"] * 3 if c is None else _difference(c)
         rows.append((key, line))
-    for name, descending in reversed(parse_sort(sort, keys)):
-        index = keys.index(name)
-        rows.sort(key=lambda r: _sort_value(r[0][index]), reverse=descending)
-    return header, [line for _, line in rows]
+    return header, _sorted(rows, keys, sort)
+
+
+def unit_rows(
+    summary: pd.DataFrame, comparisons: list[UnitComparison], keys: Sequence[str], reference: str,
+    sort: Sequence[str] = (),
+) -> tuple[list[str], list[list[str]]]:
+    """The units table of one family as header and string cells: a row per (configuration, unit) of
+    :func:`summarize_units`, each unit against ``reference``, the family's V2 unit."""
+    keys = [*keys, "model.unit"]
+    difference = f"unit − {reference}"
+    header = [*keys, "runs", "n", "success", "acc % mean ± std", "median",
+              f"{difference} (pts)", f"{difference} 95% CI", "p (Welch)"]
+    by_config = {(*_same_key(c.config), c.unit): c for c in comparisons}
+    rows: list[tuple[tuple, list[str]]] = []
+    for _, row in summary.iterrows():
+        key = tuple(row[k] for k in keys)
+        c = by_config.get(_same_key(key))
+        if row["model.unit"] == reference:
+            versus = ["reference", "-", "-"]
+        else:
+            versus = ["-"] * 3 if c is None else _difference(c)
+        line = [*(_cell(k) for k in key), f"{row.finished}/{row.runs}", str(row.n), _success(row), _acc(row),
+                _pct(row.test_acc_median), *versus]
+        rows.append((key, line))
+    return header, _sorted(rows, keys, sort)
 
 
 def _describe(keys: Sequence[str], config: tuple) -> str:
     return ", ".join(f"{k} {_cell(v)}" for k, v in zip(keys, config, strict=True))
 
 
-def warnings(summary: pd.DataFrame, comparisons: list[Comparison], keys: Sequence[str]) -> list[str]:
+def _at(keys: Sequence[str], config: tuple) -> str:
+    return f" at {_describe(keys, config)}" if keys else ""
+
+
+def warnings(
+    summary: pd.DataFrame, comparisons: list[Comparison], keys: Sequence[str], names: dict[str, str] | None = None,
+) -> list[str]:
     """What the numbers cannot say, in words: too few runs to test, too few for more than a rough test."""
+    names = names or RESNET_NAMES
+    v1, v2 = names["v1"], names["v2"]
     lines = []
     untestable = [c for c in comparisons if c.note == NO_TEST]
     if untestable:
-        where = "; ".join(f"{_describe(keys, c.config)} (V1 n = {c.n_v1}, V2 n = {c.n_v2})" for c in untestable)
-        lines.append(f"Warning: too few runs to say anything about V2 − V1 at {where}: with one run a side the "
+        where = "; ".join(f"{_describe(keys, c.config)} ({v1} n = {c.n_v1}, {v2} n = {c.n_v2})" for c in untestable)
+        lines.append(f"Warning: too few runs to say anything about {v2} − {v1} at {where}: with one run a side the "
                      "difference may be seed noise of any size. Run 2 or more seeds per version (5 for a usable test).")
     weak = [c for c in comparisons if c.note == WEAK_TEST]
     if weak:
@@ -306,6 +564,38 @@ def warnings(summary: pd.DataFrame, comparisons: list[Comparison], keys: Sequenc
     single = int((summary.n < 2).sum()) if "n" in summary.columns else 0
     if single and not untestable:
         lines.append(f"Note: {single} configuration(s) have fewer than 2 completed runs: no spread or interval there.")
+    return lines
+
+
+def unit_warnings(
+    summary: pd.DataFrame, comparisons: list[UnitComparison], keys: Sequence[str], reference: str, repeats: int = 0,
+) -> list[str]:
+    """What the units table cannot say, in words: too few runs to test, no reference runs to test against,
+    and runs that repeat an experiment under the other version label (``repeats``)."""
+    lines = []
+    untestable = [c for c in comparisons if c.note == UNIT_NO_TEST]
+    if untestable:
+        where = "; ".join(f"{c.unit}{_at(keys, c.config)} ({c.unit} n = {c.n}, {reference} n = {c.n_reference})"
+                          for c in untestable)
+        lines.append(f"Warning: too few runs to compare with {reference}: {where}. With one run a side the "
+                     "difference may be seed noise of any size. Run 2 or more seeds per unit (5 for a usable test).")
+    weak = list(dict.fromkeys(_describe(keys, c.config) for c in comparisons if c.note == UNIT_WEAK_TEST))
+    if weak:
+        where = f" at {'; '.join(weak)}" if keys else ""
+        lines.append(f"Note: {UNIT_WEAK_TEST}{where}. With so few seeds only a large difference can reach a "
+                     "small p-value, and a large p-value does not mean the units are equal.")
+    lacking = []
+    compared = {c.config for c in comparisons}
+    for key, group in _groups(summary, keys):
+        with_runs = set(group.loc[group.n > 0, "model.unit"])
+        if with_runs and reference not in with_runs and key not in compared:
+            lacking.append(_describe(keys, key) if keys else "")
+    if lacking:
+        where = f" at {'; '.join(lacking)}" if keys else ""
+        lines.append(f"Note: no completed {reference} runs{where}: the units there have nothing to be compared with.")
+    if repeats:
+        lines.append(f"Note: {repeats} run(s) repeat another run's unit, seed and settings under the other version "
+                     "label, the same experiment: each is counted once.")
     return lines
 
 
@@ -363,13 +653,39 @@ def reference_rows(
 # ---------------------------------------------------------------------------------------------
 
 
-def _series(table: pd.DataFrame) -> list[str]:
-    """What tells the lines of a figure apart: the version and every varying setting (depth is the x axis)."""
-    return ["version", *setting_columns(table)]
+def plot_runs(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The runs the figures draw, of a prepared table: each experiment once, in line order, with a ``line``
+    column naming its family (where a sweep has two), then its version as the family names it (V1,
+    Post-LN) or, in a family that trains other units, its unit. Returned with the series columns that
+    tell lines apart: ``line`` and every other setting that varies within a family (depth is the x axis)."""
+    runs = one_per_experiment(table)
+    series = ["line", *(k for k in default_keys(table) if k not in ("depth", "model.family"))]
+    if runs.empty:
+        return runs.assign(line=pd.Series(dtype=object)), series
+    mixed = runs.family.nunique() > 1
+    by_unit = {family for family, part in runs.groupby("family") if units_vary(part)}
+
+    def line(run: pd.Series) -> str:
+        name = run.unit if run.family in by_unit else version_label(run.family, run.version)
+        return f"{family_title(run.family)} {name}" if mixed else name
+
+    def order(run: pd.Series) -> tuple:
+        # families as FAMILIES lists them, V1's unit before V2's before the rest, then the settings
+        return (list(FAMILIES).index(run.family), unit_order(run.unit), *(_sort_value(run[k]) for k in series[1:]))
+
+    runs = runs.assign(line=[line(run) for _, run in runs.iterrows()])
+    return runs.iloc[sorted(range(len(runs)), key=lambda i: order(runs.iloc[i]))], series
 
 
-def _curves(sweep_dir: Path, table: pd.DataFrame, series: list[str]) -> pd.DataFrame:
-    runs = table[table.status.isin(("completed", "diverged"))]
+def _depth_label(runs: pd.DataFrame) -> str:
+    present = [f for f in FAMILIES if f in set(runs.family)]
+    if len(present) == 1:
+        return f"depth ({DEPTH_MEANS[present[0]]})"
+    return "depth (" + "; ".join(f"{family_title(f)}: {DEPTH_MEANS[f]}" for f in present) + ")"
+
+
+def _curves(sweep_dir: Path, runs: pd.DataFrame, series: list[str]) -> pd.DataFrame:
+    runs = runs[runs.status.isin(("completed", "diverged"))]
     labels = series_labels(runs, series)
     frames = []
     for (_, run), label in zip(runs.iterrows(), labels, strict=True):
@@ -383,10 +699,10 @@ def _curves(sweep_dir: Path, table: pd.DataFrame, series: list[str]) -> pd.DataF
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _flow_entries(sweep_dir: Path, table: pd.DataFrame, series: list[str]) -> list[dict[str, Any]]:
-    labels = series_labels(table, series)
+def _flow_entries(sweep_dir: Path, runs: pd.DataFrame, series: list[str]) -> list[dict[str, Any]]:
+    labels = series_labels(runs, series)
     entries = []
-    for (_, run), label in zip(table.iterrows(), labels, strict=True):
+    for (_, run), label in zip(runs.iterrows(), labels, strict=True):
         for row in RunFolder(sweep_dir / run.run_id).diagnostics():
             entries.append({"series": label, "depth": run.depth, "step": row["step"], "units": row["units"]})
     return entries
@@ -394,17 +710,17 @@ def _flow_entries(sweep_dir: Path, table: pd.DataFrame, series: list[str]) -> li
 
 def draw_plots(sweep_dir: Path, table: pd.DataFrame) -> dict[str, Path]:
     """Every figure the sweep has data for, written into the sweep folder: {name: path}."""
-    table = prepare(table)
-    series = _series(table)
+    runs, series = plot_runs(prepare(table))
     drawn = {
         "error_vs_depth": error_vs_depth(
-            table, series, sweep_dir / PLOT_FILES["error_vs_depth"],
-            title=f"{sweep_dir.name}: final test error against depth (mean ± std over seeds)"),
+            runs, series, sweep_dir / PLOT_FILES["error_vs_depth"],
+            title=f"{sweep_dir.name}: final test error against depth (mean ± std over seeds)",
+            depth_label=_depth_label(runs) if len(runs) else "depth"),
         "curves": training_curves(
-            _curves(sweep_dir, table, series), sweep_dir / PLOT_FILES["curves"],
+            _curves(sweep_dir, runs, series), sweep_dir / PLOT_FILES["curves"],
             title=f"{sweep_dir.name}: training loss and test error against step (mean over seeds, band = min..max)"),
         "grad_flow": unit_flow(
-            _flow_entries(sweep_dir, table, series), sweep_dir / PLOT_FILES["grad_flow"],
+            _flow_entries(sweep_dir, runs, series), sweep_dir / PLOT_FILES["grad_flow"],
             title=f"{sweep_dir.name}: gradient norm reaching each residual unit (geometric mean over seeds)"),
     }
     for name, path in drawn.items():
@@ -419,6 +735,7 @@ _PLOT_CAPTIONS = {
     "grad_flow": "Norm of the loss gradient reaching each residual unit's input (from diagnostics.jsonl, "
                  "recorded at train.diagnose_steps); dotted lines mark the first unit of each stage.",
 }
+_UNITS_CAPTION = "Final test error against depth, one line per unit (and setting), error bars ± 1 std over seeds."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +752,71 @@ def _markdown_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> li
 
 
 @dataclass
+class Table:
+    """One table of report.md: its row keys, header and cells, and the notes under it."""
+
+    keys: list[str]
+    header: list[str]
+    cells: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    """One family's part of report.md: its V1-vs-V2 table and, where the family trains other units, its
+    units table. ``own_units_only``: the version columns leave those other units' runs to the units table."""
+
+    family: str
+    versions: Table
+    compared: bool  # some V2 − V1 was computed: the table has its columns
+    units: Table | None = None
+    own_units_only: bool = False
+
+    @property
+    def names(self) -> dict[str, str]:
+        return version_names(self.family)
+
+
+def _applicable(sort: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """The ``--sort`` items that order a table with these row keys (each was checked against some table's)."""
+    return [item for item in sort if item.partition(":")[0] in keys]
+
+
+def family_section(table: pd.DataFrame, family: str, keys: Sequence[str], sort: Sequence[str] = ()) -> Section:
+    """The report of ``table``'s runs of one ``family``, as if they were a sweep of their own, by ``keys``."""
+    runs = table[families(table) == family]
+    prepared = prepare(runs)
+    names = version_names(family)
+    summary, comparisons = summarize(runs, keys), compare(runs, keys)
+    header, cells = report_rows(summary, comparisons, keys, _applicable(sort, keys), names)
+    section = Section(family, Table(list(keys), header, cells, warnings(summary, comparisons, keys, names)),
+                      bool(comparisons))
+    if units_vary(prepared):
+        ukeys, reference = unit_keys(keys), reference_unit(family)
+        unit_summary, unit_comparisons = summarize_units(runs, keys), compare_units(runs, keys)
+        header, cells = unit_rows(unit_summary, unit_comparisons, ukeys, reference,
+                                  _applicable(sort, [*ukeys, "model.unit"]))
+        repeats = len(prepared) - len(one_per_experiment(prepared))
+        section.units = Table(ukeys, header, cells,
+                              unit_warnings(unit_summary, unit_comparisons, ukeys, reference, repeats))
+        section.own_units_only = "model.unit" not in keys
+    return section
+
+
+def _family_keys(table: pd.DataFrame, family: str, keys: Sequence[str], group_by: Sequence[str] | None) -> list[str]:
+    """A family's row keys: its own varying settings by default, else the sweep's keys less the family
+    (itself a key only when nothing else is, so that the table has a row)."""
+    if not group_by:
+        return default_keys(table[families(table) == family])
+    return [k for k in keys if k != "model.family"] or ["model.family"]
+
+
+@dataclass
 class Report:
+    """A sweep's report. ``header``, ``cells``, ``notes``, ``summary`` and ``comparisons`` are the V1-vs-V2
+    table of the whole sweep, by ``keys`` (the console's); ``sections`` are report.md's tables, one per
+    family; ``unit_summary`` and ``unit_comparisons`` the units tables' numbers where units vary."""
+
     sweep_dir: Path
     table: pd.DataFrame
     summary: pd.DataFrame
@@ -449,21 +830,58 @@ class Report:
     plots: dict[str, Path] = field(default_factory=dict)
     fail_error: float = FAIL_ERROR
     success: str = "completed"  # the sweep's success rule in words
+    sections: list[Section] = field(default_factory=list)
+    unit_summary: pd.DataFrame | None = None
+    unit_comparisons: list[UnitComparison] = field(default_factory=list)
 
     @property
     def by(self) -> str:
         """What the rows are: "depth" for the default rows, else the row keys."""
-        return "depth" if self.keys == ["depth", *setting_columns(self.table)] else ", ".join(self.keys)
+        return "depth" if self.keys == default_keys(self.table) else ", ".join(self.keys)
 
     @property
     def title(self) -> str:
-        return f"{self.sweep_dir.name}: ResNet V1 vs V2 by {self.by}"
+        present = [s.family for s in self.sections] or ["resnet"]
+        versus = ", ".join(f"{family_title(f)} {version_label(f, 'v1')} vs {version_label(f, 'v2')}" for f in present)
+        units = " and units" if any(s.units for s in self.sections) else ""
+        return f"{self.sweep_dir.name}: {versus}{units} by {self.by}"
+
+
+def _section_markdown(section: Section, mixed: bool) -> list[str]:
+    """A family's tables, each opened by a blank line; under a heading of its own where the sweep has two."""
+    v1, v2 = section.names["v1"], section.names["v2"]
+    own = FAMILIES[section.family].version_unit
+    lines = ["", f"## {family_title(section.family)}"] if mixed else []
+    if not section.versions.cells:
+        lines += ["", f"No runs of {v1}'s or {v2}'s own unit ({own['v1']}, {own['v2']}): every run is below."]
+    else:
+        if section.own_units_only:
+            lines += ["", (f"The {v1} and {v2} columns hold the runs of each version's own unit ({v1}: {own['v1']}, "
+                           f"{v2}: {own['v2']}); every unit, these included, is in the units table below.")]
+        lines += ["", *_markdown_table(section.versions.header, section.versions.cells), "",
+                  *(f"- {note}" for note in section.versions.notes)]
+    if section.compared:
+        lines += ["", (f"{v2}−{v1} is the difference of mean accuracy in percentage points; its 95% CI and p-value "
+                       "are Welch's t-test (unequal variances), which needs 2 or more completed runs per version.")]
+    if section.units:
+        units, reference = section.units, reference_unit(section.family)
+        per = f"per {' and '.join(units.keys)}" if units.keys else "pooled over every configuration"
+        lines += [
+            "", f"{'###' if mixed else '##'} Units", "",
+            (f"Every unit the sweep trained, {per}, each against {reference}, {v2}'s unit ({v1}'s is {own['v1']}). "
+             f"A unit's runs are pooled over their version labels, since the version only picks the unit of a run "
+             f"that leaves model.unit out; n counts completed runs. unit − {reference} is the difference of mean "
+             "accuracy in percentage points; its 95% CI and p-value are Welch's t-test (unequal variances), which "
+             "needs 2 or more completed runs per unit."),
+            "", *_markdown_table(units.header, units.cells), "", *(f"- {note}" for note in units.notes),
+        ]
+    return lines
 
 
 def markdown(rep: Report) -> str:
     table = rep.table
     done = int(table.status.isin(FINISHED).sum())
-    pooled = [k for k in ["depth", *setting_columns(table)] if k not in rep.keys]
+    pooled = [k for k in default_keys(table) if k not in rep.keys]
     lines = [
         f"# {rep.title}",
         "",
@@ -474,14 +892,9 @@ def markdown(rep: Report) -> str:
         + ("a success being any completed run." if rep.success == "completed" else
            f"a success being a completed run with {rep.success}.")
         + (f" Rows pool the runs of every {', '.join(pooled)}." if pooled else ""),
-        "",
-        *_markdown_table(rep.header, rep.cells),
-        "",
-        *(f"- {note}" for note in rep.notes),
     ]
-    if rep.comparisons:
-        lines += ["", ("V2−V1 is the difference of mean accuracy in percentage points; its 95% CI and p-value are "
-                       "Welch's t-test (unequal variances), which needs 2 or more completed runs per version.")]
+    for section in rep.sections:
+        lines += _section_markdown(section, mixed=len(rep.sections) > 1)
     if rep.reference:
         lines += ["", "## Paper vs measured", "",
                   (f"Test error in percent; the paper reports the median of 5 runs. \"fail\" means an error above "
@@ -489,9 +902,11 @@ def markdown(rep: Report) -> str:
                    "count as failed."), "",
                   *_markdown_table(*rep.reference)]
     if rep.plots:
+        by_unit = any(s.units for s in rep.sections)
         lines += ["", "## Plots", ""]
         for name, path in rep.plots.items():
-            lines += [f"![{name}]({path.name})", "", _PLOT_CAPTIONS[name], ""]
+            caption = _UNITS_CAPTION if by_unit and name == "error_vs_depth" else _PLOT_CAPTIONS[name]
+            lines += [f"![{name}]({path.name})", "", caption, ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -509,16 +924,25 @@ def build_report(
         storage.write_text(sweep_dir / SUMMARY_CSV, pd.DataFrame().to_csv(index=False))
         storage.write_text(sweep_dir / REPORT_MD, text)
         return Report(sweep_dir, table, pd.DataFrame(), [], text)
-    keys = row_keys(prepare(table), group_by)
-    summary = summarize(table, keys)
-    comparisons = compare(table, keys)
-    header, cells = report_rows(summary, comparisons, keys, sort)
+    prepared = prepare(table)
+    keys = row_keys(prepared, group_by)
+    with_units = units_vary(prepared)
+    # --sort may name a key of either table; each table is ordered by the keys it has
+    parse_sort(sort, list(dict.fromkeys([*keys, *([*unit_keys(keys), "model.unit"] if with_units else [])])))
+    present = [f for f in FAMILIES if f in set(prepared.family)]
+    names = version_names(present[0] if len(present) == 1 else None)
+    summary, comparisons = summarize(table, keys), compare(table, keys)
+    header, cells = report_rows(summary, comparisons, keys, _applicable(sort, keys), names)
     rep = Report(sweep_dir, table, summary, comparisons, "", keys, header, cells,
-                 warnings(summary, comparisons, keys), reference_rows(sweep, records, table),
+                 warnings(summary, comparisons, keys, names), reference_rows(sweep, records, table),
                  draw_plots(sweep_dir, table) if plots else {},
-                 fail_error(sweep.success) if sweep else FAIL_ERROR, sweep.success.describe() if sweep else "completed")
+                 fail_error(sweep.success) if sweep else FAIL_ERROR, sweep.success.describe() if sweep else "completed",
+                 [family_section(table, f, _family_keys(table, f, keys, group_by), sort) for f in present])
+    if with_units:
+        rep.unit_summary, rep.unit_comparisons = summarize_units(table, keys), compare_units(table, keys)
     rep.markdown = markdown(rep)
-    storage.write_text(sweep_dir / SUMMARY_CSV, summary.to_csv(index=False))
+    # One row per (configuration, unit) where units vary, which holds the version rows too; else per version.
+    storage.write_text(sweep_dir / SUMMARY_CSV, (rep.unit_summary if with_units else summary).to_csv(index=False))
     storage.write_text(sweep_dir / REPORT_MD, rep.markdown)
     return rep
 

@@ -15,7 +15,6 @@ from typing import Any
 import pandas as pd
 
 from depthbench import storage
-from depthbench.architecture import resolve_block
 from depthbench.config import EXECUTION_KEYS, RunConfig, SuccessConfig, SweepConfig, load_sweep
 from depthbench.errors import ConfigError
 from depthbench.layout import RESULTS_CSV, SWEEP_FILE, RunFolder
@@ -79,7 +78,7 @@ def table_of(records: Sequence[RunRecord], rule: SuccessConfig | None = None) ->
         cfg, result, status = record.cfg, record.result, record.status
         row = {"run_id": record.run_id, "version": cfg.version, "depth": cfg.depth, "seed": cfg.seed}
         row.update({k: result.get(k) for k in COLUMNS if k not in row})
-        row["block"] = row["block"] or resolve_block(cfg.depth, cfg.model.block)[0]
+        row["block"] = row["block"] or cfg.blocks[0]
         row["status"] = status
         metrics = {k: (v if v is not None else math.nan) for k, v in result.items() if isinstance(v, float | int | None)}
         row["success"] = status == "completed" and (rule or cfg.success)(metrics)
@@ -93,7 +92,8 @@ def table_of(records: Sequence[RunRecord], rule: SuccessConfig | None = None) ->
         return table
     flat = pd.DataFrame(settings)
     execution = {f"train.{key}" for key in EXECUTION_KEYS}  # where a run ran is not what it studied
-    varying = [c for c in flat.columns if c not in execution and flat[c].astype(str).nunique() > 1]
+    # repr: None and NaN count as values, so a setting left unset by some runs and set by others varies
+    varying = [c for c in flat.columns if c not in execution and flat[c].map(repr).nunique() > 1]
     for column in varying:
         table[column] = flat[column].map(lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v)
     return table.sort_values(["version", "depth", *varying, "seed"], kind="stable").reset_index(drop=True)

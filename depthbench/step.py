@@ -33,9 +33,9 @@ UPDATE_RTOL = 1e-2
 CAPTURE_WARMUP = 3  # eager steps on a side stream before capture, as CUDA graph capture needs
 
 
-def sgd_step(
+def update_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
-    autocast: Callable[[], Any],
+    autocast: Callable[[], Any], clip_grad_norm: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward, backward and optimizer step on a prepared batch; the loss and logits, detached.
 
@@ -46,8 +46,23 @@ def sgd_step(
         loss = F.cross_entropy(logits.float(), yb)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    clip(model, clip_grad_norm)
     optimizer.step()
     return loss.detach(), logits.detach()
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate on every parameter group, times the group's ``lr_factor`` where it has one
+    (``train.scalar_lr`` on the units' scalars)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_factor", 1.0)
+
+
+def clip(model: nn.Module, max_norm: float | None) -> None:
+    """Scale the gradients down so their global L2 norm is at most ``max_norm`` (``train.clip_grad_norm``).
+    No host sync: the scale is computed and applied on the device, so it can sit inside a CUDA graph."""
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
 
 
 class TrainingSetup(Protocol):
@@ -91,11 +106,11 @@ class EagerStep:
 
     def __call__(self, step: int, lr: float) -> torch.Tensor:
         setup = self.setup
-        for group in setup.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(setup.optimizer, lr)
         setup.seed_layers(step)
         xb, yb = setup.batch(step)
-        loss, logits = sgd_step(setup.step_model, setup.optimizer, xb, yb, setup.autocast)
+        loss, logits = update_step(setup.step_model, setup.optimizer, xb, yb, setup.autocast,
+                                   setup.cfg.train.clip_grad_norm)
         setup.add_to_sums(loss, logits, yb)
         return loss
 
@@ -113,11 +128,12 @@ class GraphedStep:
         self.idx = torch.zeros(n, dtype=torch.int64, device=device)
         self.shift = torch.zeros(2, n, 1, dtype=torch.int64, device=device)
         self.flipped = torch.zeros(n, 1, dtype=torch.bool, device=device)
-        # The fused CUDA SGD reads the learning rate through a float32 pointer: a new value is one copy.
-        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        # The fused CUDA SGD reads the learning rate through a float32 pointer: a new value is one copy per
+        # parameter group (groups differ by their lr_factor).
+        self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in setup.optimizer.param_groups]
         self._lr_value: float | None = None
-        for group in setup.optimizer.param_groups:
-            group["lr"] = self.lr
+        for group, rate in zip(setup.optimizer.param_groups, self.lrs, strict=True):
+            group["lr"] = rate
         self.graph = torch.cuda.CUDAGraph()
         self.loss = self._capture()
 
@@ -131,6 +147,7 @@ class GraphedStep:
             logits = setup.step_model(xb)
             loss = F.cross_entropy(logits.float(), yb)
         loss.backward()
+        clip(setup.model, setup.cfg.train.clip_grad_norm)
         setup.optimizer.step()
         setup.add_to_sums(loss.detach(), logits.detach(), yb)
         return loss.detach()
@@ -162,10 +179,11 @@ class GraphedStep:
         if flipped is not None:
             self.flipped.copy_(flipped, non_blocking=True)
         if lr != self._lr_value:
-            self.lr.fill_(lr)
+            # The groups keep the tensors: a float put back here would be baked into the capture as the
+            # rate of every replay. A checkpoint saves the tensors, which hold the rates in use.
+            for group, rate in zip(self.setup.optimizer.param_groups, self.lrs, strict=True):
+                rate.fill_(lr * group.get("lr_factor", 1.0))
             self._lr_value = lr
-            for group in self.setup.optimizer.param_groups:  # what a checkpoint saves: the rate in use
-                group["lr"] = lr
 
     def __call__(self, step: int, lr: float) -> torch.Tensor:
         self._set_inputs(step, lr)
@@ -243,9 +261,10 @@ def compare(setup: TrainingSetup, candidate: Step, step: int, lr: float) -> str 
 
 
 def wants_graph(setup: TrainingSetup) -> bool:
-    """On by default on CUDA (``train.cuda_graph``); a compiled model is left to torch.compile."""
+    """On by default on CUDA (``train.cuda_graph``); a compiled model is left to torch.compile. SGD only:
+    the graph and its check (:class:`_Snapshot`) hold SGD's state; an AdamW run takes fused eager steps."""
     tc = setup.cfg.train
-    return setup.device.type == "cuda" and tc.cuda_graph and not tc.compile
+    return setup.device.type == "cuda" and tc.cuda_graph and not tc.compile and tc.optimizer == "sgd"
 
 
 def choose_step(setup: TrainingSetup, step: int, lr: float, notes: list[str], capture: Capture | None = None,

@@ -22,7 +22,6 @@ import yaml
 from filelock import FileLock, Timeout
 
 from depthbench import stopping, storage
-from depthbench.architecture import resolve_block
 from depthbench.config import RunConfig, SweepConfig, dump_run_config
 from depthbench.errors import DepthbenchError
 from depthbench.data import load_dataset
@@ -68,7 +67,9 @@ def _failure_message(err: BaseException, cfg: RunConfig) -> str:
 def _memory_advice(cfg: RunConfig) -> str:
     """What to change after running out of memory, with the checkpointing segment count that saves most
     (about sqrt(n) per stage of n units: :func:`depthbench.estimate.best_segments`)."""
-    _, n = resolve_block(cfg.depth, cfg.model.block)
+    if cfg.model.family != "resnet":  # activation checkpointing is a ResNet setting
+        return "lower train.batch_size"
+    _, n = cfg.blocks
     segments = best_segments(n)
     if cfg.model.checkpointing and min(cfg.model.checkpointing, n) == segments:  # a stage splits as in models
         return "lower train.batch_size (activation checkpointing is already on)"
@@ -346,5 +347,10 @@ def _refresh_results(folder: Path, sweep: SweepConfig, runs: list[RunConfig], ou
 
 
 def sweep_yaml(sweep: SweepConfig) -> str:
-    return yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
+    """The sweep as written: the shared sections keep only the settings it set, so that loading it back
+    resolves each run's defaults as the sweep did (a ViT's differ from the ResNet's)."""
+    data = sweep.model_dump(mode="json")
+    for section in ("dataset", "model", "train"):
+        data[section] = getattr(sweep, section).model_dump(mode="json", exclude_unset=True)
+    return yaml.safe_dump(data, sort_keys=False)
 

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthbench import stopping, storage
-from depthbench.architecture import resolve_block
 from depthbench.augment import apply_augmentation, draw_augmentation, normalize
 from depthbench.config import RunConfig, TrainConfig, dump_run_config
 from depthbench.data import TensorData, load_dataset
@@ -38,7 +37,7 @@ from depthbench.flow import record_step
 from depthbench.layout import CHECKPOINT, CONFIG, FINAL_WEIGHTS, METRICS, RESULT
 from depthbench.models import count_params, model_from_config
 from depthbench.seeds import Stream, seed_for
-from depthbench.step import Step, choose_step
+from depthbench.step import Step, choose_step, set_lr
 
 
 class RunInterrupted(Exception):
@@ -59,11 +58,58 @@ StopFn = Callable[[], bool]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for a step: warmup rate first, then the base rate times gamma per milestone passed."""
-    if step < cfg.warmup.steps:
-        return cfg.warmup.lr
+    """Learning rate for a step (counted from 0).
+
+    Warmup first: a constant ``warmup.lr``, or a linear ramp whose step ``i`` takes ``lr * (i + 1) / w``,
+    so its last step reaches ``lr``. Then the schedule: ``multistep`` multiplies the base rate by
+    ``gamma`` at each milestone passed; ``cosine`` falls from ``lr`` after warmup along half a cosine
+    to 0 at step ``steps`` (one past the last step taken, so no step trains at rate 0).
+    """
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return cfg.warmup.lr if cfg.warmup.shape == "constant" else cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / (cfg.steps - warmup)))
     drops = sum(step >= m for m in cfg.milestone_steps)
     return cfg.lr * cfg.gamma**drops
+
+
+def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """SGD with momentum (the ResNet recipe) or AdamW (the Transformer recipe) at the first step's rate.
+
+    ``train.decay_all`` decays every parameter, as the ResNet papers do; without it only weight
+    matrices and kernels are decayed: norms' gains and biases, biases, scalar gates and a ViT's
+    position embedding and class token (its ``no_weight_decay()``) are not, as ViT recipes do.
+
+    Fused on CUDA: one kernel updates every tensor, weight decay included, allocates nothing per step
+    (the foreach path makes a decayed copy of each gradient) and reads the learning rate from a device
+    tensor, as a captured graph needs. The CPU takes foreach: 4 calls a step instead of 4 per tensor,
+    with the arithmetic of PyTorch's default CPU loop, so CPU results are those of earlier versions to
+    the bit; the fused CPU kernel rounds differently (FMA) and would change every one of them.
+    """
+    params: Any = model.parameters()
+    named = list(model.named_parameters())
+    scalar = {name for name, p in named if p.ndim == 0}  # the units' one-number biases, multipliers and gates
+    if not tc.decay_all or (scalar and tc.scalar_lr != 1):
+        skip = set(getattr(model, "no_weight_decay", set)())
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in named:
+            decayed = tc.decay_all or (p.ndim >= 2 and name not in skip)
+            groups.setdefault((decayed, name in scalar), []).append(p)
+        # "lr_factor" scales the schedule's rate for a group: each step sets lr = rate * factor (step.py).
+        params = [{"params": ps, **({"lr_factor": tc.scalar_lr} if is_scalar and tc.scalar_lr != 1 else {}),
+                   **({} if decayed else {"weight_decay": 0.0})}
+                  for (decayed, is_scalar), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if tc.optimizer == "adamw":
+        assert tc.betas is not None and tc.eps is not None  # filled in by the config for adamw
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            params, lr=lr_at(0, tc), betas=tc.betas, eps=tc.eps, weight_decay=tc.weight_decay, **kernel)
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr_at(0, tc), momentum=tc.momentum, weight_decay=tc.weight_decay,
+                                    nesterov=tc.nesterov and tc.momentum > 0, **kernel)
+    set_lr(optimizer, lr_at(0, tc))
+    return optimizer
 
 
 class BatchOrder:
@@ -150,19 +196,11 @@ class TrainingSetup:
         train_x, train_y = data.train_x.to(device), data.train_y.to(device)
         # Model and optimizer; the init is seeded so a run is reproducible from its seed alone.
         torch.manual_seed(seed_for(cfg.seed, Stream.INIT))
-        model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels)
+        model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels,
+                                  data.image_size)
         memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         model = model.to(device=device, memory_format=memory_format)
-        # Fused on CUDA: one kernel updates every tensor, weight decay included, allocates nothing per step
-        # (the foreach path makes a decayed copy of each gradient) and reads the learning rate from a device
-        # tensor, as a captured graph needs. The CPU takes foreach: 4 calls a step instead of 4 per tensor,
-        # with the arithmetic of PyTorch's default CPU loop, so CPU results are those of earlier versions
-        # to the bit; the fused CPU kernel rounds differently (FMA) and would change every one of them.
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=lr_at(0, tc), momentum=tc.momentum, weight_decay=tc.weight_decay,
-            nesterov=tc.nesterov and tc.momentum > 0,
-            **({"fused": True} if device.type == "cuda" else {"foreach": True}),
-        )
+        optimizer = make_optimizer(model, tc, device)
         return cls(
             cfg, device, model, torch.compile(model) if tc.compile else model, optimizer,
             BatchOrder(len(train_x), tc.batch_size, cfg.seed, device), train_x, train_y,
@@ -448,7 +486,7 @@ def train_run(
     last_eval = state.last_eval
     if tc.keep_checkpoint == "weights" and status == "completed":
         storage.save_torch(run_dir / FINAL_WEIGHTS, {"model": model.state_dict(), "config": cfg.model_dump(mode="json")})
-    block, n = resolve_block(cfg.depth, cfg.model.block)
+    block, n = cfg.blocks
     train_rates = [r["img_per_s"] for r in rows if math.isfinite(r.get("img_per_s", float("nan")))]
     result = {
         "run_id": cfg.run_id,

@@ -25,7 +25,7 @@ from depthbench.config import DatasetConfig
 from depthbench.data import load_dataset
 from depthbench.devices import precision_name
 from depthbench.models import build_model, count_params, forward_flops
-from depthbench.step import sgd_step
+from depthbench.step import update_step
 from depthbench.train import TrainingSetup, resolve_precision
 
 runner = CliRunner()
@@ -46,7 +46,7 @@ def invoke(*args: str):
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_fast_path_gives_the_usual_pipelines_losses(device: str) -> None:
-    """uint8 batch on the device + normalize + channels_last + the trainer's sgd_step (fp32, no augmentation)
+    """uint8 batch on the device + normalize + channels_last + the trainer's update_step (fp32, no augmentation)
     against torchvision ToTensor + Normalize on PIL images through a DataLoader into an NCHW model: same
     init, same batches, same losses step after step."""
     data = load_dataset(DatasetConfig(name="synthetic", train_subset=96, test_subset=10))
@@ -71,7 +71,7 @@ def test_fast_path_gives_the_usual_pipelines_losses(device: str) -> None:
             x_fast = normalize(train_x[idx], mean, std).contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(x_fast, x_plain, rtol=0, atol=1e-5)
             assert torch.equal(train_y[idx], y_plain)
-            loss, _ = sgd_step(fast, opt_fast, x_fast, train_y[idx], nullcontext)
+            loss, _ = update_step(fast, opt_fast, x_fast, train_y[idx], nullcontext)
             losses_fast.append(loss.item())
 
             loss = F.cross_entropy(plain(x_plain), y_plain)

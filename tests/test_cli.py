@@ -127,7 +127,7 @@ def test_report_rebuilds_a_lost_results_table(smoke: Path, tmp_path: Path) -> No
 
 def test_report_default_covers_every_sweep(smoke: Path) -> None:
     result = invoke("report", "--out", smoke)
-    assert result.exit_code == 0 and "smoke: V1 vs V2" in result.output
+    assert result.exit_code == 0 and "smoke: ResNet V1 vs V2 by depth" in result.output
 
 
 def test_models_table_has_paper_counts() -> None:

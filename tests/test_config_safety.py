@@ -149,9 +149,10 @@ def _numeric_fields() -> list[tuple[str, str]]:
 
 def test_every_numeric_setting_is_found() -> None:
     keys = {key for key, _ in _numeric_fields()}
-    assert len(keys) == 30
+    assert len(keys) == 36
     assert {"train.lr", "train.warmup.lr", "train.milestones", "model.width", "dataset.train_subset", "success.min",
-            "resources.time_min"} <= keys
+            "resources.time_min", "model.patch", "model.heads", "model.mlp_ratio", "train.eps",
+            "train.clip_grad_norm", "train.scalar_lr"} <= keys
 
 
 @pytest.mark.parametrize(("key", "value"), _numeric_fields(), ids=lambda v: v)
@@ -257,6 +258,10 @@ CONTENT_HASHES = {  # the same, for every shipped config
     "cifar10-cpu.yaml": ["91ab9f6e"], "cifar10-jpeg-cpu.yaml": ["ce0edd6a"], "cifar10.yaml": ["ac64f344"],
     "cifar100.yaml": ["3c7afa38"], "demo.yaml": ["21a94dbd"], "smoke.yaml": ["cbb445c5"],
     "study-digits.yaml": ["fb39d6d7"], "table3-cifar10.yaml": ["ac64f344"], "table3-cifar100.yaml": ["3c7afa38"],
+    # configs of the model families; their ids were new with them
+    "smoke-families.yaml": ["309e4e20", "5f8df478", "a6a6c550", "d3ebc28d", "f0273f0e"],
+    "study-normfree-digits.yaml": ["629834e2", "6584b90f", "7924473d", "be658981"],
+    "study-vit-digits.yaml": ["034303ba", "74e80415", "7d7043f7", "8e36c985", "992def65", "c6bec9f3"],
     "table1.yaml": ["2354931a", "2793cebd", "49a9aba3", "6b34c9a5", "709ceca0", "79b7b405", "86d9244d", "ac64f344",
                     "b61d6160", "b9faa25f", "d29eed55"],
     "table2.yaml": ["00a07337", "899f3eea", "90a7c532", "dde5996f", "fe6b441d"],

@@ -14,6 +14,8 @@ from depthbench.cli import app
 from depthbench.config import DatasetConfig, ModelConfig
 from depthbench.diagnose import (
     DIAGNOSTICS,
+    Diagnosis,
+    build_configs,
     diagnosis_config,
     measure,
     measure_at_init,
@@ -21,10 +23,10 @@ from depthbench.diagnose import (
     record_step,
     summarize_row,
 )
-from depthbench.models import build_model
+from depthbench.flow import BLOCK_FIELDS, UNIT_FIELDS
+from depthbench.models import build_model, build_vit
 from depthbench.train import train_run
 from tests.conftest import tiny_run
-
 
 SYNTHETIC = DatasetConfig(name="synthetic", train_subset=64, test_subset=32, image_size=8)
 
@@ -191,8 +193,168 @@ def test_diagnose_command_prints_the_table_and_writes_json_csv_png(tmp_path: Pat
         (["--unit", "preact"], "error: model.unit: input should be 'original'"),
         (["--dataset", "mnist"], "error: dataset.name: input should be 'cifar10'"),
         (["--steps", "-1"], "error: --steps must be 0 or more"),
+        (["--family", "vit", "--unit", "original"], "error: model.unit: 'original' is a resnet unit, not a vit one"),
+        (["--heads", "2"], "error: model.heads is a vit setting, and this run is a resnet"),
+        (["--family", "vit", "--width", "16", "--heads", "3"], "error: model.heads: width 16 is not divisible by 3 heads; nearest head counts that divide it: 2 or 4"),
+        (["--family", "transformer"], "error: model.family: input should be 'resnet' or 'vit'"),
     ],
 )
 def test_diagnose_user_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["diagnose", "--out", str(tmp_path), *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision Transformer blocks, and the normalisation-free ResNet units
+# ---------------------------------------------------------------------------------------------
+
+
+def _vit(unit: str, depth: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_vit("v1", depth, unit=unit, width=16, heads=2, patch=4, image_size=8).train()
+
+
+def test_vit_rows_are_autograds_gradients_and_the_blocks_inputs_and_outputs() -> None:
+    model, (x, y) = _vit("post_ln"), _batch()
+    row = measure(model, x, y)
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [b.register_forward_hook(lambda m, a, o: seen.append((a[0], o))) for b in model.units]
+    loss = F.cross_entropy(model(x), y)
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(loss, [a for a, _ in seen])
+    units = row["units"]
+    assert len(units) == 3 and row["batch"] == 8 and row["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert [(u["unit"], u["stage"], u["reshapes"]) for u in units] == [(0, 0, False), (1, 0, False), (2, 0, False)]
+    for i, u in enumerate(units):
+        assert list(u)[3:] == list(BLOCK_FIELDS)
+        # a Transformer block has no ReLU after its additions: the zeroed fractions do not apply
+        assert u["relu_zeroed"] is None and u["shortcut_zeroed"] is None
+        a, b = seen[i][0].flatten(1), seen[i][1].flatten(1)  # (batch, tokens * width)
+        assert u["grad_input"] == pytest.approx(grads[i].norm().item(), rel=1e-5)
+        assert u["input_rms"] == pytest.approx(a.square().mean().sqrt().item(), rel=1e-5)
+        assert u["cosine"] == pytest.approx(F.cosine_similarity(a, b).mean().item(), rel=1e-5)
+        assert u["norm_ratio"] == pytest.approx((b.norm(dim=1) / a.norm(dim=1)).mean().item(), rel=1e-5)
+        assert u["grad_params"] > 0
+    assert summarize_row({"step": 0, **row})["mean_shortcut_zeroed"] is None
+
+
+@pytest.mark.parametrize("unit", ["post_ln", "deepnorm"])
+def test_identity_gain_is_the_factor_the_layernorms_after_the_addition_put_on_the_shortcut(unit: str) -> None:
+    model, (x, y) = _vit(unit), _batch()
+    sums: list[torch.Tensor] = []  # alpha * x + F(x), the input of each LayerNorm after an addition
+    hooks = [n.register_forward_hook(lambda m, a, o: sums.append(a[0].detach()))
+             for b in model.units for n in (b.norm1, b.norm2)]
+    row = measure(model, x, y)
+    for h in hooks:
+        h.remove()
+    alpha = model.units[0].alpha
+    assert alpha == (1.0 if unit == "post_ln" else pytest.approx(6 ** 0.25))  # DeepNorm: (2N)^(1/4), N = 3
+    for i, u in enumerate(row["units"]):
+        first, second = sums[2 * i], sums[2 * i + 1]
+        gain = (alpha / (first.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+                * alpha / (second.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt())
+        assert u["identity_gain"] == pytest.approx(gain.mean().item(), rel=1e-5)
+    # The patch embedding is small (std 0.02 weights), so the first LayerNorm scales the identity path up.
+    assert row["units"][0]["identity_gain"] > 5
+
+
+def test_rezero_blocks_are_the_identity_at_initialisation() -> None:
+    row = measure(_vit("rezero", depth=4), *_batch())
+    units = row["units"]
+    assert [u["cosine"] for u in units] == pytest.approx([1.0] * 4, abs=1e-6)
+    assert [u["norm_ratio"] for u in units] == pytest.approx([1.0] * 4, abs=1e-6)
+    assert [u["identity_gain"] for u in units] == [1.0] * 4
+    # x_L = x_0: the gradient reaches every block unchanged, and only the gates (a = 0) get one
+    assert [u["grad_input"] for u in units] == pytest.approx([units[0]["grad_input"]] * 4, rel=1e-6)
+    assert 0 < units[0]["grad_input"]
+
+
+def test_pre_ln_keeps_the_identity_path_and_post_ln_rescales_it() -> None:
+    pre = measure(_vit("pre_ln"), *_batch())["units"]
+    post = measure(_vit("post_ln"), *_batch())["units"]
+    assert [u["identity_gain"] for u in pre] == [1.0, 1.0, 1.0]
+    assert all(u["identity_gain"] != pytest.approx(1.0, abs=1e-6) for u in post)
+
+
+def test_fixup_relu_after_the_addition_is_measured_and_cuts_nothing_at_initialisation() -> None:
+    model, (x, y) = _net("v1", 20, unit="fixup"), _batch()
+    outputs: list[torch.Tensor] = []
+    hooks = [u.register_forward_hook(lambda m, a, o: outputs.append(o.detach())) for u in model.units]
+    row = measure(model, x, y)
+    for h in hooks:
+        h.remove()
+    units = row["units"]
+    assert [list(u)[3:] for u in units] == [list(UNIT_FIELDS)] * 9
+    assert [u["relu_zeroed"] for u in units] == pytest.approx([(o == 0).float().mean().item() for o in outputs])
+    assert all(u["relu_zeroed"] > 0 for u in units)
+    # Each branch ends in a zero conv, so a unit passes on its non-negative input: the ReLU zeroes only
+    # what was zero already, and no shortcut energy.
+    assert [u["shortcut_zeroed"] for u in units] == [0.0] * 9
+    for unit in model.units:
+        torch.nn.init.normal_(unit.branch.conv2.weight, std=0.5)
+    cut = measure(model, x, y)["units"]
+    assert max(u["shortcut_zeroed"] for u in cut) > 0.01
+
+
+def test_skipinit_passes_the_gradient_to_every_unit_unchanged_at_initialisation() -> None:
+    # alpha = 0 ends every branch: x_L is x_l (zero-padded where the shape changes), so dL/dx_l is dL/dx_L
+    units = measure(_net("v1", 20, unit="skipinit"), *_batch())["units"]
+    assert [u["shortcut_zeroed"] for u in units] == [0.0] * 9
+    assert [u["grad_input"] for u in units] == pytest.approx([units[0]["grad_input"]] * 9, rel=1e-5)
+
+
+def test_a_vit_diagnosis_trains_with_the_family_optimizer_at_a_constant_rate() -> None:
+    vit = ModelConfig(family="vit", width=16, heads=2, patch=4)
+    cfg = diagnosis_config("v1", 2, dataset=SYNTHETIC, model=vit, batch_size=8, steps=4, device="cpu")
+    train = cfg.train
+    assert (cfg.model.mlp_ratio, cfg.model.pool) == (4.0, "cls")  # the family's defaults fill what is not given
+    assert (train.optimizer, train.lr, train.weight_decay, train.decay_all) == ("adamw", 1e-3, 0.05, False)
+    assert (train.schedule, train.milestones, train.warmup_steps) == ("multistep", (), 0)  # constant
+    assert diagnosis_config("v1", 2, dataset=SYNTHETIC, model=vit, batch_size=8, steps=4, lr=3e-4).train.lr == 3e-4
+    resnet = diagnosis_config("v1", 8, dataset=SYNTHETIC, model=ModelConfig(width=4), batch_size=8, steps=4)
+    assert (resnet.train.optimizer, resnet.train.lr) == ("sgd", 0.1)
+
+
+@pytest.mark.parametrize(
+    ("family", "version", "unit", "label"),
+    [
+        ("vit", "v1", None, "Post-LN"), ("vit", "v2", None, "Pre-LN"), ("vit", "v1", "pre_ln", "Post-LN pre_ln"),
+        ("vit", "v2", "rezero", "Pre-LN rezero"), ("resnet", "v1", "original", "v1"),
+        ("resnet", "v2", "fixup", "v2 fixup"),
+    ],
+)
+def test_labels_name_the_version_and_a_unit_that_is_not_the_versions(
+    family: str, version: str, unit: str | None, label: str,
+) -> None:
+    model = {"family": family, "width": 16, "heads": 2, "patch": 4} if family == "vit" else {"width": 4}
+    [cfg] = build_configs(versions=[version], depths=[8], units=[unit], model=model,
+                          dataset={"name": "synthetic", "image_size": 8}, batch_size=8, steps=0)
+    assert Diagnosis(cfg, Path(), [], 0.0).label == label
+
+
+def test_diagnose_command_on_vits_writes_post_ln_and_pre_ln_rows(tmp_path: Path) -> None:
+    out = tmp_path / "diag"
+    args = ["diagnose", "--family", "vit", "--depth", "2", "--width", "16", "--heads", "2", "--dataset", "synthetic",
+            "--image-size", "8", "--patch", "4", "--batch-size", "8", "--steps", "1", "--device", "cpu",
+            "--out", str(out)]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "id gain" in result.output and "zeroed" not in result.output
+    records = json.loads((out / "diagnose.json").read_text())
+    assert [(r["net"], r["family"], r["depth"], r["step"], r["units"]) for r in records] == [
+        ("Post-LN", "vit", 2, 0, 2), ("Post-LN", "vit", 2, 1, 2), ("Pre-LN", "vit", 2, 0, 2), ("Pre-LN", "vit", 2, 1, 2),
+    ]
+    assert all(r["run_id"].startswith(f"vit-{r['version']}-d2-") for r in records)
+    post, pre = records[0], records[2]
+    assert pre["mean_identity_gain"] == 1.0 and post["mean_identity_gain"] != pytest.approx(1.0)
+    assert all(r["mean_shortcut_zeroed"] is None and r["loss"] > 0 for r in records)
+    for r in records:
+        assert all(u[k] is not None for u in r["per_unit"] for k in BLOCK_FIELDS if not k.endswith("_zeroed"))
+    # the trainer ran the family's optimizer: the measured step-1 weights differ from step 0's
+    assert records[1]["grad_first"] != records[0]["grad_first"]
+    saved = (out / records[0]["run_id"] / "config.yaml").read_text()
+    assert "optimizer: adamw" in saved and "lr: 0.001" in saved
+    csv = (out / "diagnose.csv").read_text().splitlines()
+    assert csv[0].endswith("shortcut_zeroed,identity_gain") and len(csv) == 1 + 4 * 2

@@ -55,7 +55,8 @@ def run_config(version: str = "v2", depth: int = 1001, *, dataset: DatasetConfig
 
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
 def test_parameter_count_equals_the_built_net_for_every_variant(block: str) -> None:
-    """Every version x placement x shortcut x gate, at one unit per stage (all the cases a unit can be)."""
+    """Every version x placement x shortcut x gate, at one unit per stage (all the cases a unit can be);
+    the placements include the normalisation-free fixup and skipinit, whose scalars count one each."""
     depth = {"basic": 8, "bottleneck": 11}[block]
     checked = 0
     for version, unit, shortcut, gate in itertools.product(("v1", "v2"), (None, *PLACEMENTS), ("auto", "A", "B"),
@@ -63,7 +64,7 @@ def test_parameter_count_equals_the_built_net_for_every_variant(block: str) -> N
         model = ModelConfig(block=block, unit=unit, shortcut=shortcut, shortcut_gate=gate, width=2)
         assert parameter_count(version, depth, model) == _meta_params(version, depth, model), (version, model)
         checked += 1
-    assert checked == 2 * 6 * 3 * 6
+    assert checked == 2 * 8 * 3 * 6  # no unit, the 5 placements of [V2] Fig. 4, fixup and skipinit
 
 
 @pytest.mark.parametrize(("unit", "gate"), list(zip(PLACEMENTS, itertools.cycle(SHORTCUT_GATES))))
@@ -106,6 +107,12 @@ def test_parameter_count_of_the_paper_nets(version: str, depth: int, classes: in
     ("v1", 14, {"width": 4, "shortcut_gate": "dropout", "unit": "bn_after_add"}, 8, "fp32"),
     ("v2", 20, {"width": 4, "block": "bottleneck", "unit": "relu_only_preact"}, 8, "bf16"),
     ("v2", 14, {"width": 4, "checkpointing": True}, 8, "bf16"),
+    # no BN: scalar biases save nothing, the scale and gate multipliers save their input map
+    ("v1", 14, {"width": 4, "unit": "fixup"}, 8, "fp32"),
+    ("v1", 20, {"width": 4, "unit": "fixup", "block": "bottleneck"}, 8, "bf16"),  # B projections on x + a1
+    ("v2", 14, {"width": 4, "unit": "skipinit", "shortcut": "B"}, 9, "fp32"),
+    ("v2", 20, {"width": 4, "unit": "skipinit", "block": "bottleneck"}, 8, "bf16"),
+    ("v1", 29, {"width": 4, "unit": "fixup", "checkpointing": 2}, 8, "fp32"),
 ])
 def test_activation_estimate_matches_bench_activation_mb(version: str, depth: int, model: dict, side: int,
                                                          precision: str) -> None:

@@ -1,4 +1,5 @@
-"""The report's statistics checked by hand, grouping and sorting by any axis, paper values beside ours, plots."""
+"""The report's statistics checked by hand, grouping and sorting by any axis, units and families, paper values
+beside ours, plots."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from matplotlib.figure import Figure
 from PIL import Image
 from scipy import stats
 from typer.testing import CliRunner
@@ -19,7 +22,9 @@ from typer.testing import CliRunner
 from depthbench.cli import app
 from depthbench.config import dump_run_config, parse_sweep
 from depthbench.errors import DepthbenchError
-from depthbench.report import Report, build_report
+from depthbench.plots import _depth_axis, series_labels
+from depthbench.report import Report, build_report, plot_runs, prepare
+from depthbench.results import collect
 from depthbench.sweep import run_sweep, sweep_yaml
 from tests.conftest import tiny_sweep
 
@@ -27,16 +32,19 @@ runner = CliRunner()
 
 
 def _fake_run(folder: Path, version: str, depth: int, seed: int, acc: float | None, status: str = "completed",
-              **model: object) -> None:
-    """A finished run folder as the trainer leaves it, with a known accuracy and model settings."""
-    cfg = tiny_sweep().runs()[0]
+              family: str = "resnet", train: dict[str, object] | None = None, **model: object) -> None:
+    """A finished run folder as the trainer leaves it, with a known accuracy and model settings; a ViT's
+    with the family's defaults filled in, as a sweep resolves them."""
+    base = tiny_sweep(model={"family": "vit", "heads": 2}) if family == "vit" else tiny_sweep()
+    cfg = base.runs()[0]
     cfg = cfg.model_copy(update={"version": version, "depth": depth, "seed": seed,
-                                 "model": cfg.model.model_copy(update=model)})
+                                 "model": cfg.model.model_copy(update=model),
+                                 "train": cfg.train.model_copy(update=train or {})})
     run_dir = folder / cfg.run_id
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_run_config(cfg))
     result = {"run_id": cfg.run_id, "status": status, "version": version, "depth": depth, "seed": seed,
-              "block": "basic", "params": 1, "steps": 8, "train_loss": 0.5, "train_acc": 0.9,
+              "block": cfg.blocks[0], "params": 1, "steps": 8, "train_loss": 0.5, "train_acc": 0.9,
               "test_loss": 1.0, "test_acc": acc, "best_test_acc": acc, "wall_s": 1.0}
     (run_dir / "result.json").write_text(json.dumps(result))
 
@@ -121,24 +129,34 @@ def units_study(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_default_rows_are_depth_and_every_varying_setting(units_study: Path) -> None:
+def test_units_leave_the_version_columns_to_each_versions_own_unit(units_study: Path) -> None:
     rep = build_report(units_study, plots=False)
-    assert rep.keys == ["depth", "model.unit"] and rep.title.endswith("ResNet V1 vs V2 by depth")
-    # v2 runs left model.unit to their version: they show the unit v2 implies, full_preact
-    assert [c[:2] for c in rep.cells] == [["20", "bn_after_add"], ["20", "full_preact"], ["20", "original"],
-                                          ["56", "bn_after_add"], ["56", "full_preact"], ["56", "original"]]
-    row = _row(rep, depth=20, **{"model.unit": "full_preact"})
-    assert row["V1 acc % mean ± std"] == "90.50 ± 0.71" and row["V2 acc % mean ± std"] == "88.50 ± 0.71"
-    assert row["V2−V1 (pts)"] == "-2.00"
+    assert rep.keys == ["depth"] and rep.title.endswith("ResNet V1 vs V2 and units by depth")
+    # V1 is the original unit alone and V2 full pre-activation: a v1 run of another unit is not pooled into V1
+    row = _row(rep, depth=20)
+    assert row["V1 runs"] == "2/2" and row["V1 acc % mean ± std"] == "70.50 ± 0.71"
+    assert row["V2 acc % mean ± std"] == "88.50 ± 0.71" and row["V2−V1 (pts)"] == "+18.00"
+    (section,) = rep.sections
+    units = dict(zip(section.units.header, section.units.cells[1], strict=True))
+    assert [c[:2] for c in section.units.cells] == [["20", "original"], ["20", "full_preact"], ["20", "bn_after_add"],
+                                                    ["56", "original"], ["56", "full_preact"], ["56", "bn_after_add"]]
+    # v1 with unit full_preact and v2 at the same seed are one experiment: counted once, as the v2 run
+    assert units["runs"] == "2/2" and units["acc % mean ± std"] == "88.50 ± 0.71" and units["unit − full_preact (pts)"] == "reference"
+    assert "- Note: 4 run(s) repeat another run's unit, seed and settings under the other version label" in rep.markdown
+    assert "The V1 and V2 columns hold the runs of each version's own unit (V1: original, V2: full_preact)" in rep.markdown
 
 
 def test_group_by_any_axis_pools_the_others_and_says_so(units_study: Path) -> None:
     rep = build_report(units_study, group_by=["model.unit"], plots=False)
-    assert rep.keys == ["model.unit"] and rep.title.endswith("ResNet V1 vs V2 by model.unit")
+    assert rep.keys == ["model.unit"] and rep.title.endswith("ResNet V1 vs V2 and units by model.unit")
     row = _row(rep, **{"model.unit": "original"})
     assert row["V1 runs"] == "4/4" and row["V1 median"] == "73.00"  # 0.70, 0.71, 0.75, 0.76 pooled over depth
     assert "Rows pool the runs of every depth." in rep.markdown
-    assert len(rep.summary) == 4  # (unit, version) pairs that have runs
+    assert len(rep.summary) == 4  # (unit, version) pairs that have runs: grouped by unit, every run has its row
+    units = rep.sections[0].units
+    assert units.keys == [] and [c[:2] for c in units.cells] == [["original", "4/4"], ["full_preact", "4/4"],
+                                                                  ["bn_after_add", "4/4"]]
+    assert "Every unit the sweep trained, pooled over every configuration, each against full_preact" in rep.markdown
 
 
 def test_group_by_version_drops_the_side_by_side_split(units_study: Path) -> None:
@@ -149,13 +167,147 @@ def test_group_by_version_drops_the_side_by_side_split(units_study: Path) -> Non
 
 def test_sort_by_axes_ascending_and_descending(units_study: Path) -> None:
     rep = build_report(units_study, sort=["model.unit:desc", "depth:desc"], plots=False)
-    assert [c[:2] for c in rep.cells] == [["56", "original"], ["20", "original"], ["56", "full_preact"],
-                                          ["20", "full_preact"], ["56", "bn_after_add"], ["20", "bn_after_add"]]
+    # each table is ordered by the sort keys it has: the versions table by depth, the units table by both
+    assert [c[0] for c in rep.cells] == ["56", "20"]
+    assert [c[:2] for c in rep.sections[0].units.cells] == [
+        ["56", "original"], ["20", "original"], ["56", "full_preact"], ["20", "full_preact"],
+        ["56", "bn_after_add"], ["20", "bn_after_add"]]
     result = runner.invoke(app, ["report", str(units_study), "--group-by", "model.unit", "--sort", "model.unit:desc",
                                  "--no-plots"])
     assert result.exit_code == 0, result.output
-    assert "V1 vs V2 by model.unit" in result.output
+    assert "V1 vs V2 and units by model.unit" in result.output
     assert result.output.index("original") < result.output.index("full_preact") < result.output.index("bn_after_add")
+
+
+# Accuracy of seeds 0, 1, 2 as configs/study-normfree-digits.yaml lays the runs out: v1 and v2 BN nets, and
+# Fixup and SkipInit labelled v1. None is a diverged run; a missing seed never ran.
+NORMFREE: dict[tuple[str, str | None], dict[int, list[float | None]]] = {
+    ("v1", None): {20: [0.90, 0.92, 0.91], 56: [0.80, 0.84, 0.82]},
+    ("v2", None): {20: [0.93, 0.94, 0.95], 56: [0.94, 0.95, 0.93]},
+    ("v1", "fixup"): {20: [0.89, 0.91, 0.90], 56: [0.70, None, 0.74]},
+    ("v1", "skipinit"): {20: [0.92, 0.93, 0.94], 56: [0.91]},
+}
+
+
+@pytest.fixture
+def normfree_study(tmp_path: Path) -> Path:
+    for (version, unit), by_depth in NORMFREE.items():
+        for depth, accs in by_depth.items():
+            for seed, acc in enumerate(accs):
+                model = {"unit": unit} if unit else {}
+                _fake_run(tmp_path, version, depth, seed, acc, "completed" if acc else "diverged", **model)
+    return tmp_path
+
+
+def test_units_table_numbers_against_v2s_unit(normfree_study: Path) -> None:
+    rep = build_report(normfree_study, plots=False)
+    # the V1 column is the original unit's three runs, not pooled with the v1-labelled Fixup and SkipInit runs
+    assert _row(rep, depth=20)["V1 acc % mean ± std"] == "91.00 ± 1.00" and _row(rep, depth=20)["V1 runs"] == "3/3"
+    (section,) = rep.sections
+    rows = {(c[0], c[1]): dict(zip(section.units.header, c, strict=True)) for c in section.units.cells}
+    assert list(rows) == [(str(d), u) for d in (20, 56) for u in ("original", "full_preact", "fixup", "skipinit")]
+    fixup, reference = [0.70, 0.74], [0.94, 0.95, 0.93]
+    assert rows["56", "fixup"]["runs"] == "3/3" and rows["56", "fixup"]["n"] == "2"
+    assert rows["56", "fixup"]["success"] == "67%"  # the diverged run is a finished failure
+    assert rows["56", "fixup"]["acc % mean ± std"] == f"72.00 ± {100 * np.std(fixup, ddof=1):.2f}" == "72.00 ± 2.83"
+    assert rows["56", "fixup"]["median"] == "72.00"
+    # Welch's test, computed here with scipy, and its interval by the Welch-Satterthwaite formula
+    welch = stats.ttest_ind(fixup, reference, equal_var=False)
+    va, vb = np.var(fixup, ddof=1) / 2, np.var(reference, ddof=1) / 3
+    df = (va + vb) ** 2 / (va**2 + vb**2 / 2)
+    diff, half = np.mean(fixup) - np.mean(reference), stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert rows["56", "fixup"]["unit − full_preact (pts)"] == f"{100 * diff:+.2f}" == "-22.00"
+    assert rows["56", "fixup"]["unit − full_preact 95% CI"] == f"[{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}]"
+    assert rows["56", "fixup"]["p (Welch)"] == f"{welch.pvalue:.3f}"
+    (c,) = [c for c in rep.unit_comparisons if c.config == (56,) and c.unit == "fixup"]
+    assert (c.n, c.n_reference, c.reference) == (2, 3, "full_preact") and c.p_value == pytest.approx(welch.pvalue)
+    # the V2 unit is the reference; a unit with one run gets a difference and no test, said in words
+    assert rows["20", "full_preact"]["unit − full_preact (pts)"] == "reference"
+    assert rows["56", "skipinit"]["unit − full_preact (pts)"] == "-3.00" and rows["56", "skipinit"]["p (Welch)"] == "-"
+    assert ("- Warning: too few runs to compare with full_preact: skipinit at depth 56 (skipinit n = 1, "
+            "full_preact n = 3).") in rep.markdown
+    # summary.csv: one row per (depth, unit), every run counted once
+    summary = pd.read_csv(normfree_study / "summary.csv")
+    assert list(summary.columns[:4]) == ["depth", "model.unit", "runs", "finished"] and "version" not in summary
+    assert len(summary) == 8 and not summary.duplicated(["depth", "model.unit"]).any()
+    assert summary.runs.sum() == len(rep.table) == 22
+    # the figures draw a line per unit, in the family's order
+    runs, series = plot_runs(prepare(rep.table))
+    assert series == ["line"] and list(dict.fromkeys(runs.line)) == ["original", "full_preact", "fixup", "skipinit"]
+
+
+def test_a_vit_sweep_names_its_versions_post_ln_and_pre_ln(tmp_path: Path) -> None:
+    for depth in (2, 48):
+        _fake_run(tmp_path, "v1", depth, 0, 0.60, family="vit")
+        _fake_run(tmp_path, "v2", depth, 0, 0.70, family="vit")
+    rep = build_report(tmp_path)
+    assert "model.family" not in rep.table  # one family: told by the block, not by a column
+    assert rep.title.endswith("ViT Post-LN vs Pre-LN by depth")
+    assert rep.header[1:3] == ["Post-LN runs", "Post-LN success"] and rep.header[8] == "Pre-LN runs"
+    assert rep.header[-3:] == ["Pre-LN−Post-LN (pts)", "Pre-LN−Post-LN 95% CI", "p (Welch)"]
+    row = _row(rep, depth=48)
+    assert row["Post-LN acc % mean ± std"] == "60.00" and row["Pre-LN−Post-LN (pts)"] == "+10.00"
+    assert rep.notes[0].startswith("Warning: too few runs to say anything about Pre-LN − Post-LN at depth 2 "
+                                   "(Post-LN n = 1, Pre-LN n = 1)")
+    assert "Pre-LN−Post-LN is the difference of mean accuracy" in rep.markdown
+    assert not any("V1" in name or "V2" in name for name in rep.header)
+    runs, _ = plot_runs(prepare(rep.table))
+    assert list(dict.fromkeys(runs.line)) == ["Post-LN", "Pre-LN"] and list(rep.plots) == ["error_vs_depth"]
+
+
+def test_two_families_get_a_table_each_and_are_never_pooled(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        _fake_run(tmp_path, "v1", 8, seed, 0.80 + seed / 100)
+        _fake_run(tmp_path, "v2", 8, seed, 0.85 + seed / 100)
+        _fake_run(tmp_path, "v1", 8, seed, 0.50 + seed / 100, unit="fixup")
+        _fake_run(tmp_path, "v1", 8, seed, 0.60 + seed / 100, family="vit")
+        _fake_run(tmp_path, "v2", 8, seed, 0.70 + seed / 100, family="vit")
+        _fake_run(tmp_path, "v1", 8, seed, 0.75 + seed / 100, family="vit", unit="deepnorm")
+    rep = build_report(tmp_path, plots=False)
+    assert rep.title.endswith("ResNet V1 vs V2, ViT Post-LN vs Pre-LN and units by depth")
+    # the family is a row key; settings that only follow it (a ViT's optimizer) are not
+    assert rep.keys == ["model.family", "depth"] and "train.optimizer" in rep.table
+    assert [c[:3] for c in rep.cells] == [["resnet", "8", "2/2"], ["vit", "8", "2/2"]]
+    assert rep.header[2] == "v1 runs"  # the console's one table of both families names versions plainly
+    resnet, vit = rep.sections
+    assert (resnet.family, vit.family) == ("resnet", "vit") and resnet.versions.keys == vit.versions.keys == ["depth"]
+    resnet_row = dict(zip(resnet.versions.header, resnet.versions.cells[0], strict=True))
+    vit_row = dict(zip(vit.versions.header, vit.versions.cells[0], strict=True))
+    assert resnet_row["V1 acc % mean ± std"] == "80.50 ± 0.71" and resnet_row["V2−V1 (pts)"] == "+5.00"
+    assert vit_row["Post-LN acc % mean ± std"] == "60.50 ± 0.71" and vit_row["Pre-LN−Post-LN (pts)"] == "+10.00"
+    assert [c[1] for c in resnet.units.cells] == ["original", "full_preact", "fixup"]
+    assert [c[1] for c in vit.units.cells] == ["post_ln", "pre_ln", "deepnorm"]
+    deepnorm = dict(zip(vit.units.header, vit.units.cells[2], strict=True))
+    p = stats.ttest_ind([0.75, 0.76], [0.70, 0.71], equal_var=False).pvalue
+    assert deepnorm["unit − pre_ln (pts)"] == "+5.00" and deepnorm["p (Welch)"] == f"{p:.3f}" == "0.019"
+    for heading in ("\n## ResNet\n", "\n## ViT\n", "Pre-LN−Post-LN is the difference"):
+        assert heading in rep.markdown
+    assert rep.markdown.count("\n### Units\n") == 2
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert list(summary[["model.family", "model.unit"]].itertuples(index=False, name=None)) == [
+        ("resnet", "original"), ("resnet", "full_preact"), ("resnet", "fixup"),
+        ("vit", "post_ln"), ("vit", "pre_ln"), ("vit", "deepnorm")]
+    runs, series = plot_runs(prepare(collect(tmp_path)))
+    assert series == ["line"] and list(dict.fromkeys(runs.line)) == [
+        "ResNet original", "ResNet full_preact", "ResNet fixup", "ViT post_ln", "ViT pre_ln", "ViT deepnorm"]
+
+
+def test_plot_lines_of_a_resnet_sweep_name_versions_and_settings(tmp_path: Path) -> None:
+    for width in (4, 8):
+        _fake_run(tmp_path, "v2", 20, 0, 0.9, width=width)
+        _fake_run(tmp_path, "v1", 20, 0, 0.8, width=width)
+    runs, series = plot_runs(prepare(collect(tmp_path)))
+    assert series == ["line", "model.width"]
+    assert list(series_labels(runs, series)) == ["V1 width=4", "V1 width=8", "V2 width=4", "V2 width=8"]
+
+
+def test_depth_axis_labels_a_vits_many_depths_on_a_log_scale() -> None:
+    ax = Figure().add_subplot()
+    _depth_axis(ax, list(range(2, 50, 2)), "depth (transformer blocks)")
+    ticks = [int(t) for t in ax.get_xticks()]
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "depth (transformer blocks)"
+    assert ticks[0] == 2 and ticks[-1] == 48 and len(ticks) <= 12
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(t) for t in ticks]
 
 
 @pytest.mark.parametrize(
@@ -247,3 +399,16 @@ def test_runs_not_started_yet_are_pending_rows_of_the_table(tmp_path: Path) -> N
     assert rep.markdown.splitlines()[2].startswith("1 of 2 runs finished")
     result = runner.invoke(app, ["report", str(tmp_path / cfg.name), "--no-plots"])
     assert result.exit_code == 0 and "(1/2 runs finished)" in result.output
+
+
+def test_a_setting_only_other_units_vary_keeps_the_reference(tmp_path: Path) -> None:
+    # full_preact at scalar_lr 1 only; fixup at 0.1 (its default) and 1: both are compared with full_preact
+    for seed, acc in enumerate([0.90, 0.92, 0.94]):
+        _fake_run(tmp_path, "v2", 20, seed, acc, unit="full_preact")
+    for seed, (slow, full) in enumerate([(0.80, 0.50), (0.84, 0.52), (0.82, 0.48)]):
+        _fake_run(tmp_path, "v1", 20, seed, slow, unit="fixup", train={"scalar_lr": 0.1})
+        _fake_run(tmp_path, "v1", 20, seed, full, unit="fixup", train={"scalar_lr": 1.0})
+    rep = build_report(tmp_path, plots=False)
+    diffs = {c.config: round(100 * c.diff, 2) for c in rep.unit_comparisons}
+    assert diffs == {(20, 0.1): -10.0, (20, 1.0): -42.0}
+    assert "nothing to be compared with" not in rep.markdown

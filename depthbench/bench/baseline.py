@@ -72,7 +72,8 @@ def measure_usual(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int, 
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(cfg.seed))
     torch.manual_seed(seed_for(cfg.seed, Stream.INIT))  # the trainer's init
-    model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels).to(device)
+    model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels,
+                              data.image_size).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
                                 nesterov=tc.nesterov and tc.momentum > 0)
     model.train()

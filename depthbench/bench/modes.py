@@ -201,7 +201,7 @@ def _net(cfg: RunConfig, data: TensorData) -> tuple[str, int, int, int]:
     """Block, units per stage, parameters and training FLOPs per image (3x forward) of cfg's net."""
     block, n = resolve_block(cfg.depth, cfg.model.block)
     with torch.device("meta"):  # shapes only: no memory or init cost, even for ResNet-1001
-        net = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels)
+        net = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels, data.image_size)
     return block, n, count_params(net), 3 * forward_flops(net, data.image_size, data.in_channels)
 
 

@@ -14,7 +14,7 @@ from depthbench.bench.probes import KernelCount, PeakMemory, StepTiming, activat
 from depthbench.bench.spec import HOST_STEPS, HOST_WARMUP, host_config
 from depthbench.config import RunConfig
 from depthbench.data import TensorData, load_dataset
-from depthbench.step import choose_step, sgd_step
+from depthbench.step import choose_step, update_step
 from depthbench.train import TrainingSetup, evaluate, lr_at
 
 
@@ -65,7 +65,7 @@ def trainer_step(setup: TrainingSetup, model: nn.Module | None = None, notes: li
 
     def eager(index: int) -> None:
         xb, yb = setup.batch(index)
-        loss, logits = sgd_step(model, setup.optimizer, xb, yb, setup.autocast)
+        loss, logits = update_step(model, setup.optimizer, xb, yb, setup.autocast, tc.clip_grad_norm)
         setup.add_to_sums(loss, logits, yb)
 
     eager.graphed = False  # type: ignore[attr-defined]

@@ -31,6 +31,22 @@ those convs on their input side) and 64 (the final BN-ReLU).
 Where BatchNorm and ReLU sit around the weight layers is data (:data:`PLACEMENTS`, [V2] Fig. 4 and
 Table 2); so is what the shortcut does on units whose dimensions do not change (:data:`SHORTCUT_GATES`,
 [V2] Fig. 2 and Table 1). Both basic and bottleneck units are the one :class:`ResidualUnit` class.
+
+Two placements have no normalisation at all (REFERENCE.md section 7), for basic and bottleneck units:
+
+- ``fixup`` ([Fixup] Zhang, Dauphin, Ma 2019, arXiv 1901.09321): the original unit with a learnable
+  scalar bias before every conv and activation and a scalar multiplier ending each branch,
+  ``y = ReLU(x + s * conv(ReLU(conv(x + a1) + b1) + a2) + b2)``; at init the last conv of every branch
+  and the classifier are 0 and the other branch convs are He-initialised and scaled by L^(-1/(2m-2))
+  (L units of m weight layers), see :func:`_fixup_init`.
+- ``skipinit`` ([SkipInit] De and Smith 2020, arXiv 2002.10444): the pre-activation unit without BN,
+  a scalar bias after each conv, and a scalar gate alpha, 0 at init, ending each branch:
+  ``y = x + alpha * f(x)``, so every unit whose shape stays starts as the identity.
+
+Each scalar is one parameter, and BN's parameters go: a unit holds 5 scalars in fixup (7 in a
+bottleneck) and 3 in skipinit (4), plus one after the stem conv and, in fixup, one before pooling.
+ResNet-20 (basic, A) has 268,393 (fixup) and 268,374 (skipinit) parameters against 269,722 with BN;
+ResNet-164 (bottleneck, B) has 1,679,414 and 1,679,251 against 1,703,258 (v2).
 """
 
 from __future__ import annotations
@@ -117,6 +133,37 @@ class ZeroPadShortcut(nn.Module):
         return f"extra_channels={self.extra_channels}, stride={self.stride}"
 
 
+class ScalarBias(nn.Module):
+    """y = x + b with one learnable number b, 0 at init: the ``bias`` op of a placement ([Fixup]).
+
+    b is a 0-dim tensor, not a 1-element one: under bf16 autocast a 0-dim fp32 operand leaves a bf16 map
+    bf16, where a 1-element tensor would promote the whole map to fp32. The add saves nothing for backward.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+class ScalarMultiplier(nn.Module):
+    """y = a * x with one learnable number a (0-dim, as :class:`ScalarBias`'s), ``init`` at init: the
+    ``scale`` op (1, [Fixup]) and the ``gate`` op (0, [SkipInit]). The product saves x for a's gradient."""
+
+    def __init__(self, init: float) -> None:
+        super().__init__()
+        self.init = init
+        self.weight = nn.Parameter(torch.full((), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    def extra_repr(self) -> str:
+        return f"init={self.init}"
+
+
 class Sum(nn.Module):
     """y = h(x) + F(x), with ``shortcut`` as h: identity, projection, 1x1 conv or dropout."""
 
@@ -174,24 +221,46 @@ SHORTCUT_GATES: dict[str, Callable[[int, ShortcutGate], nn.Module]] = {
 
 
 def _activation(ops: Sequence[str], channels: int, suffix: str = "") -> list[tuple[str, nn.Module]]:
-    """Named BN/ReLU modules for a list of op names."""
-    make = {"bn": lambda: nn.BatchNorm2d(channels), "relu": lambda: nn.ReLU()}
+    """Named modules for a list of op names (:data:`depthbench.architecture.OPS`)."""
+    make: dict[str, Callable[[], nn.Module]] = {
+        "bn": lambda: nn.BatchNorm2d(channels),
+        "relu": lambda: nn.ReLU(),
+        "bias": ScalarBias,
+        "scale": lambda: ScalarMultiplier(1.0),
+        "gate": lambda: ScalarMultiplier(0.0),
+    }
     return [(f"{op}{suffix}", make[op]()) for op in ops]
+
+
+def _layer(before: Sequence[str], conv: nn.Conv2d, after: Sequence[str], c_in: int, c_out: int,
+           i: int) -> list[tuple[str, nn.Module]]:
+    """Weight layer ``i``: its ops before the conv, ``conv{i}``, its ops after. Modules are named by op
+    and layer (bn1, relu1); an op on both sides of the conv takes the Fixup code's a/b (bias1a, bias1b)."""
+    twins = set(before) & set(after)
+
+    def named(ops: Sequence[str], channels: int, side: str) -> list[tuple[str, nn.Module]]:
+        return [(name + side if op in twins else name, module)
+                for op, (name, module) in zip(ops, _activation(ops, channels, str(i)), strict=True)]
+
+    return [*named(before, c_in, "a"), (f"conv{i}", conv), *named(after, c_out, "b")]
 
 
 class ResidualUnit(nn.Module):
     """One residual unit, y = after_add(join(x, F(x))), for any block shape and placement.
 
-    - ``branch`` is the residual function F: the weight layers of ``block`` with BN/ReLU placed as
-      ``placement`` says; layer modules are named ``conv1, bn1, relu1, conv2, ...``.
+    - ``branch`` is the residual function F: the weight layers of ``block`` with BN/ReLU (or the scalar
+      ops of the normalisation-free units) placed as ``placement`` says; layer modules are named
+      ``conv1, bn1, relu1, conv2, ...``, and ``bias1a, conv1, bias1b`` where an op sits on both sides.
     - ``join`` adds the shortcut: a :class:`ShortcutGate` on units whose dimensions stay, else a
-      projection: option A (:class:`ZeroPadShortcut`) or B (1x1 conv, with BN in post-activation units).
+      projection: option A (:class:`ZeroPadShortcut`) or B (1x1 conv, with BN in post-activation units,
+      without in pre-activation units and in fixup, whose shared scalar bias pre-activates it).
     - ``preact`` is empty except in pre-activation units whose dimensions change: there the
       pre-activation is computed once and both the branch and the projection take it ("projection
       shortcuts are also with pre-activation", [V2] appendix; resnet-1k-layers). Elsewhere the
-      shortcut sees the untouched x, keeping the clean identity path of [V2] section 3.
-    - ReLUs are not in-place: the relu_only_preact branch starts with a ReLU on x, which the shortcut
-      still needs.
+      shortcut sees the untouched x, keeping the clean identity path of [V2] section 3. Fixup's first
+      scalar bias counts as a pre-activation, so its shortcut takes x + a1 there, as the Fixup code's does.
+    - ReLUs are not in-place: the relu_only_preact and skipinit branches start with a ReLU on x, which
+      the shortcut still needs.
     """
 
     def __init__(
@@ -213,7 +282,7 @@ class ResidualUnit(nn.Module):
             c_out = out_channels if is_last else inner
             before, after = placement.split(placement.last if is_last else placement.layer)
             conv = nn.Conv2d(c_in, c_out, kernel, stride=stride if i == 1 else 1, padding=kernel // 2, bias=False)
-            layers += [*_activation(before, c_in, str(i)), (f"conv{i}", conv), *_activation(after, c_out, str(i))]
+            layers += _layer(before, conv, after, c_in, c_out, i)
             c_in = c_out
 
         reshapes = stride != 1 or in_channels != out_channels
@@ -275,6 +344,8 @@ class ResNet(nn.Module):
         self.head = nn.Sequential(OrderedDict([*_activation(placement.preact, c_in), *pool]))
         self.fc = nn.Linear(c_in, num_classes)
         self.apply(_init_weights)
+        if placement.init == "fixup":
+            _fixup_init(self)
 
     @property
     def units(self) -> list[ResidualUnit]:
@@ -353,6 +424,31 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
     elif isinstance(module, GatedSum):
         nn.init.constant_(module.gate.bias, module.bias_init)
+    elif isinstance(module, ScalarBias):
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, ScalarMultiplier):
+        nn.init.constant_(module.weight, module.init)
+
+
+def _fixup_init(model: ResNet) -> None:
+    """[Fixup] section 3, after the He init of :func:`_init_weights`: with L residual branches of m weight
+    layers each, the last conv of every branch and the classifier (weight and bias) start at 0, the other
+    branch convs at He init scaled by L^(-1/(2m-2)): L^(-1/2) for basic units, L^(-1/4) for bottlenecks.
+
+    Scaling the He-drawn weights in place is the same distribution as drawing them with the scaled std,
+    and draws nothing more from the RNG. As in the Fixup code, the stem and projection shortcuts keep the
+    plain He init: they are not in a branch. The scalar biases (0) and multipliers (1) are already set.
+    """
+    units = model.units
+    for unit in units:
+        convs = [m for m in unit.branch.modules() if isinstance(m, nn.Conv2d)]
+        factor = len(units) ** (-1 / (2 * len(convs) - 2))
+        with torch.no_grad():
+            for conv in convs[:-1]:
+                conv.weight.mul_(factor)
+        nn.init.zeros_(convs[-1].weight)
+    nn.init.zeros_(model.fc.weight)
+    nn.init.zeros_(model.fc.bias)
 
 
 def build_model(
@@ -400,9 +496,16 @@ def build_model(
     )
 
 
+# The fields of a ModelConfig that a ResNet reads: the others belong to other families (ViT's patch, heads ...).
+_RESNET_FIELDS = ("block", "shortcut", "width", "unit", "shortcut_gate", "shortcut_scale", "residual_scale",
+                  "gate_bias", "shortcut_dropout", "checkpointing")
+
+
 def model_from_config(version: str, depth: int, model_cfg: Any, num_classes: int, in_channels: int = 3) -> ResNet:
-    """``build_model`` with the fields of a :class:`depthbench.config.ModelConfig`."""
-    return build_model(version, depth, num_classes, in_channels=in_channels, **model_cfg.model_dump())
+    """``build_model`` with the ResNet fields of a :class:`depthbench.config.ModelConfig`; a field the
+    config lacks keeps ``build_model``'s default."""
+    settings = {name: getattr(model_cfg, name) for name in _RESNET_FIELDS if hasattr(model_cfg, name)}
+    return build_model(version, depth, num_classes, in_channels=in_channels, **settings)
 
 
 def count_params(model: nn.Module) -> int:

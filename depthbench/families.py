@@ -1,0 +1,126 @@
+"""The model families a sweep can train, and what each one means by a version, a unit and a default.
+
+depthbench asks one question of every family: does a clean identity path let depth grow? So every
+family has the same two versions. ``v1`` is the original design, whose identity path passes through a
+gate that every block applies (V1's ReLU after the addition, Post-LN's LayerNorm after it); ``v2`` is
+the design that keeps the path clean (V2's full pre-activation, Pre-LN with one final LayerNorm).
+Other units of the family (``model.unit``) are variants on the same axis and are compared within it.
+
+Torch-free: :mod:`depthbench.config` validates a sweep with these tables before anything is imported.
+
+A family may also declare defaults for settings the ResNet recipe fixes otherwise (a Transformer is
+trained with AdamW, a cosine schedule and a linear warmup, not SGD with step drops). They apply to
+settings a sweep does not write; the values a run resolved to are in its ``config.yaml``::
+
+    family  v1 / v2                         other units                model    train
+    resnet  original / full_preact          [V2] Fig. 4 placements,    width 16 SGD 0.1, momentum 0.9, wd 1e-4,
+                                            fixup, skipinit                     steps drops at 50%/75%
+    vit     post_ln / pre_ln                deepnorm, rezero           width 192, AdamW 1e-3, betas (0.9, 0.999),
+                                                                       heads 3, wd 0.05 on weight matrices only,
+                                                                       patch 4,  cosine to 0 after a linear warmup
+                                                                       mlp 4, cls over the first 5% of steps
+
+The ViT defaults are those of ViT-Tiny (width 192, 3 heads, MLP ratio 4) with the DeiT-style AdamW
+recipe; the studies in ``docs/`` use smaller nets and say so in their configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from depthbench.architecture import PLACEMENTS, VERSION_UNIT
+from depthbench.transformer import UNITS as VIT_UNITS
+from depthbench.transformer import VIT_VERSION_UNIT
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its units, what each version means, how reports name the versions, which
+    ``model`` settings only it reads, and its defaults for settings a sweep leaves out."""
+
+    name: str
+    version_unit: dict[str, str]
+    units: tuple[str, ...]
+    version_labels: dict[str, str]
+    own_settings: dict[str, Any]  # model settings only this family reads, with the value meaning "not used"
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def unit_of(self, version: str, unit: str | None) -> str:
+        """The unit a run builds: its own ``model.unit``, else the one its version implies."""
+        return unit or self.version_unit[version]
+
+
+# ResNet-only settings, with their defaults: a ViT that sets one to anything else is refused.
+_RESNET_SETTINGS = {
+    "block": "auto", "shortcut": "auto", "shortcut_gate": "identity", "shortcut_scale": 1.0,
+    "residual_scale": 1.0, "gate_bias": 0.0, "shortcut_dropout": 0.5, "checkpointing": 0,
+}
+# ViT-only settings: None on a ResNet, filled in from the family's defaults on a ViT.
+_VIT_SETTINGS = {"patch": None, "heads": None, "mlp_ratio": None, "pool": None}
+
+FAMILIES: dict[str, Family] = {
+    "resnet": Family(
+        name="resnet",
+        version_unit=VERSION_UNIT,
+        units=tuple(PLACEMENTS),
+        version_labels={"v1": "V1", "v2": "V2"},
+        own_settings=_RESNET_SETTINGS,
+    ),
+    "vit": Family(
+        name="vit",
+        version_unit=VIT_VERSION_UNIT,
+        units=tuple(VIT_UNITS),
+        version_labels={"v1": "Post-LN", "v2": "Pre-LN"},
+        own_settings=_VIT_SETTINGS,
+        defaults={
+            "model": {"width": 192, "heads": 3, "mlp_ratio": 4.0, "patch": 4, "pool": "cls"},
+            "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "decay_all": False,
+                      "schedule": "cosine", "warmup": {"shape": "linear", "steps": 0.05}},
+        },
+    ),
+}
+
+# Defaults a unit brings, under its family's. The Fixup code trains its scalar biases and multipliers at a
+# tenth of the rate of the weights (hongyi-zhang/Fixup, cifar_train.py); at the full rate of 0.1 a Fixup
+# net stays at chance (docs/study-normfree).
+UNIT_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"fixup": {"train": {"scalar_lr": 0.1}}}
+
+# What an optimizer needs that the other does not read, filled in when a run chooses it and leaves
+# them out (PyTorch's AdamW defaults).
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {"sgd": {}, "adamw": {"betas": (0.9, 0.999), "eps": 1e-8}}
+
+
+def family_of_unit(unit: str) -> str | None:
+    """The family a unit belongs to, or None for a name no family has."""
+    return next((f.name for f in FAMILIES.values() if unit in f.units), None)
+
+
+def version_label(family: str, version: str) -> str:
+    """How a report names a version: 'V1' for a ResNet, 'Post-LN' for a ViT."""
+    return FAMILIES[family].version_labels.get(version, version) if family in FAMILIES else version
+
+
+def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's raw settings (``model``, ``train``, ... sections) with its unit's, its family's and its
+    optimizer's defaults under what it wrote: a written value always wins, a section's missing keys are filled."""
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    family = FAMILIES.get(model.get("family") or "resnet")
+    merged = _merge(UNIT_DEFAULTS.get(model.get("unit") or "", {}), data)
+    merged = _merge(family.defaults, merged) if family else merged
+    train = merged.get("train")
+    if isinstance(train, dict):
+        for key, value in OPTIMIZER_DEFAULTS.get(train.get("optimizer", "sgd"), {}).items():
+            if train.get(key) is None:
+                train[key] = value
+    return merged
+
+
+def _merge(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(data)
+    for key, value in defaults.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(value, merged[key])
+        elif merged.get(key) is None:  # null is how a saved config spells "not set"
+            merged[key] = _merge(value, {}) if isinstance(value, dict) else value
+    return merged
