@@ -146,7 +146,8 @@ class WarmupConfig(_Section):
     @field_validator("steps")
     @classmethod
     def _whole_or_fraction(cls, value: int | float) -> int | float:
-        if isinstance(value, float) and value >= 1:
+        # A whole float is a step count (0.0 and 5.0 as 0 and 5, so run ids are those of the int).
+        if isinstance(value, float) and (value >= 1 or value.is_integer()):
             if not value.is_integer():
                 raise ValueError(f"must be a whole number of steps or a fraction below 1 (got {value:g})")
             return int(value)

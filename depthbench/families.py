@@ -105,15 +105,20 @@ def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
     """A run's raw settings (``model``, ``train``, ... sections) with its unit's, its family's and its
     optimizer's defaults under what it wrote: a written value always wins, a section's missing keys are filled."""
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
-    family = FAMILIES.get(model.get("family") or "resnet")
-    merged = _merge(UNIT_DEFAULTS.get(model.get("unit") or "", {}), data)
+    # Only names are looked up: anything else (a list where a name belongs) is the validators' to refuse.
+    family = FAMILIES.get(_name(model.get("family")) or "resnet")
+    merged = _merge(UNIT_DEFAULTS.get(_name(model.get("unit")), {}), data)
     merged = _merge(family.defaults, merged) if family else merged
-    train = merged.get("train")
-    if isinstance(train, dict):
-        for key, value in OPTIMIZER_DEFAULTS.get(train.get("optimizer", "sgd"), {}).items():
+    if isinstance(merged.get("train"), dict):
+        train = merged["train"] = dict(merged["train"])  # the caller's mapping stays as it was
+        for key, value in OPTIMIZER_DEFAULTS.get(_name(train.get("optimizer")) or "sgd", {}).items():
             if train.get(key) is None:
                 train[key] = value
     return merged
+
+
+def _name(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _merge(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:

@@ -163,7 +163,12 @@ def training_curves(
         bottom.set_xlabel("training step (iterations)")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-        top.legend(fontsize="small")
+        if len(labels) <= 4:
+            top.legend(fontsize="small")
+    if len(labels) > 4:  # one legend under the panels rather than one over each panel's lines
+        handles = {h.get_label().rsplit(" (n = ", 1)[0]: h for ax in axes[0] for h in ax.get_lines()}
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(len(labels), 4),
+                   fontsize="small")
     fig.suptitle(title or "Training loss and test error against step (mean over seeds, band = min..max)")
     return _save(fig, path)
 

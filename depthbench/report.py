@@ -367,15 +367,18 @@ def compare_units(table: pd.DataFrame, group_by: Sequence[str] | None = None) ->
     return comparisons
 
 
+# Settings that the reference units (full_preact, pre_ln) do not read: a group of other units that sets
+# one is compared with the reference runs whatever their value (Fixup's scalar_lr of 0.1 against BN runs).
+_UNREAD_BY_REFERENCE = ("train.scalar_lr",)
+
+
 def _reference_runs(done: pd.DataFrame, group: pd.DataFrame, keys: Sequence[str], reference: str) -> pd.DataFrame:
     """The reference unit's runs that a group of other units' runs is compared with: those at the group's
-    values of the keys the reference runs themselves vary. A setting that only other units vary (Fixup's
-    ``train.scalar_lr``, say) does not take the reference away from them."""
+    value of every row key but the settings the reference does not read."""
     runs = done[(done.unit == reference) & (done.family == group.family.iloc[0])]
     for key in keys:
-        values = runs[key].astype(str)  # as text, so that None and NaN count as values
-        if values.nunique() > 1:
-            runs = runs[values == str(group[key].iloc[0])]
+        if key not in _UNREAD_BY_REFERENCE:  # as text, so that None and NaN count as values
+            runs = runs[runs[key].astype(str) == str(group[key].iloc[0])]
     return runs
 
 

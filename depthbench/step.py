@@ -179,8 +179,9 @@ class GraphedStep:
         if flipped is not None:
             self.flipped.copy_(flipped, non_blocking=True)
         if lr != self._lr_value:
-            # The groups keep the tensors: a float put back here would be baked into the capture as the
-            # rate of every replay. A checkpoint saves the tensors, which hold the rates in use.
+            # The groups keep the tensors: a float put back here before capture would be baked into the
+            # graph as the rate of every replay. (A checkpoint's saved rates are never read back: the
+            # trainer sets the rate at every step.)
             for group, rate in zip(self.setup.optimizer.param_groups, self.lrs, strict=True):
                 rate.fill_(lr * group.get("lr_factor", 1.0))
             self._lr_value = lr

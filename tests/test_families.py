@@ -247,3 +247,14 @@ def test_a_config_yaml_written_before_the_families_loads_to_the_same_run(tmp_pat
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     assert load_run_config(path).run_id == run.run_id
+
+
+def test_a_list_where_a_family_or_unit_name_belongs_is_one_line() -> None:
+    for grid in ({"model.family": [["vit"]]}, {"model.unit": [{"a": 1}]}, {"train.optimizer": [["adamw"]]}):
+        found = error(grid={"version": ["v1"], "depth": [8], **grid})
+        assert found.startswith("cfg: ") and "\n" not in found
+
+
+def test_warmup_written_as_a_whole_float_is_the_step_count() -> None:
+    assert runs(train={"warmup": {"steps": 0.0}})[0].run_id == runs()[0].run_id
+    assert runs(train={"warmup": {"steps": 5.0}})[0].run_id == runs(train={"warmup": {"steps": 5}})[0].run_id

@@ -412,3 +412,13 @@ def test_a_setting_only_other_units_vary_keeps_the_reference(tmp_path: Path) -> 
     diffs = {c.config: round(100 * c.diff, 2) for c in rep.unit_comparisons}
     assert diffs == {(20, 0.1): -10.0, (20, 1.0): -42.0}
     assert "nothing to be compared with" not in rep.markdown
+
+
+def test_a_unit_is_never_compared_with_the_reference_at_another_depth(tmp_path: Path) -> None:
+    for seed, acc in enumerate([0.94, 0.95, 0.96]):
+        _fake_run(tmp_path, "v2", 20, seed, acc, unit="full_preact")
+        _fake_run(tmp_path, "v1", 20, seed, acc - 0.1, unit="fixup")
+        _fake_run(tmp_path, "v1", 110, seed, acc - 0.3, unit="fixup")
+    rep = build_report(tmp_path, plots=False)
+    assert [c.config for c in rep.unit_comparisons] == [(20,)]
+    assert "no completed full_preact runs at depth 110" in rep.markdown
