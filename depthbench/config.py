@@ -414,6 +414,11 @@ def _family_problem(run: RunConfig) -> str | None:
         for key in ("milestones", "gamma"):
             if not _same(getattr(train, key), defaults[key].default):
                 return f"train.{key} belongs to the multistep schedule, and train.schedule is cosine; remove it"
+    if train.warmup_steps and train.warmup.shape == "constant" and train.warmup.lr > train.lr:
+        # Checked per run, where the shape is resolved: a ViT that picks the constant shape would inherit
+        # the ResNet recipe's 0.01, ten times its own rate.
+        return (f"train.warmup.lr ({train.warmup.lr:g}) is above train.lr ({train.lr:g}): a warmup runs below "
+                "the rate it hands over to; lower train.warmup.lr, or set train.warmup.shape: linear")
     if train.warmup.shape == "linear" and not _same(train.warmup.lr, WarmupConfig.model_fields["lr"].default):
         return ("train.warmup.lr is the constant warmup's rate; a linear warmup ramps from 0 to train.lr: "
                 "remove it, or set train.warmup.shape: constant")

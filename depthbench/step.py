@@ -262,10 +262,9 @@ def compare(setup: TrainingSetup, candidate: Step, step: int, lr: float) -> str 
 
 
 def wants_graph(setup: TrainingSetup) -> bool:
-    """On by default on CUDA (``train.cuda_graph``); a compiled model is left to torch.compile. SGD only:
-    the graph and its check (:class:`_Snapshot`) hold SGD's state; an AdamW run takes fused eager steps."""
+    """On by default on CUDA (``train.cuda_graph``); a compiled model is left to torch.compile."""
     tc = setup.cfg.train
-    return setup.device.type == "cuda" and tc.cuda_graph and not tc.compile and tc.optimizer == "sgd"
+    return setup.device.type == "cuda" and tc.cuda_graph and not tc.compile
 
 
 def choose_step(setup: TrainingSetup, step: int, lr: float, notes: list[str], capture: Capture | None = None,
@@ -279,6 +278,11 @@ def choose_step(setup: TrainingSetup, step: int, lr: float, notes: list[str], ca
         # Dropout's masks come from (seed, step) through the global RNG, which a replay would not reseed.
         notes.append(f"{setup.cfg.run_id}: a layer draws random numbers each step (dropout); CUDA graph off, "
                      "training eager")
+        return eager
+    if setup.cfg.train.optimizer != "sgd":
+        # The graph and its check (_Snapshot) hold SGD's state only; AdamW takes fused eager steps.
+        notes.append(f"{setup.cfg.run_id}: CUDA graphs are used with SGD only; {setup.cfg.train.optimizer} "
+                     "trains eager (fused)")
         return eager
     capture = capture or GraphedStep
     snapshot = _Snapshot.take(setup)

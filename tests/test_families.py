@@ -120,9 +120,12 @@ def test_a_vit_run_id_names_its_family() -> None:
         ({"train": {"warmup": {"steps": 2.5}}},
          "train.warmup.steps: must be a whole number of steps or a fraction below 1 (got 2.5)"),
         ({"train": {"optimizer": "adamw", "betas": [0.9, 1.5]}}, "train: betas: each must be in [0, 1) (got [0.9, 1.5])"),
+        ({"model": {"family": "vit"}, "train": {"warmup": {"shape": "constant", "steps": 10}}},
+         "train.warmup.lr (0.01) is above train.lr (0.001): a warmup runs below the rate it hands over to; "
+         "lower train.warmup.lr, or set train.warmup.shape: linear"),
     ],
     ids=["resnet-on-vit", "vit-on-resnet", "vit-unit", "resnet-unit", "betas-sgd", "momentum-adamw",
-         "milestones-cosine", "linear-lr", "heads", "patch", "warmup-fraction", "betas-range"],
+         "milestones-cosine", "linear-lr", "heads", "patch", "warmup-fraction", "betas-range", "constant-above-lr"],
 )
 def test_a_setting_that_does_not_apply_is_one_line_naming_it(sections: dict[str, Any], expected: str) -> None:
     found = error(**sections)

@@ -264,3 +264,10 @@ def test_precision_auto_on_cpu_is_bf16_only_where_the_cpu_computes_it_natively(
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == expected
     assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) == torch.bfloat16
+
+
+def test_adamw_keeps_the_eager_step_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    force_graph(monkeypatch, TwiceTheRate)
+    setup, notes = setup_for(train={"optimizer": "adamw", "lr": 1e-3}), []
+    assert type(choose_step(setup, 0, 1e-3, notes)) is EagerStep
+    assert notes == [f"{setup.cfg.run_id}: CUDA graphs are used with SGD only; adamw trains eager (fused)"]
