@@ -29,7 +29,8 @@ so loading a sweep, planning it and reading a runs/ folder answer fast::
       sweep.py         plan, claim, train and record each run; preflight; results.csv refresh
       executors/       where runs train: base.py (contract, shared pieces), local.py, ray.py, slurm.py
       results.py       results.csv: one row per run, rebuilt from the run folders
-      report.py        statistics by depth or any axis, paper values beside ours, report.md
+      statistics.py    a report's numbers: rows by depth or any axis, statistics over seeds, Welch tests
+      report.py        tables by family and unit, paper values beside ours, report.md
       plots.py         the report's figures
       diagnose.py      the `depthbench diagnose` command's driver
       bench/           `depthbench bench`: probes, the usual-pipeline baseline, modes, rendering

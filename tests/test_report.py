@@ -23,7 +23,8 @@ from depthbench.cli import app
 from depthbench.config import dump_run_config, parse_sweep
 from depthbench.errors import DepthbenchError
 from depthbench.plots import _depth_axis, series_labels
-from depthbench.report import Report, build_report, plot_runs, prepare
+from depthbench.report import Report, build_report, plot_runs
+from depthbench.statistics import prepare
 from depthbench.results import collect
 from depthbench.sweep import run_sweep, sweep_yaml
 from tests.conftest import tiny_sweep
