@@ -156,8 +156,8 @@ def tidy(diagnoses: Sequence[Diagnosis]) -> list[dict[str, Any]]:
 def write_outputs(diagnoses: Sequence[Diagnosis], out: Path) -> dict[str, Path]:
     """``diagnose.json`` (per net and step: the summary and every unit), ``diagnose.csv`` (one row per unit)
     and ``diagnose.png`` in ``out``: per unit, the gradient norm, the cosine and the zeroed shortcut energy
-    of a ResNet; the gradient norms at the input and of the weights and the cosine of a ViT (whose zeroed
-    fractions are None; :data:`depthbench.plots.FLOW_MEASURES` has no axis for its identity gain yet)."""
+    of a ResNet; the gradient norms at the input and of the weights and the identity-path gain of a ViT
+    (whose zeroed fractions are None)."""
     out = Path(out)
     records = [
         {"net": d.label, "family": d.cfg.model.family, "version": d.cfg.version, "depth": d.cfg.depth,
@@ -172,7 +172,7 @@ def write_outputs(diagnoses: Sequence[Diagnosis], out: Path) -> dict[str, Path]:
                for d in diagnoses for row in d.rows]
     batch = diagnoses[0].cfg.train.batch_size if diagnoses else 0
     if any(d.cfg.model.family == "vit" for d in diagnoses):
-        measures, units = ("grad_input", "grad_params", "cosine"), "Transformer block"
+        measures, units = ("grad_input", "grad_params", "identity_gain"), "Transformer block"
     else:
         measures, units = ("grad_input", "cosine", "shortcut_zeroed"), "residual unit"
     unit_flow(entries, files["png"], measures=measures,

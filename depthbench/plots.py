@@ -179,6 +179,7 @@ FLOW_MEASURES: dict[str, tuple[str, bool]] = {
     "grad_params": ("||dL/dW_l|| of the unit's weights", True),
     "cosine": ("cos(x_l, x_l+1)", False),
     "shortcut_zeroed": ("shortcut energy zeroed by ReLU", False),
+    "identity_gain": ("identity-path gain through the block", True),  # ViT blocks (flow.py)
 }
 
 
