@@ -6,6 +6,7 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -89,6 +90,9 @@ def sweep(
     slurm_local: Annotated[bool, typer.Option(
         "--slurm-local", help="slurm: run the jobs with submitit's local executor on this machine, to try a sweep "
                               "before submitting it.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="ray, slurm: also show the engine's own messages, which otherwise go to the sweep's "
+                          "sweep.log.")] = False,
 ) -> None:
     """Train every run of a sweep that is not finished yet; write runs/<name>/results.csv."""
     from depthbench.config import load_sweep
@@ -110,17 +114,21 @@ def sweep(
     from depthbench.executors import ExecutorOptions, make_executor
 
     where = ExecutorOptions(executor, jobs=jobs, address=address, slurm_local=slurm_local, max_restarts=max_restarts,
-                            partition=partition, time_min=time_min, array_parallelism=array_parallelism)
+                            partition=partition, time_min=time_min, array_parallelism=array_parallelism,
+                            verbose=verbose)
     runner = make_executor(where, cfg.resources, log=lambda line: console.print(line, markup=False, highlight=False))
 
     from depthbench.progress import RichReporter
 
-    # The command that resumes this sweep where it ran, with the options that say where runs train.
-    again = "depthbench " + shlex.join([
-        "sweep", str(config), *(["--out", str(out)] if out != Path("runs") else []),
-        *(["--device", device] if device is not None else []), *where.flags(),
-        *(["--tensorboard"] if tensorboard else []), *(["--allow-device-change"] if allow_device_change else []),
-    ])
+    def again_with(options: Any) -> str:
+        """The command that resumes this sweep where it ran, with the options that say where runs train."""
+        return "depthbench " + shlex.join([
+            "sweep", str(config), *(["--out", str(out)] if out != Path("runs") else []),
+            *(["--device", device] if device is not None else []), *options.flags(),
+            *(["--tensorboard"] if tensorboard else []), *(["--allow-device-change"] if allow_device_change else []),
+        ])
+
+    again = again_with(where)
     try:
         with RichReporter(console) as reporter:
             settings = RunSettings(retry_failed=retry_failed, tensorboard=tensorboard,
@@ -140,6 +148,10 @@ def sweep(
     if outcome.interrupted:
         _interrupted(cfg, out, device, again)
     if failed:
+        # Runs that ran out of SLURM restarts: the line resumes them with enough restarts (and time).
+        advised = getattr(runner, "resume_options", None)
+        if advised:
+            again = again_with(dataclasses.replace(where, **advised))
         err_console.print(f"{failed} run(s) failed; see error.log in their folders, "
                           f"then `{again} --retry-failed`")
         raise typer.Exit(1)

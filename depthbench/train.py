@@ -279,6 +279,12 @@ def checkpoint_origin(run_dir: Path) -> tuple[str, str] | None:
     return _origin(_load_checkpoint(run_dir / CHECKPOINT, mmap=True))  # mapped: only two small fields are read
 
 
+def checkpoint_step(run_dir: Path) -> int:
+    """The step a run's checkpoint holds: how much of the run is done and kept; 0 without a readable one."""
+    state = _load_checkpoint(run_dir / CHECKPOINT, mmap=True)
+    return int(state["step"]) if state else 0
+
+
 def _origin(state: dict[str, Any] | None) -> tuple[str, str] | None:
     return (state["device_type"], state["precision"]) if state and "device_type" in state else None
 

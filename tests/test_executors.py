@@ -117,6 +117,50 @@ def test_a_start_whose_message_was_lost_is_said_with_the_outcome() -> None:
     assert live.returned(_Attempt(outcome, "node a, pid 2", True)) is outcome and len(lines) == 2  # heard already
 
 
+def test_status_lines_say_where_runs_are_at_which_step_and_what_waits_after_a_requeue(tmp_path: Path) -> None:
+    # What the SLURM and Ray drivers print between events, read from the runs' own metrics files; every line
+    # also goes, timestamped, to the sweep's sweep.log.
+    first, second = tiny_sweep(grid={"version": ["v1", "v2"], "depth": [8], "seed": [0]}).runs()
+    lines: list[str] = []
+    live = _LiveRuns([first, second], None, lines.append, sweep_dir=tmp_path)
+    live.started(first.run_id, "node1 (job 7_0)")
+    live.started(second.run_id, "node2 (job 7_1)")
+    (tmp_path / first.run_id).mkdir()
+    storage.append_jsonl(tmp_path / first.run_id / "metrics.jsonl", {"step": 4, "train_loss": 2.0})
+    live.status(every_s=0)
+    live.status(every_s=0)  # nothing moved: not said again
+    live.queued_again(second.run_id, "requeued (restart 1 of at most 3), eligible at 12:00:00")
+    live.status(every_s=0)  # the requeue line said it all: not repeated
+    assert [line.split("  [")[0] for line in lines[2:]] == [
+        f"{first.run_id} at step 4/8 on node1 (job 7_0); {second.run_id} starting on node2 (job 7_1)",
+        f"{second.run_id} is requeued (restart 1 of at most 3), eligible at 12:00:00; it resumes from its "
+        "checkpoint when it runs again",
+    ]
+    assert lines[-1].endswith("[1 running, 0 done, 0 failed, 0 queued, 1 requeued]")
+    live.ended(RunOutcome(first, "completed"))  # shown by the reporter; recorded in the sweep log
+    logged = (tmp_path / "sweep.log").read_text().splitlines()
+    assert len(logged) == 5 and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d started ", logged[0])
+    assert logged[-1].endswith(f" completed {first.run_id}  [0 running, 1 done, 0 failed, 0 queued, 1 requeued]")
+
+
+def test_engine_messages_go_to_the_sweep_log_unless_verbose(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    from submitit.core.logger import get_logger
+
+    from depthbench.executors.base import engine_log
+
+    logger = get_logger()  # submitit's own logger, with the handler to stderr it installs
+    handlers = list(logger.handlers)
+    with engine_log(tmp_path):
+        logger.warning("Call #1 - Bypassing sacct error")
+    with engine_log(tmp_path, verbose=True):
+        logger.warning("shown with --verbose")
+    assert logger.handlers == handlers  # as it was
+    err = capfd.readouterr().err
+    assert "Bypassing" not in err and "shown with --verbose" in err
+    logged = (tmp_path / "sweep.log").read_text()
+    assert "submitit WARNING: Call #1 - Bypassing sacct error" in logged and "shown with --verbose" in logged
+
+
 def test_local_jobs_2_matches_sequential(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     config = write_config(tmp_path / "tiny.yaml", tiny_sweep())
     result = runner.invoke(app, ["sweep", str(config), "--jobs", "2", "--out", str(tmp_path)], catch_exceptions=False)
@@ -305,11 +349,12 @@ def test_slurm_run_timing_out_too_often_fails_then_resumes(one_thread: None, tmp
     outcome = sweep(tmp_path, cfg, SlurmExecutor(cfg.resources, local=True))
     (failed,) = outcome.outcomes
     assert failed.status == "failed" and outcome.failed == [run.run_id]
-    assert failed.message.startswith(f"SLURM job {failed.message.split()[2]} timed out 1 time(s) at "
-                                     "resources.time_min = 1 min (raise time_min or max_restarts)")
     assert pd.read_csv(tmp_path / "slurm" / "results.csv").status.tolist() == ["failed"]
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
     assert 4 <= saved < 60  # the time-out still checkpointed the run
+    assert failed.message.startswith(f"SLURM job {failed.message.split()[2]} timed out 1 time(s) at "
+                                     f"resources.time_min = 1 min with {saved} of 60 steps done, checkpoint kept; "
+                                     "raise time_min or max_restarts; log ")
 
     retried = run_sweep(cfg, tmp_path, settings=RunSettings(retry_failed=True), handle_signals=False)
     assert [o.status for o in retried.outcomes] == ["completed"] and retried.failed == []
@@ -363,7 +408,8 @@ def test_slurm_submission_script_carries_the_resources(tmp_path: Path, monkeypat
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text("#!/bin/sh\n")
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/job.sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/job.sh\necho "$SUBMITIT_PREEMPT_SIGNAL" '
+                                    f'> {tmp_path}/signal.txt\necho "Submitted batch job 4242"\n')
     for tool in ("srun", "sbatch"):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -373,7 +419,10 @@ def test_slurm_submission_script_carries_the_resources(tmp_path: Path, monkeypat
     jobs = executor._submit(cfg.runs(), tmp_path / "tiny", RunOptions())
     assert [job.job_id for job in jobs] == ["4242_0", "4242_1"]
     script = (tmp_path / "job.sh").read_text()
-    for line in ("--array=0-1%1", "--partition=gpu", "--time=90", "--signal=USR2@90", "--gpus-per-node=1",
+    # The time-limit warning: URG, which a job not yet able to handle it ignores, 20 s before the limit for a run
+    # never measured (timelimit.StopTiming); the jobs inherit the signal's name, this process does not keep it.
+    assert (tmp_path / "signal.txt").read_text() == "URG\n" and "SUBMITIT_PREEMPT_SIGNAL" not in os.environ
+    for line in ("--array=0-1%1", "--partition=gpu", "--time=90", "--signal=URG@20", "--gpus-per-node=1",
                  "--cpus-per-task=3", "--nodes=1", "--ntasks-per-node=1", "--account=proj",
                  "--job-name=depthbench-tiny"):
         assert f"#SBATCH {line}\n" in script

@@ -11,6 +11,7 @@ them and reports what they do. Ray and submitit are optional extras, imported on
     local.py   --jobs N: a process pool on this machine
     ray.py     --executor ray
     slurm.py   --executor slurm (and --slurm-local)
+    timelimit.py  how early a SLURM job is told to stop, and the job's own watch on its time limit
 
 The contract (:class:`Executor`, :class:`RunOptions`) and the one-run-after-another
 :class:`LocalExecutor` are in :mod:`depthbench.sweep`, whose ``run_sweep`` defaults to it.
@@ -53,9 +54,9 @@ def make_executor(options: ExecutorOptions | str, resources: ResourcesConfig, *,
         return ParallelExecutor(options.jobs, log=log) if options.jobs > 1 else LocalExecutor()
     if options.executor == "ray":
         _require("ray", "ray")
-        return RayExecutor(resources, address=options.address, log=log)
+        return RayExecutor(resources, address=options.address, log=log, verbose=options.verbose)
     _require("submitit", "slurm")
-    return SlurmExecutor(resources, local=options.slurm_local, log=log)
+    return SlurmExecutor(resources, local=options.slurm_local, log=log, verbose=options.verbose)
 
 
 def _require(module: str, extra: str) -> None:

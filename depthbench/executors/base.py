@@ -8,22 +8,28 @@ in :mod:`depthbench.sweep`, next to ``run_sweep`` which drives it: the executors
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from depthbench import storage
 from depthbench.config import ResourcesConfig, RunConfig
 from depthbench.errors import DepthbenchError, did_you_mean
-from depthbench.layout import CHECKPOINT, RESULT, run_state
+from depthbench.layout import CHECKPOINT, METRICS, RESULT, run_state
 from depthbench.sweep import BUSY, Reporter, RunOutcome, claim, write_failure
 from depthbench.train import Progress
 
 EXECUTORS = ("local", "ray", "slurm")
 LogFn = Callable[[str], None]
+SWEEP_LOG = "sweep.log"  # in the sweep folder: the driver's lines, timestamped, and the engines' own messages
+ENGINE_LOGGERS = ("submitit", "ray")
 
 
 def _option_of(*executors: str, default: Any) -> Any:
@@ -48,6 +54,7 @@ class ExecutorOptions:
     partition: str | None = _option_of("slurm", default=None)
     time_min: int | None = _option_of("slurm", default=None)
     array_parallelism: int | None = _option_of("slurm", default=None)
+    verbose: bool = _option_of("ray", "slurm", default=False)
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -128,6 +135,53 @@ def _record_failure(cfg: RunConfig, sweep_dir: Path, message: str, details: str)
     return RunOutcome(cfg, "failed", message=message)
 
 
+def steps_done(run_dir: Path) -> int:
+    """The last step the run logged (its metrics file, which a resumed run cuts back to its checkpoint)."""
+    rows = storage.read_jsonl(run_dir / METRICS)
+    return int(rows[-1].get("step", 0)) if rows else 0
+
+
+_engine_handler: logging.Handler | None = None  # the sweep log's, while engine_log is open
+
+
+@contextlib.contextmanager
+def engine_log(sweep_dir: Path, *, verbose: bool = False) -> Iterator[None]:
+    """While a sweep runs on an engine, its loggers (submitit's, Ray's) write to ``sweep.log``, not the terminal.
+
+    ``verbose`` leaves them where they were, and adds the file. :func:`quiet_engines` repeats the move for
+    handlers an engine installs later (importing Ray configures its logger, ``ray.init`` again).
+    """
+    global _engine_handler
+    handler = logging.FileHandler(sweep_dir / SWEEP_LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    saved = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate)
+             for name in ENGINE_LOGGERS}
+    before, _engine_handler = _engine_handler, handler
+    try:
+        quiet_engines(verbose=verbose)
+        yield
+    finally:
+        _engine_handler = before
+        for name, (handlers, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+        handler.close()
+
+
+def quiet_engines(*, verbose: bool = False) -> None:
+    """Send the engines' loggers to the open sweep log, and (unless ``verbose``) nowhere else."""
+    if _engine_handler is None:
+        return
+    for name in ENGINE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not verbose:
+            logger.handlers[:] = []
+            logger.propagate = False
+        if _engine_handler not in logger.handlers:
+            logger.addHandler(_engine_handler)
+
+
 @dataclass(frozen=True)
 class _Attempt:
     """What a worker returns for one run: its outcome, and where and how that attempt began."""
@@ -145,9 +199,14 @@ class _LiveRuns:
     follows the oldest one still running, and every start is a log line saying where the run trains.
     """
 
-    def __init__(self, runs: list[RunConfig], reporter: Reporter | None, log: LogFn | None) -> None:
+    def __init__(self, runs: list[RunConfig], reporter: Reporter | None, log: LogFn | None,
+                 sweep_dir: Path | None = None) -> None:
         self.by_id = {cfg.run_id: cfg for cfg in runs}
         self.reporter, self.log = reporter, log
+        self.sweep_dir = sweep_dir  # where the status lines read the runs' metrics
+        self.record = sweep_dir / SWEEP_LOG if sweep_dir is not None else None  # every line also goes there
+        self.requeued: dict[str, str] = {}  # run id -> why it waits again (a SLURM requeue)
+        self._last_status = ("", 0.0)  # the last status line and when it was said
         self.running: dict[str, str] = {}  # run id -> where; insertion order is start order
         self.starts: Counter[str] = Counter()
         self.places: dict[str, set[str]] = {}  # run id -> where its attempts started, as the driver heard
@@ -168,6 +227,7 @@ class _LiveRuns:
         for other in [other for other, place in self.running.items() if place == where]:
             self.stopped(other)
         self.running[run_id] = where
+        self.requeued.pop(run_id, None)
         again = " again" if self.starts[run_id] > 1 else ""
         self.say(f"started {run_id}{again} on {where}" + (", resuming from its checkpoint" if resuming else ""))
         if self.focus is None:
@@ -185,7 +245,9 @@ class _LiveRuns:
     def queued_again(self, run_id: str, why: str) -> None:
         """A run whose job was requeued (time-out, pre-emption): it waits for a node again."""
         self.running.pop(run_id, None)
+        self.requeued[run_id] = why
         self.say(f"{run_id} is {why}; it resumes from its checkpoint when it runs again")
+        self._last_status = (self._status_text(), time.monotonic())  # just said: no status line repeats it
 
     def returned(self, attempt: _Attempt) -> RunOutcome:
         """The outcome a worker returned, after saying the start of its attempt if that was never heard.
@@ -211,12 +273,13 @@ class _LiveRuns:
             self.resume_display()
 
     def ended(self, outcome: RunOutcome) -> None:
-        """Count an outcome; call before yielding it to run_sweep."""
+        """Count an outcome; call before yielding it to run_sweep (whose reporter shows it)."""
         self.stopped(outcome.cfg.run_id)
         self.finished[outcome.status] += 1
         self.finished_ids.add(outcome.cfg.run_id)
         if self.focus == outcome.cfg.run_id:
             self.focus = None
+        self._record(f"{outcome.status} {outcome.cfg.run_id}" + (f": {outcome.message}" if outcome.message else ""))
 
     def resume_display(self) -> None:
         """After run_sweep showed an outcome (which hides the run bar), show the followed run again."""
@@ -227,14 +290,58 @@ class _LiveRuns:
             if self.focus_progress:
                 self.reporter.progress(self.by_id[self.focus], self.focus_progress)
 
-    def say(self, text: str) -> None:
-        if not self.log:
-            return
+    def counts(self) -> str:
         done = sum(n for status, n in self.finished.items() if status != "failed")
         # A run that stopped training but whose outcome is still on its way is in none of the counts.
         waiting = len(self.by_id) - len(self.running) - len(self.over)
-        self.log(f"{text}  [{len(self.running)} running, {done} done, {self.finished['failed']} failed, "
-                 f"{waiting} waiting]")
+        requeued = len(self.requeued.keys() - self.finished_ids)
+        queued = f"{waiting - requeued} queued, {requeued} requeued" if requeued else f"{waiting} waiting"
+        return f"[{len(self.running)} running, {done} done, {self.finished['failed']} failed, {queued}]"
+
+    def say(self, text: str) -> None:
+        """A line for the terminal and the sweep log."""
+        if self.log:
+            self.log(f"{text}  {self.counts()}")
+        self._record(text)
+
+    def _record(self, text: str) -> None:
+        """A line for the sweep log only (outcomes: the reporter shows them on the terminal)."""
+        if self.record is None:
+            return
+        try:
+            with self.record.open("a", encoding="utf-8") as file:
+                file.write(f"{datetime.now().isoformat(sep=' ', timespec='seconds')} {text}  {self.counts()}\n")
+        except OSError:
+            pass  # the sweep log is a convenience: a full disk must not stop the sweep
+
+    def status(self, *, every_s: float) -> None:
+        """Every ``every_s`` seconds at most, and only when something moved: where each running run is, at
+        which step (read from its own metrics file), and which runs wait after a requeue."""
+        text = self._status_text()
+        last, when = self._last_status
+        if text and text != last and time.monotonic() - when >= every_s:
+            self._last_status = (text, time.monotonic())
+            self.say(text)
+
+    def _status_text(self, show: int = 4) -> str:
+        parts = []
+        for run_id, where in list(self.running.items())[:show]:
+            step = steps_done(self.sweep_dir / run_id) if self.sweep_dir is not None else 0
+            parts.append(f"{run_id} at step {step}/{self.by_id[run_id].train.steps} on {where}" if step
+                         else f"{run_id} starting on {where}")
+        if len(self.running) > show:
+            parts.append(f"{len(self.running) - show} more running")
+        parts += [f"{run_id} {why}" for run_id, why in self.requeued.items() if run_id not in self.finished_ids]
+        return "; ".join(parts)
+
+    def follow_metrics(self) -> None:
+        """The followed run's progress bar, from its metrics file: for jobs that cannot call back to the driver."""
+        if self.focus is None or self.sweep_dir is None:
+            return
+        rows = storage.read_jsonl(self.sweep_dir / self.focus / METRICS)
+        if rows and (self.focus_progress is None or rows[-1].get("step") != self.focus_progress.step):
+            cfg = self.by_id[self.focus]
+            self.progress(self.focus, Progress(int(rows[-1].get("step", 0)), cfg.train.steps, rows[-1]))
 
     def on(self, event: tuple[str, str, Any]) -> None:
         """Apply a worker's ("started", run id, (where, resuming)), ("progress", run id, Progress) or

@@ -8,6 +8,7 @@ module's name does not shadow it: imports are absolute).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,7 +27,8 @@ from depthbench import stopping
 from depthbench.config import ResourcesConfig, RunConfig
 from depthbench.errors import DepthbenchError
 from depthbench.executors.base import (
-    LogFn, _Attempt, _gpus_for, _has_checkpoint, _LiveRuns, _on_assigned_gpu, _record_failure,
+    LogFn, _Attempt, _gpus_for, _has_checkpoint, _LiveRuns, _on_assigned_gpu, _record_failure, engine_log,
+    quiet_engines,
 )
 from depthbench.sweep import RunOptions, RunOutcome, RunSettings, execute_run
 from depthbench.train import Progress
@@ -54,7 +56,9 @@ def _where_in_ray() -> str:
     import ray
 
     gpus = ray.get_gpu_ids()
-    where = f"{ray.util.get_node_ip_address()} ({socket.gethostname()}), pid {os.getpid()}"
+    # The node id tells apart nodes that share an address (several raylets on one host, containers).
+    node = ray.get_runtime_context().get_node_id()[:8]
+    where = f"{ray.util.get_node_ip_address()} ({socket.gethostname()}), node {node}, pid {os.getpid()}"
     return where + (f", GPU {','.join(map(str, gpus))}" if gpus else "")
 
 
@@ -107,6 +111,34 @@ def _probe_shared(path: str, token: str) -> tuple[bool, str]:
     return seen, _where_in_ray()
 
 
+@contextlib.contextmanager
+def _cluster_errors_logged(*, verbose: bool) -> Iterator[None]:
+    """The errors a Ray cluster publishes to its driver ("Task failed because the node it was running on is
+    dead", a dead raylet's last log lines) go to the "ray" logger, so to sweep.log, instead of stdout.
+
+    Ray's driver prints them with a plain function of its worker module, not through a logger; it is
+    replaced while the sweep runs, and left alone with ``verbose`` or where a Ray version lacks it. The
+    sweep's own lines say what matters: the run's next start, on which node, resuming from its checkpoint.
+    """
+    import ray._private.worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if verbose or printer is None:
+        yield
+        return
+    logger = logging.getLogger("ray.cluster")
+
+    def to_log(data: dict[str, Any], *_: Any, **__: Any) -> None:
+        for line in data.get("lines", []):
+            logger.warning("(%s) %s", data.get("pid", "ray"), line)
+
+    ray_worker.print_to_stdstream = to_log
+    try:
+        yield
+    finally:
+        ray_worker.print_to_stdstream = printer
+
+
 class RayExecutor:
     """Each pending run is a Ray task asking for ``resources.gpus_per_run`` GPUs and ``cpus_per_run`` CPUs.
 
@@ -119,16 +151,26 @@ class RayExecutor:
     remote = True  # even a local instance: Ray, not this process, matches runs to GPUs
 
     def __init__(self, resources: ResourcesConfig, *, address: str | None = None, log: LogFn | None = None,
-                 poll_s: float = 0.5) -> None:
+                 poll_s: float = 0.5, status_every_s: float = 30.0, verbose: bool = False) -> None:
         self.resources, self.address, self.log, self.poll_s = resources, address, log, poll_s
+        self.status_every_s, self.verbose = status_every_s, verbose
 
     def execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]:
         if not runs:
             return
-        connected_here = self._connect()
-        import ray
+        # Ray's messages (its start-up lines, its workers' output) go to sweep.log unless --verbose.
+        with engine_log(sweep_dir, verbose=self.verbose):
+            connected_here = self._connect()
+            quiet_engines(verbose=self.verbose)  # ray.init installs its own handlers
+            with _cluster_errors_logged(verbose=self.verbose):
+                yield from self._execute(runs, sweep_dir, options, connected_here)
 
-        live = _LiveRuns(runs, options.reporter, self.log)
+    def _execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions,
+                 connected_here: bool) -> Iterator[RunOutcome]:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        live = _LiveRuns(runs, options.reporter, self.log, sweep_dir=sweep_dir)
         refs: dict[Any, RunConfig] = {}
         pending: list[Any] = []
         board = None
@@ -136,7 +178,10 @@ class RayExecutor:
         try:
             self._check_resources(runs)
             self._check_shared(sweep_dir)
-            board = ray.remote(_Board).options(num_cpus=0).remote()
+            # On the driver's node, which lives as long as the sweep: Ray places an actor that asks for nothing
+            # on any node (even with a soft affinity), and a worker node that died would take the sweep down.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            board = ray.remote(_Board).options(num_cpus=0, scheduling_strategy=here).remote()
             task = ray.remote(_train_in_ray)
             threads = max(1, math.floor(self.resources.cpus_per_run))
             for cfg in runs:
@@ -154,6 +199,8 @@ class RayExecutor:
                     for event in ray.get(board.drain.remote()):
                         live.on(event)
                     yield from live.deliver(self._outcome(ref, refs[ref], sweep_dir, live) for ref in ready)
+                    if pending:
+                        live.status(every_s=self.status_every_s)
         finally:
             try:
                 if board is not None:
@@ -174,6 +221,8 @@ class RayExecutor:
             os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         import ray
 
+        quiet_engines(verbose=self.verbose)  # importing Ray set up its logger, which ray.init writes to
+
         if ray.is_initialized():
             return False  # a connection this process made itself (a library user, a test): use it as it is
         # Where the datasets live is the driver's choice; tasks on other nodes do not inherit its environment.
@@ -182,11 +231,13 @@ class RayExecutor:
         # ray.init replaces the SIGTERM handler with one that exits at once, and leaves it there.
         handlers = {sig: signal.getsignal(sig) for sig in stopping.STOP_SIGNALS}
         try:
+            # Workers' output stays in Ray's own logs unless --verbose: the sweep's lines say what runs where.
             if self.address is None:
                 ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                         logging_level=logging.WARNING, runtime_env=runtime_env)
+                         logging_level=logging.WARNING, runtime_env=runtime_env, log_to_driver=self.verbose)
             else:
-                ray.init(address=self.address, logging_level=logging.WARNING, runtime_env=runtime_env)
+                ray.init(address=self.address, logging_level=logging.WARNING, runtime_env=runtime_env,
+                         log_to_driver=self.verbose)
         except ConnectionError as err:
             raise DepthbenchError(f"cannot connect to a Ray cluster at '{self.address}': {str(err).splitlines()[0]}; "
                                   "start one with `ray start --head`, or leave out --address for a local one") from None
