@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
+from depthbench import storage
 from depthbench.config import RunConfig, SweepConfig, parse_sweep
+from depthbench.sweep import sweep_yaml
 
 ROOT = Path(__file__).parents[1]
 CIFAR_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -32,6 +35,26 @@ def tiny_sweep(name: str = "tiny", **sections: dict) -> SweepConfig:
 
 def tiny_run(**sections: dict) -> RunConfig:
     return tiny_sweep(**sections).runs()[-1]
+
+
+# What a run learned: the columns of results.csv that two trainings of the same run share wherever they
+# ran (wall time and speed differ between any two).
+LEARNED = ["run_id", "version", "depth", "seed", "block", "params", "status", "success", "steps",
+           "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc"]
+
+
+def learned(sweep_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(sweep_dir / "results.csv")[LEARNED]
+
+
+def steps(run_dir: Path) -> list[int]:
+    """The steps of a run's metrics log, in order: a resumed run repeats none and loses none."""
+    return [row["step"] for row in storage.read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def write_config(path: Path, cfg: SweepConfig) -> Path:
+    path.write_text(sweep_yaml(cfg))
+    return path
 
 
 @pytest.fixture(autouse=True, scope="session")

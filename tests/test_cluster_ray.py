@@ -42,11 +42,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from depthbench import storage
 from depthbench.cli import app
-from depthbench.config import SweepConfig
-from depthbench.sweep import run_sweep, sweep_yaml
-from tests.conftest import tiny_sweep
+from depthbench.sweep import run_sweep
+from tests.conftest import learned, steps, tiny_sweep, write_config
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; mount namespaces"),
@@ -55,8 +53,6 @@ pytestmark = [
 ]
 
 runner = CliRunner()
-LEARNED = ["run_id", "version", "depth", "seed", "block", "params", "status", "success", "steps",
-           "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc"]
 LOOPBACK = "127.0.0.1"
 NODE = {"node_ip_address": LOOPBACK, "object_store_memory": 80 * 1024**2}
 # Nodes whose raylet died are declared dead after 5 missed health checks: 5 s rather than Ray's 15 s.
@@ -189,19 +185,6 @@ def nodes() -> Iterator[RayNodes]:
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-def learned(folder: Path) -> pd.DataFrame:
-    return pd.read_csv(folder / "results.csv")[LEARNED]
-
-
-def steps(run_dir: Path) -> list[int]:
-    return [row["step"] for row in storage.read_jsonl(run_dir / "metrics.jsonl")]
-
-
-def write_config(path: Path, cfg: SweepConfig) -> Path:
-    path.write_text(sweep_yaml(cfg))
-    return path
 
 
 def sweep_on(nodes: RayNodes, config: Path, out: Path) -> Any:

@@ -29,14 +29,12 @@ import torch
 from depthbench import storage
 from depthbench.config import SweepConfig
 from depthbench.sweep import run_sweep, sweep_yaml
-from tests.conftest import tiny_sweep
+from tests.conftest import learned, steps, tiny_sweep
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the test cluster is Debian's SLURM")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
-LEARNED = ["run_id", "version", "depth", "seed", "block", "params", "status", "success", "steps",
-           "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc"]
 # About 3 ms a step on one core here: 16000 steps (50 s) outlive the training time of a 1-minute job that is
 # told to stop 34 s before its limit, as a run whose slowest step took 12 s must be (10 s + 2 x 12 s).
 STEPS = 16000
@@ -118,14 +116,6 @@ class Sweep:
                 return match.group(1)
             time.sleep(0.5)
         raise AssertionError(f"no array was submitted:\n{self.output()}")
-
-
-def learned(sweep_dir: Path) -> pd.DataFrame:
-    return pd.read_csv(sweep_dir / "results.csv")[LEARNED]
-
-
-def steps(run_dir: Path) -> list[int]:
-    return [row["step"] for row in storage.read_jsonl(run_dir / "metrics.jsonl")]
 
 
 def job_logs(sweep_dir: Path) -> str:

@@ -31,13 +31,10 @@ from depthbench.executors import ParallelExecutor, RayExecutor, SlurmExecutor, m
 from depthbench.executors.base import _Attempt, _LiveRuns
 from depthbench.executors.local import _cores
 from depthbench.stopping import workers_born_deaf
-from depthbench.sweep import RunOptions, RunOutcome, RunSettings, SweepOutcome, run_sweep, sweep_yaml
-from tests.conftest import tiny_sweep
+from depthbench.sweep import RunOptions, RunOutcome, RunSettings, SweepOutcome, run_sweep
+from tests.conftest import learned, steps, tiny_sweep, write_config
 
 runner = CliRunner()
-# What a run learned; wall time and speed differ between any two runs.
-LEARNED = ["run_id", "version", "depth", "seed", "block", "params", "status", "success", "steps",
-           "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc"]
 CRASH_SWEEP = "crash"  # Ray workers kill themselves once in a sweep of this name, see `ray_cluster`
 
 
@@ -59,19 +56,6 @@ def one_thread() -> Iterator[None]:
 
 def sweep(out: Path, cfg: SweepConfig, executor: object = None) -> SweepOutcome:
     return run_sweep(cfg, out, executor=executor, handle_signals=False)
-
-
-def learned(folder: Path) -> pd.DataFrame:
-    return pd.read_csv(folder / "results.csv")[LEARNED]
-
-
-def steps(run_dir: Path) -> list[int]:
-    return [row["step"] for row in storage.read_jsonl(run_dir / "metrics.jsonl")]
-
-
-def write_config(path: Path, cfg: SweepConfig) -> Path:
-    path.write_text(sweep_yaml(cfg))
-    return path
 
 
 _references: dict[int, pd.DataFrame] = {}

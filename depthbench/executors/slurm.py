@@ -185,7 +185,6 @@ class _Queued:
 
     state: str
     node: str
-    reason: str
     restarts: int
     start: str  # when it started, or (pending) when it may start
 
@@ -210,7 +209,7 @@ def _read_queue(array_id: str) -> dict[str, _Queued] | None:
     Ended jobs are listed too (``-t all``) for as long as the controller keeps them (MinJobAge, 5 minutes
     by default), so the driver usually learns how a job ended: completed, timed out, cancelled.
     """
-    fields = ("ArrayJobID", "ArrayTaskID", "State", "NodeList", "Reason", "RestartCnt", "StartTime")
+    fields = ("ArrayJobID", "ArrayTaskID", "State", "NodeList", "RestartCnt", "StartTime")
     try:
         columns = ",".join(f"{name}:60|" for name in fields)
         out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", array_id, "-O", columns],
@@ -222,9 +221,9 @@ def _read_queue(array_id: str) -> dict[str, _Queued] | None:
         parts = [part.strip() for part in line.split("|")]
         if len(parts) <= len(fields):
             continue
-        array, task, state, node, reason, restarts, start = parts[:len(fields)]
+        array, task, state, node, restarts, start = parts[:len(fields)]
         job_id = f"{array}_{task}" if task.isdigit() else array
-        jobs[job_id] = _Queued(state, node, reason, int(restarts) if restarts.isdigit() else 0, start)
+        jobs[job_id] = _Queued(state, node, int(restarts) if restarts.isdigit() else 0, start)
     return jobs
 
 
@@ -232,8 +231,8 @@ class SlurmExecutor:
     """Pending runs as one SLURM job array through submitit, one array task (one node, one task) per run.
 
     A job gets ``resources.gpus_per_run`` whole GPUs and ``cpus_per_run`` CPUs for ``time_min`` minutes.
-    Before its time limit it is told to stop (USR2), early enough to checkpoint: the run checkpoints
-    and the job is requeued, up to ``max_restarts`` times. ``local=True`` runs the same jobs with
+    Before its time limit it stops (its own clock, or SLURM's warning), early enough to checkpoint: the
+    run checkpoints and the job requeues itself, up to ``max_restarts`` times. ``local=True`` runs the same jobs with
     submitit's local executor on this machine (all at once), to try a sweep before submitting it.
     Engine messages (submitit's) go to the sweep's ``sweep.log`` unless ``verbose``.
     """
@@ -370,11 +369,14 @@ class SlurmExecutor:
         log = _tail(Path(job.paths.stderr))
         done, total = checkpoint_step(run_dir), cfg.train.steps
         progress = f"{done} of {total} steps done, checkpoint kept" if done else "no step done"
-        if _TIMED_OUT in log or final == "TIMEOUT":
+        if _TIMED_OUT in log:
             attempts = self.resources.max_restarts + 1
             reason = (f"timed out {attempts} time(s) at resources.time_min = {self.resources.time_min} min with "
                       f"{progress}; raise time_min or max_restarts")
             self._advise(done, total, attempts)
+        elif final == "TIMEOUT":  # SLURM's kill at the limit came before the job stopped and requeued itself
+            reason = (f"was killed at its time limit ({self.resources.time_min} min) before it could checkpoint and "
+                      f"requeue itself, with {progress}")
         elif final == "CANCELLED":
             reason = f"its job was cancelled (scancel, or an administrator) with {progress}"
         else:
