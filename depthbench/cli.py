@@ -25,7 +25,8 @@ from depthbench.errors import DepthbenchError
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-    help="ResNet V1 vs V2 depth studies: sweep a YAML grid, then report V1-vs-V2 tables by depth.",
+    help="Depth studies of residual networks (ResNet V1 vs V2, Post-LN vs Pre-LN ViTs, Fixup, SkipInit): "
+         "sweep a YAML grid, then report V1-vs-V2 tables by depth.",
 )
 # Piped output (CI logs, files) gets wide tables rather than rich's 80-column default.
 _WIDTH = None if sys.stdout.isatty() else 200

@@ -46,7 +46,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 TARBALL = "cifar10-jpeg.tar.gz"
 OUT_FILES = ("summary.txt", "results.jsonl", "env.txt", "pytest.txt", "log.txt")
-OUT_LIMIT = 8  # what the device tool brings back of $OUT
+OUT_LIMIT = 8  # the most files the output folder may hold: a results folder small enough to copy back whole
 
 # Distributions the GPU image lacks (ray and submitit are test extras whose tests skip without them).
 # The rehearsal leaves them out of its copy of .venv, and depthbench itself, which the check installs.
@@ -54,7 +54,7 @@ NOT_ON_IMAGE = {"pydantic", "pydantic_core", "annotated_types", "typing_inspecti
                 "ray", "submitit", "depthbench"}
 
 # Seconds per part. On the GPU they add up to under 8 minutes (tests/test_gpu_check.py checks the sum);
-# they are estimates for an H100/H200 with a margin, not measurements: no GPU was at hand to time them.
+# they are estimates for an H100/H200 with a margin, not measurements.
 TIMEOUTS: dict[str, dict[str, float]] = {
     "gpu": {
         "venv": 5, "install": 25, "env": 15, "pytest": 40,
@@ -776,8 +776,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="scripts/gpu_check.sh",
         description="Install depthbench offline into a fresh venv on a bare GPU machine and check it on CUDA: "
                     "tests, speed, loss agreement, concurrency, kill-and-resume, a real-data run (under 8 minutes).",
-        epilog="e.g. scripts/gpu_check.sh --wheels .whl --data .gl/data; scripts/gpu_check.sh --rehearse. "
-               "The header of scripts/gpu_check.sh says more.")
+        epilog="e.g. scripts/gpu_check.sh --wheels .whl --data DIR; scripts/gpu_check.sh --rehearse. "
+               "docs/gpu.md says more.")
     parser.add_argument("--wheels", type=Path, help="folder of wheels from scripts/gpu_wheels.sh (e.g. .whl)")
     parser.add_argument("--data", type=Path, help=f"folder holding {TARBALL} (or the file itself)")
     parser.add_argument("--out", type=Path, help="results folder (default $OUT, else ./gpu-check)")

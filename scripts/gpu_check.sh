@@ -4,8 +4,10 @@
 # no internet), under 8 minutes on an H100/H200.
 #
 #   scripts/gpu_wheels.sh .whl                                    # 1. online, once: the missing wheels
-#   scripts/gpu_check.sh --wheels .whl --data .gl/data            # 2. on the GPU machine, from the repo root
+#   scripts/gpu_check.sh --wheels .whl --data DIR                 # 2. on the GPU machine, from the repo root
 #   scripts/gpu_check.sh --rehearse                               # the same on this CPU (make rehearse)
+#
+# docs/gpu.md says the same step by step.
 #
 # --data names a folder holding cifar10-jpeg.tar.gz (or the file); without it the parts that train use
 # synthetic images and the real-data run is skipped. Results go to --out, else $OUT, else ./gpu-check
@@ -13,10 +15,8 @@
 # part: name, ok/FAIL/n/a/skip, seconds, numbers), results.jsonl (the same with every number, one JSON
 # object per part), env.txt, pytest.txt, log.txt (each command and its output). Scratch (the venv, the
 # generated configs, the run folders) goes to --work, else $TMPDIR/depthbench-gpu-check; decoded datasets
-# are cached in $DEPTHBENCH_DATA, else $TMPDIR/depthbench-data: outside $OUT, so only results come back.
-# With this workplace's device tool (it brings back what $OUT holds, at most 8 files), prepare here once:
-#   scripts/gpu_wheels.sh .whl && mkdir -p .gl/data && cp ../shared/data/cifar10-jpeg.tar.gz .gl/data/
-# then run `scripts/gpu_check.sh --wheels .whl --data .gl/data` with carry [".whl", ".gl"], timeout_s 600.
+# are cached in $DEPTHBENCH_DATA, else $TMPDIR/depthbench-data: outside the output folder, which holds
+# only results and stays small enough to copy back whole.
 #
 # What it does, each part with its own timeout (scripts/gpu_check.py has the table; a failed or
 # timed-out part is recorded and the next one starts; exit 1 if any part failed):
