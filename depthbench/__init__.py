@@ -9,7 +9,7 @@ so loading a sweep, planning it and reading a runs/ folder answer fast::
 
     depthbench/
       errors.py        the one user-facing error type (one line, exit 2) and "did you mean"
-      config.py        typed, frozen sweep and run configs; YAML read strictly (no torch)
+      config/          typed, frozen sweep and run configs; YAML read strictly (no torch)
       architecture.py  the ResNet family as data: blocks, the depth rule, placements (no torch)
       transformer.py   the ViT family as data: where LayerNorm sits, DeepNorm's constants, sizes (no torch)
       families.py      the model families: what v1, v2 and each unit mean; family defaults (no torch)
