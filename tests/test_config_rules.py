@@ -46,8 +46,11 @@ def error_of(**sections: dict) -> str:
         ({"model": {"family": "vit", "width": 8, "heads": 2}, "train": {"scalar_lr": 0.5}},
          "train.scalar_lr scales the rate of the units' scalar parameters, and the run's unit (post_ln) has none; "
          "remove it, or use a unit that has them: rezero"),
+        ({"dataset": {"augment": False, "flip": False}},
+         "dataset.flip is part of the augmentation, and dataset.augment is false; remove it"),
     ],
-    ids=["gate_bias", "shortcut_scale", "residual_scale", "shortcut_dropout", "nesterov", "scalar_lr", "scalar_lr-vit"],
+    ids=["gate_bias", "shortcut_scale", "residual_scale", "shortcut_dropout", "nesterov", "scalar_lr", "scalar_lr-vit",
+         "flip"],
 )
 def test_a_setting_nothing_reads_is_one_line_naming_what_would(sections: dict, expected: str) -> None:
     assert error_of(**sections) == f"cfg: {expected}{IN_RUN}"
@@ -64,6 +67,8 @@ def test_a_setting_nothing_reads_is_one_line_naming_what_would(sections: dict, e
         {"train": {"nesterov": False, "momentum": 0}},
         {"model": {"unit": "skipinit"}, "train": {"scalar_lr": 0.1}},
         {"model": {"family": "vit", "unit": "rezero", "width": 8, "heads": 2}, "train": {"scalar_lr": 0.5}},
+        {"dataset": {"flip": False}},
+        {"dataset": {"augment": False, "flip": True}},
     ],
 )
 def test_the_same_settings_load_where_something_reads_them(sections: dict) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from depthbench.architecture import PLACEMENTS, SHORTCUT_GATE_SETTINGS
-from depthbench.config.schema import ModelConfig, TrainConfig, WarmupConfig, same_value
+from depthbench.config.schema import DatasetConfig, ModelConfig, TrainConfig, WarmupConfig, same_value
 from depthbench.errors import DepthbenchError
 from depthbench.families import FAMILIES, family_of_unit
 from depthbench.transformer import UNITS as VIT_UNITS
@@ -76,7 +76,7 @@ def family_problem(run: RunConfig) -> str | None:
 def unread_setting(run: RunConfig) -> str | None:
     """A setting given a value other than its default where nothing the run builds reads it: it would
     change the run id and nothing else. One line naming the key and what would read it."""
-    model, train = run.model, run.train
+    model, train, dataset = run.model, run.train, run.dataset
     if model.family == "resnet":  # another family's settings are family_problem's
         reads = SHORTCUT_GATE_SETTINGS[model.shortcut_gate]
         for key in dict.fromkeys(key for keys in SHORTCUT_GATE_SETTINGS.values() for key in keys):
@@ -91,6 +91,8 @@ def unread_setting(run: RunConfig) -> str | None:
         with_scalars = [unit for unit in FAMILIES[model.family].units if _HAS_SCALARS[unit]]
         return (f"train.scalar_lr scales the rate of the units' scalar parameters, and the run's unit "
                 f"({run.unit}) has none; remove it, or use a unit that has them: {', '.join(with_scalars)}")
+    if not dataset.augment and dataset.flip != DatasetConfig.model_fields["flip"].default:
+        return "dataset.flip is part of the augmentation, and dataset.augment is false; remove it"
     return None
 
 
