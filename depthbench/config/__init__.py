@@ -16,11 +16,13 @@ Each module imports only those above it::
     run.py        one resolved run, and the run id that names it by content
     reference.py  published results reported beside a sweep's own
     sweep.py      the sweep: shared sections, grid and reference; its runs
+    overrides.py  ``--set KEY=VALUE`` merged into a file's data
     loading.py    load_sweep, load_run_config, dump_run_config
 """
 
 from depthbench.config.grid import GRID_RUN_KEYS, Grid
 from depthbench.config.loading import dump_run_config, load_run_config, load_sweep, parse_sweep
+from depthbench.config.overrides import apply_overrides
 from depthbench.config.reference import ReferenceRow
 from depthbench.config.run import ADDED_SETTINGS, EXECUTION_KEYS, RunConfig
 from depthbench.config.schema import (
@@ -62,6 +64,7 @@ __all__ = [
     "Unit",
     "Version",
     "WarmupConfig",
+    "apply_overrides",
     "dump_run_config",
     "load_run_config",
     "load_sweep",

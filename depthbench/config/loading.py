@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from depthbench.config.grid import set_dotted
 from depthbench.config.messages import boolean_error, first_error
+from depthbench.config.overrides import apply_overrides
 from depthbench.config.reference import check_reference
 from depthbench.config.run import RunConfig
 from depthbench.config.sweep import SweepConfig
@@ -18,13 +19,15 @@ from depthbench.config.yamlfile import read_yaml
 from depthbench.errors import ConfigError
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
-    """Read and validate a sweep YAML; every problem is one ConfigError line."""
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
+    """Read and validate a sweep YAML, with ``KEY=VALUE`` overrides (``--set``) applied to its data first;
+    every problem is one ConfigError line."""
     path = Path(path)
     if not path.is_file():
         hint = " (it is a folder)" if path.is_dir() else ""
         raise ConfigError(f"config file '{path}' does not exist{hint}; see configs/ for examples")
     data, booleans = read_yaml(path)
+    data, booleans = apply_overrides(data, booleans, overrides)
     return parse_sweep(data, source=str(path), booleans=booleans)
 
 
