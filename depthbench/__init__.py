@@ -9,7 +9,7 @@ so loading a sweep, planning it and reading a runs/ folder answer fast::
 
     depthbench/
       errors.py        the one user-facing error type (one line, exit 2) and "did you mean"
-      config.py        typed, frozen sweep and run configs; YAML read strictly (no torch)
+      config/          typed, frozen sweep and run configs; YAML read strictly, --set overrides (no torch)
       architecture.py  the ResNet family as data: blocks, the depth rule, placements (no torch)
       transformer.py   the ViT family as data: where LayerNorm sits, DeepNorm's constants, sizes (no torch)
       families.py      the model families: what v1, v2 and each unit mean; family defaults (no torch)
@@ -41,11 +41,17 @@ so loading a sweep, planning it and reading a runs/ folder answer fast::
 
 from depthbench.errors import ConfigError, DepthbenchError
 
-__version__ = "0.1.0"
-
 
 def __getattr__(name: str):
     # Lazy so that `import depthbench` (and the CLI's --help) does not pay for importing torch.
+    if name == "__version__":
+        # pyproject.toml's version, as installed; importlib.metadata is imported only when it is asked for.
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("depthbench")
+        except PackageNotFoundError:  # a source tree on the path, never installed
+            return "0+unknown"
     if name == "build_model":
         from depthbench.models import build_model
 

@@ -57,11 +57,13 @@ _BOTTLENECK_FROM_DEPTH = 164
 
 
 # The ops a placement may put around a weight layer or after the addition. bn and relu as in [V1]/[V2];
-# the scalar ops hold one learnable number each, for the normalisation-free units (REFERENCE.md section 7):
+# the scalar ops hold one learnable number each, for the normalisation-free units ([Fixup] Zhang, Dauphin
+# and Ma 2019, arXiv:1901.09321; [SkipInit] De and Smith 2020, arXiv:2002.10444):
 #   bias   x + b, b starting at 0    [Fixup]'s scalar bias; in skipinit the shift that BN's beta gave
 #   scale  a * x, a starting at 1    [Fixup]'s multiplier at the end of a branch
 #   gate   a * x, a starting at 0    [SkipInit]'s alpha: the branch starts switched off
-OPS = ("bn", "relu", "bias", "scale", "gate")
+SCALAR_OPS = ("bias", "scale", "gate")
+OPS = ("bn", "relu", *SCALAR_OPS)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,11 @@ class Placement:
     def after_conv(self) -> list[str]:
         return self.split(self.layer)[1]
 
+    @property
+    def has_scalars(self) -> bool:
+        """Whether the unit holds learnable scalars (its ``SCALAR_OPS``), which ``train.scalar_lr`` scales."""
+        return any(op in SCALAR_OPS for op in f"{self.layer} {self.last} {self.after_add}".split())
+
 
 PLACEMENTS: dict[str, Placement] = {
     # [V2] Fig. 4(a), the [V1] unit: y = ReLU(x + BN(conv(ReLU(BN(conv(x))))))
@@ -142,6 +149,17 @@ PLACEMENTS: dict[str, Placement] = {
 #     shared pre-activation, so the shortcut (option A or a projection, no BN) takes x + a1, as the
 #     Fixup code's downsample does; identity units' shortcut takes the untouched x.
 #   skipinit: stem conv-bias, final ReLU; the shortcut of a unit whose shape changes takes ReLU(x).
+
+# The settings each shortcut gate of same-shape units reads ([V2] section 3.1, Fig. 2; models.resnet's
+# SHORTCUT_GATES builds them): a value for one that the run's gate does not read is refused.
+SHORTCUT_GATE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "identity": (),
+    "constant_scaling": ("shortcut_scale", "residual_scale"),
+    "exclusive_gating": ("gate_bias",),
+    "shortcut_only_gating": ("gate_bias",),
+    "conv1x1": (),
+    "dropout": ("shortcut_dropout",),
+}
 
 # `model.checkpointing: true`: one activation-checkpoint segment per residual unit (a stage runs as
 # min(k, n) segments, so any k above the deepest stage means one per unit). Run ids hash this number.

@@ -55,10 +55,31 @@ def command(fn: F) -> F:
     return fn
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from depthbench import __version__
+
+        typer.echo(f"depthbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
 @command
 def sweep(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="Sweep YAML, e.g. configs/cifar10.yaml.")],
     out: OutOption = Path("runs"),
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE",
+        help="Set a key of the file as if written there, e.g. train.steps=2000 or grid.seed=[0,1] (VALUE is YAML; "
+             "a grid key sets the axis in every sub-grid); repeat for more. The sweep folder's sweep.yaml keeps the "
+             "result.")] = None,
     device: DeviceOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state; train nothing.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Re-run runs that failed before.")] = False,
@@ -100,7 +121,7 @@ def sweep(
     from depthbench.stopping import StopRequested
     from depthbench.sweep import RunSettings, run_sweep, sweep_dir_for
 
-    cfg = load_sweep(config)
+    cfg = load_sweep(config, overrides or ())
     if device:
         from depthbench.train import resolve_device
 
@@ -125,6 +146,7 @@ def sweep(
         """The command that resumes this sweep where it ran, with the options that say where runs train."""
         return "depthbench " + shlex.join([
             "sweep", str(config), *(["--out", str(out)] if out != Path("runs") else []),
+            *(arg for setting in overrides or () for arg in ("--set", setting)),
             *(["--device", device] if device is not None else []), *options.flags(),
             *(["--tensorboard"] if tensorboard else []), *(["--allow-device-change"] if allow_device_change else []),
         ])

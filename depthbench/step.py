@@ -140,7 +140,7 @@ class GraphedStep:
     def _body(self) -> torch.Tensor:
         setup = self.setup
         if setup.cfg.dataset.augment:
-            xb, yb = setup.assemble(self.idx, self.shift, self.flipped)
+            xb, yb = setup.assemble(self.idx, self.shift, self.flipped if setup.cfg.dataset.flip else None)
         else:
             xb, yb = setup.assemble(self.idx, None, None)
         with setup.autocast(cache_enabled=False):  # a cached cast would be a tensor made outside the graph

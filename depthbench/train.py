@@ -224,12 +224,13 @@ class TrainingSetup:
 
     def draws(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """What makes the step's batch: its image indices (on the device) and its augmentation draws
-        (shift and flip, on the CPU, None without augmentation), all functions of (seed, step)."""
+        (shift and flip, on the CPU; None without augmentation, flip None without flips), all functions of
+        (seed, step). The shifts are drawn first, so turning flips off leaves them as they were."""
         idx = self.order(step)
         if not self.cfg.dataset.augment:
             return idx, None, None
         gen = torch.Generator().manual_seed(seed_for(self.cfg.seed, Stream.AUGMENT, step))
-        shift, flipped = draw_augmentation(len(idx), gen)
+        shift, flipped = draw_augmentation(len(idx), gen, flip=self.cfg.dataset.flip)
         return idx, shift, flipped
 
     def assemble(self, idx: torch.Tensor, shift: torch.Tensor | None, flipped: torch.Tensor | None,
@@ -244,7 +245,8 @@ class TrainingSetup:
         """The step's augmented, normalised batch: a function of (seed, step)."""
         idx, shift, flipped = self.draws(step)
         if shift is not None and self.device.type != "cpu":
-            shift, flipped = shift.to(self.device, non_blocking=True), flipped.to(self.device, non_blocking=True)
+            shift = shift.to(self.device, non_blocking=True)
+            flipped = flipped.to(self.device, non_blocking=True) if flipped is not None else None
         return self.assemble(idx, shift, flipped)
 
     def seed_layers(self, step: int) -> None:

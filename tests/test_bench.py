@@ -229,6 +229,11 @@ def test_peak_memory_sees_an_allocation_and_not_what_came_before() -> None:
     (("--precision", "fp16"), "error: --precision 'fp16' is unknown; auto, fp32 or bf16"),
     (("--checkpointing", "--compile"), "error: --checkpointing and --compile do not combine"),
     (("--segments", "4"), "error: --segments says how --checkpointing splits each stage; add --checkpointing"),
+    (("--concurrent", "1,2", "--segments", "4"),
+     "error: --segments says how --checkpointing splits each stage; add --checkpointing"),
+    (("--depths", "8,14", "--checkpointing"),
+     "error: --depths times every depth both without and with checkpointing; drop --checkpointing (--segments sets "
+     "the checkpointed column's segments)"),
     (("--concurrent", "1,x"), "error: --concurrent '1,x' must be comma-separated whole numbers, e.g. 1,2,4"),
     (("--concurrent", "0,2"), "error: --concurrent '0,2': each count of runs at once must be at least 1"),
     (("--concurrent", "2", "--depths", "8,14"), "error: --depths and --concurrent are two separate measurements"),

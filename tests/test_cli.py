@@ -159,3 +159,54 @@ def test_bad_config_names_key_and_writes_nothing(tmp_path: Path) -> None:
     result = runner.invoke(app, ["sweep", str(config), "--out", str(tmp_path / "runs")])
     assert result.exit_code == 2 and "train.lr: input should be greater than 0" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+# --- --set and --version ---------------------------------------------------------------------------
+
+SHORT = ("--set", "train.steps=2", "--set", "grid.depth=[8]", "--set", "grid.seed=[0]")
+
+
+def test_set_changes_the_runs_and_the_saved_sweep_so_a_plain_rerun_sees_them(tmp_path: Path) -> None:
+    result = invoke("sweep", ROOT / "configs/smoke.yaml", "--out", tmp_path, *SHORT)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "smoke"
+    # train.steps is hashed: the ids are not the file's (cbb445c5)
+    assert sorted(p.name for p in folder.glob("v*")) == ["v1-d8-s0-81bb8470", "v2-d8-s0-81bb8470"]
+    saved = yaml.safe_load((folder / "sweep.yaml").read_text())
+    assert saved["train"]["steps"] == 2 and saved["grid"] == {"version": ["v1", "v2"], "depth": [8], "seed": [0]}
+    again = invoke("sweep", folder / "sweep.yaml", "--out", tmp_path)
+    assert "2 runs in the sweep, 2 already done (skipped), 0 to do" in again.output
+
+
+def test_dry_run_honours_set(tmp_path: Path) -> None:
+    result = invoke("sweep", ROOT / "configs/smoke.yaml", "--out", tmp_path, "--dry-run", "--set", "grid.seed=[0]",
+                    "--set", "train.steps=2")
+    assert result.exit_code == 0
+    assert "4 of 4 runs to do" in result.output and "v2-d11-s0-81bb8470" in result.output
+    assert "grid: version: v1, v2; depth: 8, 11; seed: 0\n" in result.output
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("train.stpes=5", "error: --set train.stpes=5: unknown key 'train.stpes' (did you mean 'train.steps'?)"),
+        ("train.steps", "error: --set 'train.steps' must be KEY=VALUE, e.g. --set train.steps=2000 or --set "
+                        "grid.seed=[0,1]"),
+        ("train.steps=-1", f"error: {ROOT / 'configs/smoke.yaml'}: train.steps: input should be greater than 0"),
+    ],
+    ids=["typo", "no-equals", "value"],
+)
+def test_a_bad_set_is_one_line_exit_2(tmp_path: Path, setting: str, message: str) -> None:
+    result = runner.invoke(app, ["sweep", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path), "--set", setting])
+    assert result.exit_code == 2
+    assert result.output.strip() == message
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_version_prints_the_installed_version_which_is_pyprojects() -> None:
+    from importlib.metadata import version
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output == f"depthbench {version('depthbench')}\n"
+    assert version("depthbench") == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

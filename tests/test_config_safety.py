@@ -212,6 +212,55 @@ def test_a_run_config_quotes_its_booleans_too(tmp_path: Path) -> None:
     assert str(info.value) == f"{path}: train.lr: expected a number, got 'yes' (YAML reads it as a boolean)"
 
 
+# --- infinite and NaN numbers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("train: {{lr: {}}}", "train.lr"),
+        ("train: {{weight_decay: {}}}", "train.weight_decay"),
+        ("train: {{warmup: {{steps: 5, lr: {}}}}}", "train.warmup.lr"),
+        ("train: {{clip_grad_norm: {}}}", "train.clip_grad_norm"),
+        ("train: {{milestones: [0.5, {}]}}", "train.milestones[1]"),
+        ("success: {{metric: test_acc, max: {}}}", "success.max"),
+        ("model: {{gate_bias: {}}}", "model.gate_bias"),
+        ("resources: {{slurm_extra: {{mem: {}}}}}", "resources.slurm_extra.mem"),
+    ],
+)
+def test_an_infinite_or_nan_number_is_refused_by_its_key(tmp_path: Path, text: str, key: str, value: str) -> None:
+    assert load_error(write(tmp_path, f"name: x\n{text.format(value)}\n" + GRID)) == (
+        f"{key}: expected a finite number, got {value}")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("grid: {version: [v1], depth: [8], train.lr: [0.1, .inf]}\n", "grid.train.lr[1]: expected a finite number, "
+                                                                       "got .inf"),
+        ("grid: {version: [v1], depth: [8], train: {weight_decay: [-.inf]}}\n",
+         "grid.train.weight_decay[0]: expected a finite number, got -.inf"),
+        ("grid:\n  - {version: [v1], depth: [8]}\n  - {version: [v1], depth: [8], model.width: [4, -.inf]}\n",
+         "grid[1].model.width[1]: expected a finite number, got -.inf"),
+        # text that pydantic alone would read as a number
+        ("train: {lr: inf}\n" + GRID, "train.lr: expected a finite number, got 'inf'"),
+        ("train: {warmup: {steps: '.inf'}}\n" + GRID,
+         "train.warmup.steps: input should be a valid integer, unable to parse string as an integer (got '.inf')"),
+    ],
+    ids=["grid", "nested-grid", "sub-grid", "text", "text-union"],
+)
+def test_an_infinite_number_in_a_grid_or_as_text_is_refused_too(tmp_path: Path, text: str, expected: str) -> None:
+    assert load_error(write(tmp_path, "name: x\n" + text)) == expected
+
+
+def test_a_run_config_refuses_an_infinite_number_too(tmp_path: Path) -> None:
+    path = write(tmp_path, dump_run_config(tiny_run()).replace("lr: 0.05", "lr: .inf"), "config.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path)
+    assert str(info.value) == f"{path}: train.lr: expected a finite number, got .inf"
+
+
 # --- defaults on very short runs -------------------------------------------------------------------
 
 

@@ -116,3 +116,23 @@ def test_real_cifar10_subset_learns_well_above_chance(tmp_path: Path) -> None:
     )
     result = train_run(cfg, tmp_path)
     assert result["test_acc"] > 0.25, result  # chance is 0.10
+
+
+def test_without_flips_batches_keep_their_shifts_and_are_never_mirrored() -> None:
+    from depthbench.data import load_dataset
+    from depthbench.train import TrainingSetup
+
+    flips, plain = tiny_run(), tiny_run(dataset={"flip": False})
+    assert tiny_run(dataset={"flip": True}).run_id == flips.run_id  # the default keeps the ids made before it
+    assert plain.run_id != flips.run_id
+    with_flips = TrainingSetup.create(flips, load_dataset(flips.dataset))
+    without = TrainingSetup.create(plain, load_dataset(plain.dataset))
+    mirrored = 0
+    for step in range(8):
+        idx, shift, flipped = with_flips.draws(step)
+        same_idx, same_shift, none = without.draws(step)
+        assert none is None and torch.equal(same_idx, idx) and torch.equal(same_shift, shift)
+        # the batch is the flip run's with every flip undone
+        assert torch.equal(without.batch(step)[0], with_flips.assemble(idx, shift, torch.zeros_like(flipped))[0])
+        mirrored += int(flipped.sum())
+    assert mirrored == 73  # of 8 batches of 16: the flip run does mirror

@@ -27,7 +27,7 @@ GATES = list(SHORTCUT_GATES)
 
 TINY = {
     "dataset": {"name": "synthetic", "train_subset": 64, "test_subset": 32, "image_size": 8},
-    "model": {"width": 4, "shortcut_scale": 0.5, "gate_bias": -2.0},
+    "model": {"width": 4},
     "train": {"steps": 4, "batch_size": 16, "lr": 0.05, "eval_every": 4, "log_every": 2, "checkpoint_every": 4,
               "device": "cpu", "diagnose_steps": [0, 2], "keep_checkpoint": "none"},
 }
@@ -40,7 +40,12 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFra
         "name": "variants", **TINY,
         "grid": [
             {"version": ["v1"], "depth": [8, 11], "model.unit": UNITS},
-            {"version": ["v1"], "depth": [8, 11], "model.shortcut_gate": GATES},
+            # each gate with the settings it reads (another gate's are refused)
+            {"version": ["v1"], "depth": [8, 11], "model.shortcut_gate": ["identity", "conv1x1", "dropout"]},
+            {"version": ["v1"], "depth": [8, 11], "model.shortcut_gate": ["constant_scaling"],
+             "model.shortcut_scale": [0.5]},
+            {"version": ["v1"], "depth": [8, 11], "model.shortcut_gate": ["exclusive_gating", "shortcut_only_gating"],
+             "model.gate_bias": [-2.0]},
         ],
     })
     out = tmp_path_factory.mktemp("runs")

@@ -41,9 +41,11 @@ class PILImageSet(VisionDataset):
         return self.transform(pil), self.targets[index]
 
 
-def usual_transform(data: TensorData, augment: bool = True) -> transforms.Compose:
-    """The per-image transforms of the usual CIFAR script (pad-4 crop and flip when ``augment``)."""
-    steps: list[Any] = [transforms.RandomCrop(data.image_size, padding=4), transforms.RandomHorizontalFlip()]
+def usual_transform(data: TensorData, augment: bool = True, flip: bool = True) -> transforms.Compose:
+    """The per-image transforms of the usual CIFAR script: with ``augment``, a pad-4 random crop and, with
+    ``flip``, a horizontal flip."""
+    steps: list[Any] = [transforms.RandomCrop(data.image_size, padding=4),
+                        *([transforms.RandomHorizontalFlip()] if flip else [])]
     return transforms.Compose([*(steps if augment else []), transforms.ToTensor(),
                                transforms.Normalize(data.mean, data.std)])
 
@@ -65,7 +67,7 @@ def measure_usual(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int, 
     device = resolve_device(tc.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False  # the usual script leaves it at its default
-    dataset = PILImageSet(data.train_x, data.train_y, usual_transform(data, cfg.dataset.augment))
+    dataset = PILImageSet(data.train_x, data.train_y, usual_transform(data, cfg.dataset.augment, cfg.dataset.flip))
     # Persistent workers: a real epoch is 391 steps, so restarting them at each end of our small
     # subset would charge the usual script far more worker start-up than it really pays.
     loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=workers,

@@ -38,8 +38,6 @@ MIN_GAIN = 0.05
 def run_bench(spec: BenchSpec) -> dict[str, Any]:
     """Trainer vs usual pipeline on one net: speed, FLOP/s against the matmul peak, memory, overhead."""
     startup = process_age()
-    if spec.segments and not spec.checkpointing:
-        raise DepthbenchError("--segments says how --checkpointing splits each stage; add --checkpointing")
     (cfg,), described, data, load_s = _prepare(spec, [spec.depth])
     context = _context(spec, cfg, described, load_s, startup)
     device = resolve_device(cfg.train.device)
@@ -94,6 +92,9 @@ def run_scaling(spec: BenchSpec, depths: Sequence[int]) -> dict[str, Any]:
     """Time per step and training memory against depth, without and with activation checkpointing."""
     if not depths:
         raise DepthbenchError("--depths needs at least one depth, e.g. --depths 20,56,110,164")
+    if spec.checkpointing:
+        raise DepthbenchError("--depths times every depth both without and with checkpointing; drop --checkpointing "
+                              "(--segments sets the checkpointed column's segments)")
     startup = process_age()
     cfgs, described, data, load_s = _prepare(spec, depths, checkpointing=False)
     context = _context(spec, cfgs[0], described, load_s, startup)
@@ -128,8 +129,6 @@ def run_scaling(spec: BenchSpec, depths: Sequence[int]) -> dict[str, Any]:
 def run_concurrent(spec: BenchSpec, counts: Sequence[int]) -> dict[str, Any]:
     """Images/s in total of 1 and each of ``counts`` runs of spec's net training at once on the device, each
     in its own process (see :mod:`depthbench.bench.concurrent`), and whether sharing the device pays."""
-    if spec.segments and not spec.checkpointing:
-        raise DepthbenchError("--segments says how --checkpointing splits each stage; add --checkpointing")
     startup = process_age()
     (cfg,), described, data, load_s = _prepare(spec, [spec.depth])  # also fills the cache the runs load from
     context = _context(spec, cfg, described, load_s, startup)

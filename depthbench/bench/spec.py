@@ -82,7 +82,8 @@ def bench_dataset(data: str, train_subset: int) -> tuple[DatasetConfig, str]:
 
 def run_config(spec: BenchSpec, dataset: DatasetConfig, depth: int | None = None, checkpointing: bool | None = None,
                ) -> RunConfig:
-    """The RunConfig that the trainer would get for this measurement (the paper recipe otherwise)."""
+    """The RunConfig that the trainer would get for this measurement (the paper recipe otherwise);
+    ``checkpointing`` overrides the spec's, as --depths measures both."""
     depth = spec.depth if depth is None else depth
     resolve_block(depth)  # a clear error, with the nearest valid depths, before anything loads
     if spec.version not in ("v1", "v2"):
@@ -91,6 +92,8 @@ def run_config(spec: BenchSpec, dataset: DatasetConfig, depth: int | None = None
     if spec.precision not in ("auto", "fp32", "bf16"):
         raise DepthbenchError(f"--precision '{spec.precision}' is unknown; auto, fp32 or bf16")
     resolve_device(spec.device, "--device")  # also: no GPU for --device cuda is an error now, before the data
+    if checkpointing is None and spec.segments and not spec.checkpointing:
+        raise DepthbenchError("--segments says how --checkpointing splits each stage; add --checkpointing")
     ckpt = spec.checkpointing if checkpointing is None else checkpointing
     if ckpt and spec.compile:
         raise DepthbenchError(

@@ -1,0 +1,88 @@
+"""Sweep and run configs from YAML and back: every problem one ConfigError line naming the dotted key."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from depthbench.config.grid import set_dotted
+from depthbench.config.messages import boolean_error, first_error
+from depthbench.config.overrides import apply_overrides
+from depthbench.config.reference import check_reference
+from depthbench.config.run import RunConfig
+from depthbench.config.sweep import SweepConfig
+from depthbench.config.yamlfile import read_yaml
+from depthbench.errors import ConfigError
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
+    """Read and validate a sweep YAML, with ``KEY=VALUE`` overrides (``--set``) applied to its data first;
+    every problem is one ConfigError line."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (it is a folder)" if path.is_dir() else ""
+        raise ConfigError(f"config file '{path}' does not exist{hint}; see configs/ for examples")
+    data, booleans = read_yaml(path)
+    data, booleans = apply_overrides(data, booleans, overrides)
+    return parse_sweep(data, source=str(path), booleans=booleans)
+
+
+def parse_sweep(data: Any, source: str = "config", booleans: Mapping[str, str] | None = None) -> SweepConfig:
+    """Validate an already-parsed YAML mapping and resolve every run (so grid errors surface now).
+
+    ``booleans`` is the source text of the YAML's booleans by dotted key (from :func:`read_yaml`), so an
+    error can quote ``yes`` as it was written.
+    """
+    booleans = booleans or {}
+    if data is None:
+        raise ConfigError(f"{source} is empty: it needs at least 'name' and a 'grid' with version and depth lists")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a YAML mapping of settings, not a {type(data).__name__}")
+    try:
+        sweep = SweepConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {first_error(err, SweepConfig, booleans)}") from None
+    try:
+        _check_grid_booleans(sweep, booleans)
+        check_reference(sweep.reference, sweep.runs())
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return sweep
+
+
+def _check_grid_booleans(sweep: SweepConfig, booleans: Mapping[str, str]) -> None:
+    """A YAML boolean among a grid's numbers, named by its place in the grid (``grid.train.lr[1]``).
+
+    Each value goes through the field's own validators, so one that gives booleans a meaning
+    (``model.checkpointing: [true]``) still can.
+    """
+    grids = sweep.grid if isinstance(sweep.grid, list) else [sweep.grid]
+    for i, grid in enumerate(grids):
+        where = f"grid[{i}]" if isinstance(sweep.grid, list) else "grid"
+        for key, values in grid.items():
+            for j, value in enumerate(values):
+                data: dict[str, Any] = {}
+                set_dotted(data, key, value)
+                try:
+                    RunConfig.model_validate(data)
+                except ValidationError as err:
+                    for error in err.errors(include_url=False):
+                        if error["type"] == "boolean_number":
+                            raise ConfigError(boolean_error(f"{where}.{key}[{j}]", error, booleans)) from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a run's resolved ``config.yaml`` back; every problem is one ConfigError line."""
+    data, booleans = read_yaml(Path(path))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {first_error(err, RunConfig, booleans)}") from None
+
+
+def dump_run_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
