@@ -62,7 +62,6 @@ deepnorm) or 2eTw for ReZero's two gated products; pre_ln's final LayerNorm adds
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import itertools
 import math
@@ -78,7 +77,7 @@ import torch
 from depthbench.architecture import BLOCKS, PLACEMENTS, VERSION_UNIT, Block, Placement, resolve_block
 from depthbench.config import DatasetConfig, ModelConfig, RunConfig
 from depthbench.data import TensorData
-from depthbench.devices import resolve_device
+from depthbench.devices import release_freed_memory, resolve_device, resolve_precision
 from depthbench.errors import DepthbenchError
 from depthbench.transformer import UNITS, VIT_VERSION_UNIT, mlp_hidden, vit_param_count, vit_settings, vit_tokens
 
@@ -382,9 +381,18 @@ def parameter_count(version: str, depth: int, model: ModelConfig | None = None, 
     return _footprint(net, 0, 4, 4).params
 
 
+def autocast_bf16(precision: str, device_type: str) -> bool:
+    """Whether the trainer runs ``train.precision`` under bf16 autocast on a ``device_type`` device here: what
+    :func:`depthbench.devices.resolve_precision` picks. A CUDA device this machine lacks (a sweep planned
+    here for a GPU elsewhere) is taken to compute bf16 natively, as every recent GPU does."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return precision != "fp32"
+    return resolve_precision(precision, torch.device(device_type)) is not None
+
+
 def _precision_bytes(cfg: RunConfig, device_type: str, bf16: bool | None) -> int:
     if bf16 is None:
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device_type == "cuda")
+        bf16 = autocast_bf16(cfg.train.precision, device_type)
     return 2 if bf16 else 4
 
 
@@ -458,8 +466,8 @@ class Estimate:
 def estimate_memory(cfg: RunConfig, shape: DataShape, device_type: str = "cpu", bf16: bool | None = None) -> Estimate:
     """The peak memory that training ``cfg`` takes on a ``device_type`` device ("cpu" or "cuda").
 
-    ``bf16`` is whether the step runs under bf16 autocast; None decides it from ``train.precision`` as
-    the trainer does on a GPU that supports bf16 (``auto``: bf16 on CUDA, fp32 on CPU).
+    ``bf16`` is whether the step runs under bf16 autocast; None decides it from ``train.precision`` as the
+    trainer does on this machine (:func:`autocast_bf16`).
     """
     fp = _run_footprint(cfg, shape, device_type, bf16)
     elem = _precision_bytes(cfg, device_type, bf16)
@@ -521,7 +529,7 @@ def device_capacity(device: torch.device) -> int:
 
 def host_available() -> int:
     """Memory this process can still take: /proc/meminfo's MemAvailable (else free pages) and its cgroup's room."""
-    _malloc_trim()  # heap an earlier run freed is ours to reuse: hand it back so MemAvailable shows it
+    release_freed_memory()  # heap an earlier run freed is ours to reuse: hand it back so MemAvailable shows it
     try:
         found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
         available = int(found.group(1)) * 1024 if found else None
@@ -558,13 +566,6 @@ def _cgroup_room() -> int | None:
     return None
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 def format_bytes(n: int) -> str:
     """1536 -> '1.5 KiB'; binary units, as bench and BENCHMARKS.md count them."""
     value = float(n)
@@ -578,9 +579,7 @@ def format_bytes(n: int) -> str:
 def check_fits(cfg: RunConfig, shape: DataShape, device: torch.device, free: int | None = None) -> Estimate:
     """``cfg``'s estimate on ``device``; a :class:`DepthbenchError` saying what would fit when it exceeds
     ``free`` (default: what the device has now, :func:`device_capacity`)."""
-    bf16 = None
-    if device.type == "cuda" and cfg.train.precision == "auto":
-        bf16 = torch.cuda.is_bf16_supported()  # as devices.resolve_precision decides
+    bf16 = resolve_precision(cfg.train.precision, device) is not None  # the trainer's own choice
     estimate = estimate_memory(cfg, shape, device.type, bf16)
     free = device_capacity(device) if free is None else free
     if estimate.total > free:
@@ -588,7 +587,7 @@ def check_fits(cfg: RunConfig, shape: DataShape, device: torch.device, free: int
     return estimate
 
 
-def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool | None, est: Estimate,
+def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool, est: Estimate,
              free: int) -> str:
     where, have = str(device), f"{format_bytes(free)} is free"
     if est.model_bytes > free:
@@ -654,6 +653,7 @@ __all__ = [
     "DataShape",
     "Estimate",
     "activation_bytes",
+    "autocast_bf16",
     "best_segments",
     "check_fits",
     "device_capacity",
