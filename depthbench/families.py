@@ -44,6 +44,7 @@ class Family:
     units: tuple[str, ...]
     version_labels: dict[str, str]
     own_settings: dict[str, Any]  # model settings only this family reads, with the value meaning "not used"
+    default_depth: int  # what `depthbench diagnose` measures when no depth is given
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def unit_of(self, version: str, unit: str | None) -> str:
@@ -66,6 +67,7 @@ FAMILIES: dict[str, Family] = {
         units=tuple(PLACEMENTS),
         version_labels={"v1": "V1", "v2": "V2"},
         own_settings=_RESNET_SETTINGS,
+        default_depth=110,  # ResNet-110, the net both [V1] and [V2] report on CIFAR-10
     ),
     "vit": Family(
         name="vit",
@@ -73,6 +75,7 @@ FAMILIES: dict[str, Family] = {
         units=tuple(VIT_UNITS),
         version_labels={"v1": "Post-LN", "v2": "Pre-LN"},
         own_settings=_VIT_SETTINGS,
+        default_depth=24,  # as ViT-Large has
         defaults={
             "model": {"width": 192, "heads": 3, "mlp_ratio": 4.0, "patch": 4, "pool": "cls"},
             "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "decay_all": False,

@@ -59,7 +59,7 @@ class ExecutorOptions:
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise DepthbenchError(f"unknown executor '{self.executor}'{did_you_mean(self.executor, EXECUTORS)}; "
-                                  "use local, ray or slurm")
+                                  f"use {', '.join(EXECUTORS[:-1])} or {EXECUTORS[-1]}")
         if self.jobs < 1:
             raise DepthbenchError(f"--jobs must be at least 1 (got {self.jobs})")
         given = self.given()

@@ -63,6 +63,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from depthbench.architecture import BLOCKS, PLACEMENTS, VERSION_UNIT, Block, Placement, choice, resolve_block
+from depthbench.families import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -496,9 +497,8 @@ def build_model(
     )
 
 
-# The fields of a ModelConfig that a ResNet reads: the others belong to other families (ViT's patch, heads ...).
-_RESNET_FIELDS = ("block", "shortcut", "width", "unit", "shortcut_gate", "shortcut_scale", "residual_scale",
-                  "gate_bias", "shortcut_dropout", "checkpointing")
+# The fields of a ModelConfig that a ResNet reads: those every family reads, and the ResNet's own.
+_RESNET_FIELDS = ("width", "unit", *FAMILIES["resnet"].own_settings)
 
 
 def model_from_config(version: str, depth: int, model_cfg: Any, num_classes: int, in_channels: int = 3) -> ResNet:
