@@ -113,7 +113,7 @@ def sweep(
     """Train every run of a sweep that is not finished yet; write runs/<name>/results.csv."""
     from depthbench.config import load_sweep
     from depthbench.stopping import StopRequested
-    from depthbench.sweep import RunSettings, run_sweep, sweep_dir_for
+    from depthbench.sweep import RunFlags, run_sweep, sweep_dir_for
 
     cfg = load_sweep(config)
     if device:
@@ -147,9 +147,9 @@ def sweep(
     again = again_with(where)
     try:
         with RichReporter(console) as reporter:
-            settings = RunSettings(retry_failed=retry_failed, tensorboard=tensorboard,
-                                   allow_device_change=allow_device_change)
-            outcome = run_sweep(cfg, out, device=device, settings=settings, fail_fast=fail_fast,
+            flags = RunFlags(retry_failed=retry_failed, tensorboard=tensorboard,
+                             allow_device_change=allow_device_change)
+            outcome = run_sweep(cfg, out, device=device, flags=flags, fail_fast=fail_fast,
                                 reporter=reporter, executor=runner)
     except StopRequested:  # a first Ctrl-C or SIGTERM outside the step loops (decoding, building, starting up)
         _interrupted(cfg, out, device, again)

@@ -499,7 +499,8 @@ def best_segments(n: int) -> int:
     return max(1, round(math.sqrt(n)))
 
 
-def _with(cfg: RunConfig, batch_size: int | None = None, checkpointing: int | None = None) -> RunConfig:
+def _with_memory_fix(cfg: RunConfig, batch_size: int | None = None, checkpointing: int | None = None) -> RunConfig:
+    """``cfg`` with the settings a refusal may advise changed: its batch size, its checkpointing segments."""
     train = cfg.train if batch_size is None else cfg.train.model_copy(update={"batch_size": batch_size})
     model = cfg.model if checkpointing is None else cfg.model.model_copy(update={"checkpointing": checkpointing})
     return cfg.model_copy(update={"train": train, "model": model})
@@ -510,7 +511,7 @@ def _largest_batch(cfg: RunConfig, fits: Callable[[RunConfig], bool]) -> int | N
     low, high = 0, cfg.train.batch_size - 1  # low always fits (0 stands for "none"); search (low, high]
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(_with(cfg, batch_size=mid)) else (low, mid - 1)
+        low, high = (mid, high) if fits(_with_memory_fix(cfg, batch_size=mid)) else (low, mid - 1)
     return low or None
 
 
@@ -609,7 +610,7 @@ def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool,
     # Activation checkpointing is a ResNet setting; a ViT's only fixes are the batch and the device.
     segments = best_segments(cfg.blocks[1]) if cfg.model.family == "resnet" else 0
     if est.segments != segments:
-        ckpt = _with(cfg, checkpointing=segments)
+        ckpt = _with_memory_fix(cfg, checkpointing=segments)
         if fits(ckpt):
             total = estimate_memory(ckpt, shape, device.type, bf16).total
             fixes.append(f"model.checkpointing: {segments} (about {format_bytes(total)})")
@@ -621,7 +622,7 @@ def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool,
         detail += f" with {est.segments} checkpointed segments per stage"
     head = f"{cfg.run_id} needs about {format_bytes(est.total)} on {where} ({detail}) but {have}"
     if not fixes:  # not even one image per step: say what the smallest step takes, and what dominates it
-        least = estimate_memory(_with(cfg, batch_size=1, checkpointing=segments), shape, device.type, bf16)
+        least = estimate_memory(_with_memory_fix(cfg, batch_size=1, checkpointing=segments), shape, device.type, bf16)
         evaluation = least.activation_bytes + least.recompute_bytes < least.transient_bytes
         return (f"{head}; not even train.batch_size: 1 fits ({format_bytes(least.total)}"
                 + (", mostly the evaluation pass: lower train.eval_batch_size" if evaluation else "")

@@ -45,7 +45,7 @@ class RunInterrupted(Exception):
 
 
 @dataclass(frozen=True)
-class Progress:
+class TrainingProgress:
     """What the trainer reports to whoever shows progress; ``row`` is set at log points only."""
 
     step: int
@@ -53,7 +53,7 @@ class Progress:
     row: dict[str, Any] | None = None
 
 
-ProgressFn = Callable[[Progress], None]
+ProgressFn = Callable[[TrainingProgress], None]
 StopFn = Callable[[], bool]
 
 
@@ -449,7 +449,7 @@ def train_run(
                 compile_s = time.perf_counter() - t_step  # the first compiled step is mostly compilation
                 t_window = time.perf_counter()
             if on_progress:
-                on_progress(Progress(step, tc.steps))
+                on_progress(TrainingProgress(step, tc.steps))
 
             # Log point: running train metrics, evaluation when due, divergence check.
             evaluate_now = step % tc.eval_every == 0 or step == tc.steps
@@ -473,7 +473,7 @@ def train_run(
             storage.append_jsonl(metrics_path, row)
             state.rows += 1
             if on_progress:
-                on_progress(Progress(step, tc.steps, row))
+                on_progress(TrainingProgress(step, tc.steps, row))
             loss_sum.zero_(), correct.zero_()
             images, window_s = 0, 0.0
             if status == "diverged":

@@ -13,8 +13,8 @@ them and reports what they do. Ray and submitit are optional extras, imported on
     slurm.py   --executor slurm (and --slurm-local)
     timelimit.py  how early a SLURM job is told to stop, and the job's own watch on its time limit
 
-The contract (:class:`Executor`, :class:`RunOptions`) and the one-run-after-another
-:class:`LocalExecutor` are in :mod:`depthbench.sweep`, whose ``run_sweep`` defaults to it.
+The contract (:class:`Executor`, :class:`SweepContext`) and the one-run-after-another
+:class:`SerialExecutor` are in :mod:`depthbench.sweep`, whose ``run_sweep`` defaults to it.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from depthbench.executors.base import EXECUTORS, ExecutorOptions, LogFn
 from depthbench.executors.local import ParallelExecutor
 from depthbench.executors.ray import RayExecutor
 from depthbench.executors.slurm import SlurmExecutor
-from depthbench.sweep import Executor, LocalExecutor, RunOptions
+from depthbench.sweep import Executor, SerialExecutor, SweepContext
 
 __all__ = [
-    "EXECUTORS", "Executor", "ExecutorOptions", "LocalExecutor", "ParallelExecutor", "RayExecutor", "RunOptions",
-    "SlurmExecutor", "make_executor",
+    "EXECUTORS", "Executor", "ExecutorOptions", "ParallelExecutor", "RayExecutor", "SerialExecutor", "SlurmExecutor",
+    "SweepContext", "make_executor",
 ]
 
 
@@ -51,7 +51,7 @@ def make_executor(options: ExecutorOptions | str, resources: ResourcesConfig, *,
         options = dataclasses.replace(options, **fields)
     resources = options.resources(resources)
     if options.executor == "local":
-        return ParallelExecutor(options.jobs, log=log) if options.jobs > 1 else LocalExecutor()
+        return ParallelExecutor(options.jobs, log=log) if options.jobs > 1 else SerialExecutor()
     if options.executor == "ray":
         _require("ray", "ray")
         return RayExecutor(resources, address=options.address, log=log, verbose=options.verbose)
