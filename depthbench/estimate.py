@@ -1,10 +1,9 @@
 """What a run needs before anything is built: its parameter count and its training memory on the device.
 
 A run that cannot fit its device is refused up front, in one line that says what would fit, instead of
-being built: ``depth: [100000001]`` is a valid 9n+2 depth whose model alone takes minutes to build and
-grows past any machine's memory before the first out-of-memory error. Everything here is arithmetic on
-the config and the dataset's shape; no module is built and no tensor allocated, so even absurd configs
-are answered in milliseconds.
+being built: a valid but huge depth would otherwise take minutes to build and then run out of memory.
+Everything here is arithmetic on the config and the dataset's shape; no module is built and no tensor
+allocated, so even absurd configs are answered at once.
 
 Parameters are exact: the net is walked by the same rule :class:`depthbench.models.ResNet` builds it
 (stem, three stages of units whose layers follow the block and the placement, the shortcut or gate,
@@ -17,8 +16,9 @@ Training memory on the device is the sum of:
   (fp32 also under bf16 autocast, which adds its bf16 copies of the weights for the forward pass: 2
   bytes per parameter);
 - data: the uint8 train and test images and their int64 labels, which the trainer moves to the device
-  whole (REFERENCE.md section 5), and the epoch's permutation. On CPU the "device copy" is the loaded
-  dataset itself, already resident when a run is checked, so only the permutation counts;
+  whole (as airbench does: Jordan 2024, arXiv:2404.00498), and the epoch's permutation. On CPU the
+  "device copy" is the loaded dataset itself, already resident when a run is checked, so only the
+  permutation counts;
 - activations: what one training forward pass saves for backward at ``train.batch_size``, traced op
   by op through the units (:class:`_Trace`); this is the quantity ``bench.activation_mb`` measures.
   Under bf16 autocast every map after the stem's input is stored in bf16. With ``model.checkpointing``
@@ -57,7 +57,8 @@ activation element (4, or 2 under bf16 autocast); on CPU this is exact::
 
 So a block saves e(6Tw + 2Th) + 4HT bytes (the qkv input, q, k, v, the attention output, the MLP's input
 and its hidden map before and after the GELU), plus 2(4Tw + 8T) for its two LayerNorms (post_ln, pre_ln,
-deepnorm) or 2eTw for ReZero's two gated products; pre_ln's final LayerNorm adds 4Tw + 8T. A ViT does not checkpoint.
+deepnorm) or 2eTw for ReZero's two gated products; pre_ln's final LayerNorm adds 4Tw + 8T. A ViT does not
+checkpoint.
 """
 
 from __future__ import annotations
@@ -88,8 +89,7 @@ BATCH_BYTES_PER_PIXEL = 24
 # shortcut's; in inference a unit's input, its branch and their sum.
 LIVE_MAPS = 3
 # The allocator's share on top of the tensors (rounding, caching, fragmentation); CPU resident sets can
-# run higher with glibc's malloc (BENCHMARKS.md, "The CPU memory allocator"), so a refusal means the
-# tensors themselves cannot fit.
+# run higher with glibc's malloc, so a refusal means the tensors themselves cannot fit.
 ALLOCATOR_SHARE = 0.2
 # cuDNN and cuBLAS workspaces (cudnn.benchmark tries algorithms that need some).
 CUDA_WORKSPACES = 256 * 2**20
@@ -494,7 +494,7 @@ def best_segments(n: int) -> int:
 
     sqrt(n) segment inputs stay alive, and backward recomputes one segment of sqrt(n) units at a time. For
     ResNet-1001 (n = 111) that is 11, against one segment per unit (`true`), which keeps all 111 unit
-    inputs (BENCHMARKS.md measures both).
+    inputs.
     """
     return max(1, round(math.sqrt(n)))
 
@@ -568,7 +568,7 @@ def _cgroup_room() -> int | None:
 
 
 def format_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB'; binary units, as bench and BENCHMARKS.md count them."""
+    """1536 -> '1.5 KiB'; binary units, as bench counts them."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if value < 1024 or unit == "PiB":
