@@ -5,13 +5,8 @@ trains it is claimed by the lock in its folder, resumes from its ``checkpoint.pt
 failure; every executor yields the same :class:`RunOutcome` objects to ``run_sweep``, so
 ``results.csv`` and the sweep's exit code do not depend on where the runs trained. The schedulers
 are real ones (``concurrent.futures``, Ray, SLURM through submitit); this package only maps a run onto
-them and reports what they do. Ray and submitit are optional extras, imported only when used.
-
-    base.py    the options that choose an executor, and what the engines share
-    local.py   --jobs N: a process pool on this machine
-    ray.py     --executor ray
-    slurm.py   --executor slurm (and --slurm-local)
-    timelimit.py  how early a SLURM job is told to stop, and the job's own watch on its time limit
+them and reports what they do. Ray and submitit are optional extras, imported only when used. The
+package's modules are in the map of :mod:`depthbench`.
 
 The contract (:class:`Executor`, :class:`SweepContext`) and the one-run-after-another
 :class:`SerialExecutor` are in :mod:`depthbench.sweep`, whose ``run_sweep`` defaults to it.
