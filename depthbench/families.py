@@ -7,9 +7,10 @@ full pre-activation, Pre-LN with one final LayerNorm). A family's other units (`
 variants on the same axis and are compared within it.
 
 A family may declare defaults for settings a sweep does not write (:data:`FAMILIES`): a ResNet keeps the
-config schema's, the CIFAR recipe of [V1] and [V2] (SGD with step drops); a ViT has ViT-Tiny's shape and
-the AdamW recipe of DeiT (Touvron et al. 2020, arXiv:2012.12877) with a cosine schedule after a linear
-warmup, as Transformers are trained. The values a run resolved to are in its ``config.yaml``.
+config schema's, the CIFAR recipe of [V1] and [V2] (SGD with step drops); a ViT has ViT-Tiny's width, heads
+and MLP ratio, patches for small images, and the AdamW recipe of DeiT (Touvron et al. 2020,
+arXiv:2012.12877) with a cosine schedule after a linear warmup, as Transformers are trained. The values
+a run resolved to are in its ``config.yaml``.
 
 Torch-free: :mod:`depthbench.config` validates a sweep with these tables before anything is imported.
 """

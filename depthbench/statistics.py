@@ -327,7 +327,7 @@ def compare_units(table: pd.DataFrame, group_by: Sequence[str] | None = None) ->
 
 
 # Settings that the reference units (full_preact, pre_ln) do not read: a group of other units that sets
-# one is compared with the reference runs whatever their value (Fixup's scalar_lr of 0.1 against BN runs).
+# one is compared with the reference runs whatever their value (Fixup's lower scalar_lr against BN runs).
 _UNREAD_BY_REFERENCE = ("train.scalar_lr",)
 
 
