@@ -57,8 +57,8 @@ _BOTTLENECK_FROM_DEPTH = 164
 
 
 # The ops a placement may put around a weight layer or after the addition. bn and relu as in [V1]/[V2];
-# the scalar ops hold one learnable number each, for the normalisation-free units ([Fixup] Zhang, Dauphin
-# and Ma 2019, arXiv:1901.09321; [SkipInit] De and Smith 2020, arXiv:2002.10444):
+# the scalar ops hold one learnable number each, for the normalisation-free units ([Fixup] Zhang, Dauphin,
+# Ma 2019, arXiv:1901.09321; [SkipInit] De and Smith 2020, arXiv:2002.10444):
 #   bias   x + b, b starting at 0    [Fixup]'s scalar bias; in skipinit the shift that BN's beta gave
 #   scale  a * x, a starting at 1    [Fixup]'s multiplier at the end of a branch
 #   gate   a * x, a starting at 0    [SkipInit]'s alpha: the branch starts switched off

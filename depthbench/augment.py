@@ -1,9 +1,10 @@
 """Batched augmentation and normalisation on whatever device the batch lives on.
 
-The CIFAR recipe of He et al. (REFERENCE.md section 2): pad 4 pixels with zeros, take a random crop
-of the original size, flip horizontally with probability 1/2; test images are not augmented. Done
-for a whole batch with a few tensor ops rather than per image in DataLoader workers, so a dataset
-kept on the GPU as uint8 never comes back to the CPU (REFERENCE.md section 5).
+The CIFAR recipe of He et al. ([V1] arXiv:1512.03385, Sec. 4.2; [V2] arXiv:1603.05027, Sec. 5): pad 4
+pixels with zeros, take a random crop of the original size, flip horizontally with probability 1/2;
+test images are not augmented. Done for a whole batch with a few tensor ops rather than per image in
+DataLoader workers, as airbench does (Jordan 2024, arXiv:2404.00498), so a dataset kept on the GPU as
+uint8 never comes back to the CPU.
 """
 
 from __future__ import annotations

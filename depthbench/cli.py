@@ -15,13 +15,15 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar, get_args
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from depthbench.config import DatasetConfig, ModelConfig, TrainConfig
 from depthbench.errors import DepthbenchError
+from depthbench.families import FAMILIES
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -34,13 +36,27 @@ _WIDTH = None if sys.stdout.isatty() else 200
 console = Console(highlight=False, width=_WIDTH, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, width=_WIDTH, soft_wrap=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
+CommandFn = TypeVar("CommandFn", bound=Callable[..., Any])
 
 OutOption = Annotated[Path, typer.Option("--out", help="Folder holding one folder per sweep.")]
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N; overrides train.device.")]
 
 
-def command(fn: F) -> F:
+def _default(family: str, section: str, key: str) -> Any:
+    """What a run of ``family`` gets for ``<section>.<key>`` when it leaves it out: the family's default,
+    else the config schema's. The commands' defaults and help texts read them here."""
+    schema = {"model": ModelConfig, "train": TrainConfig}[section]
+    return FAMILIES[family].defaults.get(section, {}).get(key, schema.model_fields[key].default)
+
+
+# The depths `models` lists when no --max-depth is given: the papers' nets, and a ViT range.
+_PAPER_DEPTHS = {"basic": (20, 32, 44, 56, 110, 1202), "bottleneck": (164, 1001)}
+_VIT_DEPTHS = (2, 4, 6, 8, 12, 24, 48)
+_RESNET_OWN = FAMILIES["resnet"].own_settings
+_DATASETS = get_args(DatasetConfig.model_fields["name"].annotation)
+
+
+def command(fn: CommandFn) -> CommandFn:
     """Register a command whose user errors end as one clear line and exit code 2."""
 
     @functools.wraps(fn)
@@ -119,7 +135,7 @@ def sweep(
     """Train every run of a sweep that is not finished yet; write runs/<name>/results.csv."""
     from depthbench.config import load_sweep
     from depthbench.stopping import StopRequested
-    from depthbench.sweep import RunSettings, run_sweep, sweep_dir_for
+    from depthbench.sweep import RunFlags, run_sweep, sweep_dir_for
 
     cfg = load_sweep(config, overrides or ())
     if device:
@@ -154,9 +170,9 @@ def sweep(
     again = again_with(where)
     try:
         with RichReporter(console) as reporter:
-            settings = RunSettings(retry_failed=retry_failed, tensorboard=tensorboard,
-                                   allow_device_change=allow_device_change)
-            outcome = run_sweep(cfg, out, device=device, settings=settings, fail_fast=fail_fast,
+            flags = RunFlags(retry_failed=retry_failed, tensorboard=tensorboard,
+                             allow_device_change=allow_device_change)
+            outcome = run_sweep(cfg, out, device=device, flags=flags, fail_fast=fail_fast,
                                 reporter=reporter, executor=runner)
     except StopRequested:  # a first Ctrl-C or SIGTERM outside the step loops (decoding, building, starting up)
         _interrupted(cfg, out, device, again)
@@ -228,7 +244,6 @@ def report(
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG figures into the sweep folder.")] = True,
 ) -> None:
     """Rebuild results.csv; write summary.csv, report.md and plots: V1 vs V2 side by side per depth."""
-    from depthbench.families import FAMILIES
     from depthbench.report import build_report, family_title, find_sweeps
 
     root = sweep_dir or out
@@ -279,52 +294,56 @@ def _print_table(title: str, table: Any) -> None:
 
 @command
 def models(
-    family: Annotated[str, typer.Option(help="resnet or vit.")] = "resnet",
+    family: Annotated[str, typer.Option(help=f"{' or '.join(FAMILIES)}.")] = "resnet",
     max_depth: Annotated[int, typer.Option(help="List every valid depth up to this one (default: the papers' depths; "
-                                                "for vit 2, 4, 6, 8, 12, 24, 48).")] = 0,
+                                                f"for vit {', '.join(map(str, _VIT_DEPTHS))}).")] = 0,
     image_size: Annotated[int, typer.Option(help="Input size for the FLOP count (and a ViT's patch count).")] = 32,
     num_classes: Annotated[int, typer.Option(help="Classes of the head.")] = 10,
-    width: Annotated[int | None, typer.Option(min=1, help="Base width; default 16 (resnet), 192 (vit).")] = None,
-    heads: Annotated[int | None, typer.Option(min=1, help="vit: attention heads; default 3.")] = None,
-    patch: Annotated[int | None, typer.Option(min=1, help="vit: patch side; default 4.")] = None,
-    mlp_ratio: Annotated[float | None, typer.Option(help="vit: MLP width over width; default 4.0.")] = None,
-    pool: Annotated[str | None, typer.Option(help="vit: cls (class token) or mean; default cls.")] = None,
+    width: Annotated[int | None, typer.Option(
+        min=1, help=f"Base width; default {_default('resnet', 'model', 'width')} (resnet), "
+                    f"{_default('vit', 'model', 'width')} (vit).")] = None,
+    heads: Annotated[int | None, typer.Option(
+        min=1, help=f"vit: attention heads; default {_default('vit', 'model', 'heads')}.")] = None,
+    patch: Annotated[int | None, typer.Option(
+        min=1, help=f"vit: patch side; default {_default('vit', 'model', 'patch')}.")] = None,
+    mlp_ratio: Annotated[float | None, typer.Option(
+        help=f"vit: MLP width over width; default {_default('vit', 'model', 'mlp_ratio')}.")] = None,
+    pool: Annotated[str | None, typer.Option(
+        help=f"vit: cls (class token) or mean; default {_default('vit', 'model', 'pool')}.")] = None,
 ) -> None:
     """Valid depths of each version and block (or ViT unit), with parameters and forward FLOPs per image."""
     from depthbench.architecture import choice
-    from depthbench.families import FAMILIES
 
     vit = {"heads": heads, "patch": patch, "mlp_ratio": mlp_ratio, "pool": pool}
-    if choice("family", family, FAMILIES) == "vit":
-        defaults = {"heads": 3, "patch": 4, "mlp_ratio": 4.0, "pool": "cls"}
-        settings = {key: defaults[key] if value is None else value for key, value in vit.items()}
-        console.print(_vit_table(max_depth, image_size, num_classes, width or 192, **settings))
+    width = width or _default(choice("family", family, FAMILIES), "model", "width")
+    if family == "vit":
+        settings = {key: _default("vit", "model", key) if value is None else value for key, value in vit.items()}
+        console.print(_vit_table(max_depth, image_size, num_classes, width, **settings))
         return
     given = [f"--{key.replace('_', '-')}" for key, value in vit.items() if value is not None]
     if given:
         options = f"{given[0]} is a ViT option" if len(given) == 1 else f"{', '.join(given)} are ViT options"
         raise DepthbenchError(f"{options}; add --family vit")
-    console.print(_resnet_table(max_depth, image_size, num_classes, width or 16))
+    console.print(_resnet_table(max_depth, image_size, num_classes, width))
 
 
 def _resnet_table(max_depth: int, image_size: int, num_classes: int, width: int) -> Table:
     import torch
 
-    from depthbench.models import build_model, count_params, forward_flops, valid_depths
+    from depthbench.models import BLOCKS, build_model, count_params, forward_flops, valid_depths
 
-    paper = {"basic": [20, 32, 44, 56, 110, 1202], "bottleneck": [164, 1001]}
-    widened = "" if width == 16 else f", width {width}"
+    widened = "" if width == _default("resnet", "model", "width") else f", width {width}"
     table = Table(title=f"ResNet depths ({num_classes} classes, {image_size}x{image_size} input{widened}, "
                         "FLOPs = 2 x MACs)")
     for column in ("block", "depth", "n", "v1 params", "v2 params", "forward GFLOPs"):
         table.add_column(column, justify="right")
-    for block, step in (("basic", 6), ("bottleneck", 9)):
-        depths = valid_depths(block, max_depth) if max_depth else paper[block]
+    for block in BLOCKS:
+        depths = valid_depths(block, max_depth) if max_depth else _PAPER_DEPTHS[block]
         for depth in depths:
             with torch.device("meta"):  # shapes only: no memory, no init cost, even for ResNet-1202
                 nets = {v: build_model(v, depth, num_classes, block=block, width=width) for v in ("v1", "v2")}
                 flops = forward_flops(nets["v2"], image_size)
-            table.add_row(block, str(depth), str((depth - 2) // step), f"{count_params(nets['v1']):,}",
+            table.add_row(block, str(depth), str(BLOCKS[block].units_per_stage(depth)), f"{count_params(nets['v1']):,}",
                           f"{count_params(nets['v2']):,}", f"{flops / 1e9:.3f}")
     return table
 
@@ -341,7 +360,7 @@ def _vit_table(max_depth: int, image_size: int, num_classes: int, width: int, *,
                         "v1 = post_ln, v2 = pre_ln; FLOPs = 2 x MACs)")
     for column in ("depth", *(f"{unit} params" for unit in UNITS), "forward GFLOPs"):
         table.add_column(column, justify="right")
-    for depth in range(1, max_depth + 1) if max_depth else (2, 4, 6, 8, 12, 24, 48):
+    for depth in range(1, max_depth + 1) if max_depth else _VIT_DEPTHS:
         counts = [f"{vit_param_count(depth, unit=unit, **shape):,}" for unit in UNITS]
         table.add_row(str(depth), *counts, f"{vit_forward_flops(depth, **shape) / 1e9:.3f}")
     return table
@@ -358,7 +377,8 @@ def bench(
         help="Comma-separated counts of runs at once, e.g. 1,2,4: the total images/s of that many runs of the "
              "net sharing the device, each in its own process (CPU: cores/N threads each; CUDA: the same GPU), "
              "against one run alone (always measured), instead of the comparison.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 128,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Images per step.")] = _default("resnet", "train", "batch_size"),
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per measurement, after the warmup.")] = 20,
     warmup: Annotated[int, typer.Option(min=1, help="Untimed steps first (the first one is reported apart).")] = 3,
     device: DeviceOption = None,
@@ -412,30 +432,41 @@ def bench(
 @command
 def diagnose(
     family: Annotated[str, typer.Option(
-        "--family", help="resnet, or vit (a Vision Transformer; its v1 is Post-LN, its v2 Pre-LN).")] = "resnet",
+        "--family", help="resnet, or vit (a Vision Transformer; its v1 is "
+                         f"{FAMILIES['vit'].version_labels['v1']}, its v2 {FAMILIES['vit'].version_labels['v2']}).")
+    ] = "resnet",
     version: Annotated[list[str] | None, typer.Option("--version", help="v1 or v2; repeat to compare (default: both).")] = None,
     depth: Annotated[list[int] | None, typer.Option(
-        "--depth", help="Depth (a ViT's: its blocks); repeat for several (default: 110 for resnet, 24 for vit).")] = None,
+        "--depth", help="Depth (a ViT's: its blocks); repeat for several (default: "
+                        f"{', '.join(f'{f.default_depth} for {name}' for name, f in FAMILIES.items())}).")] = None,
     unit: Annotated[list[str] | None, typer.Option(
-        "--unit", help="Unit overriding the version's; repeat for several. resnet: original, bn_after_add, "
-                       "relu_before_add, relu_only_preact, full_preact, fixup, skipinit; "
-                       "vit: post_ln, pre_ln, deepnorm, rezero.")] = None,
-    shortcut_gate: Annotated[str, typer.Option("--shortcut-gate", help="resnet: shortcut of same-shape units.")] = "identity",
-    gate_bias: Annotated[float, typer.Option("--gate-bias", help="resnet: initial b_g of gating shortcuts.")] = 0.0,
+        "--unit", help="Unit overriding the version's; repeat for several. "
+                       + "; ".join(f"{name}: {', '.join(f.units)}" for name, f in FAMILIES.items()) + ".")] = None,
+    shortcut_gate: Annotated[str, typer.Option(
+        "--shortcut-gate", help="resnet: shortcut of same-shape units.")] = _RESNET_OWN["shortcut_gate"],
+    gate_bias: Annotated[float, typer.Option(
+        "--gate-bias", help="resnet: initial b_g of gating shortcuts.")] = _RESNET_OWN["gate_bias"],
     width: Annotated[int | None, typer.Option(
-        help="Base width of a ResNet, embedding width of a ViT (default: the family's, 16 and 192).")] = None,
-    heads: Annotated[int | None, typer.Option(help="vit: attention heads (default 3).")] = None,
-    patch: Annotated[int | None, typer.Option(help="vit: side of the square patches (default 4).")] = None,
-    mlp_ratio: Annotated[float | None, typer.Option(help="vit: MLP hidden width over width (default 4).")] = None,
-    pool: Annotated[str | None, typer.Option(help="vit: cls (class token) or mean of the tokens (default cls).")] = None,
-    dataset: Annotated[str, typer.Option(help="cifar10, cifar100, imagefolder, digits or synthetic.")] = "cifar10",
+        help="Base width of a ResNet, embedding width of a ViT (default: the family's, "
+             f"{_default('resnet', 'model', 'width')} and {_default('vit', 'model', 'width')}).")] = None,
+    heads: Annotated[int | None, typer.Option(
+        help=f"vit: attention heads (default {_default('vit', 'model', 'heads')}).")] = None,
+    patch: Annotated[int | None, typer.Option(
+        help=f"vit: side of the square patches (default {_default('vit', 'model', 'patch')}).")] = None,
+    mlp_ratio: Annotated[float | None, typer.Option(
+        help=f"vit: MLP hidden width over width (default {_default('vit', 'model', 'mlp_ratio'):g}).")] = None,
+    pool: Annotated[str | None, typer.Option(
+        help=f"vit: cls (class token) or mean of the tokens (default {_default('vit', 'model', 'pool')}).")] = None,
+    dataset: Annotated[str, typer.Option(
+        help=", ".join(_DATASETS[:-1]) + f" or {_DATASETS[-1]}.")] = DatasetConfig.model_fields["name"].default,
     data_root: Annotated[Path | None, typer.Option(help="Data folder or archive (imagefolder: required).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Resize images to this size.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images in the measured batch.")] = 16,
     steps: Annotated[int, typer.Option(
         help="Also measure after this many optimizer steps (the family's: SGD, AdamW; 0: initialisation only).")] = 0,
     lr: Annotated[float | None, typer.Option(
-        help="Constant learning rate of those steps (default: the family's, 0.1 and 1e-3).")] = None,
+        help="Constant learning rate of those steps (default: the family's, "
+             f"{_default('resnet', 'train', 'lr'):g} and {_default('vit', 'train', 'lr'):g}).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the batch.")] = 0,
     device: DeviceOption = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the run folders, diagnose.json/.csv/.png.")] = Path(

@@ -23,9 +23,8 @@ from depthbench.layout import CONFIG, DIAGNOSE_JSON, DIAGNOSTICS
 from depthbench.plots import unit_flow
 from depthbench.train import TrainingSetup, train_run
 
-# Depth when none is given: ResNet-110, the net both [V1] and [V2] report on CIFAR-10; 24 blocks for a
-# ViT, as ViT-Large has.
-DEFAULT_DEPTHS: dict[str, int] = {"resnet": 110, "vit": 24}
+# Depth when none is given, by family.
+DEFAULT_DEPTHS: dict[str, int] = {name: family.default_depth for name, family in FAMILIES.items()}
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def diagnosis_config(
     The trainer measures before a step, so the run has ``steps + 1`` steps; its test evaluation is one batch.
 
     The optimizer and everything else not set here are the family's (SGD for a ResNet, AdamW with its
-    weight decay for a ViT); so is ``lr`` when it is None (0.1 and 1e-3). The family's schedule and warmup
+    weight decay for a ViT); so is ``lr`` when it is None. The family's schedule and warmup
     are not: a diagnosis compares nets at one constant rate."""
     constant_rate = {"schedule": "multistep", "milestones": (), "warmup": WarmupConfig(steps=0)}
     return RunConfig(

@@ -1,10 +1,9 @@
 """What a run needs before anything is built: its parameter count and its training memory on the device.
 
 A run that cannot fit its device is refused up front, in one line that says what would fit, instead of
-being built: ``depth: [100000001]`` is a valid 9n+2 depth whose model alone takes minutes to build and
-grows past any machine's memory before the first out-of-memory error. Everything here is arithmetic on
-the config and the dataset's shape; no module is built and no tensor allocated, so even absurd configs
-are answered in milliseconds.
+being built: a valid but huge depth would otherwise take minutes to build and then run out of memory.
+Everything here is arithmetic on the config and the dataset's shape; no module is built and no tensor
+allocated, so even absurd configs are answered at once.
 
 Parameters are exact: the net is walked by the same rule :class:`depthbench.models.ResNet` builds it
 (stem, three stages of units whose layers follow the block and the placement, the shortcut or gate,
@@ -17,8 +16,9 @@ Training memory on the device is the sum of:
   (fp32 also under bf16 autocast, which adds its bf16 copies of the weights for the forward pass: 2
   bytes per parameter);
 - data: the uint8 train and test images and their int64 labels, which the trainer moves to the device
-  whole (REFERENCE.md section 5), and the epoch's permutation. On CPU the "device copy" is the loaded
-  dataset itself, already resident when a run is checked, so only the permutation counts;
+  whole (as airbench does: Jordan 2024, arXiv:2404.00498), and the epoch's permutation. On CPU the
+  "device copy" is the loaded dataset itself, already resident when a run is checked, so only the
+  permutation counts;
 - activations: what one training forward pass saves for backward at ``train.batch_size``, traced op
   by op through the units (:class:`_Trace`); this is the quantity ``bench.activation_mb`` measures.
   Under bf16 autocast every map after the stem's input is stored in bf16. With ``model.checkpointing``
@@ -57,12 +57,12 @@ activation element (4, or 2 under bf16 autocast); on CPU this is exact::
 
 So a block saves e(6Tw + 2Th) + 4HT bytes (the qkv input, q, k, v, the attention output, the MLP's input
 and its hidden map before and after the GELU), plus 2(4Tw + 8T) for its two LayerNorms (post_ln, pre_ln,
-deepnorm) or 2eTw for ReZero's two gated products; pre_ln's final LayerNorm adds 4Tw + 8T. A ViT does not checkpoint.
+deepnorm) or 2eTw for ReZero's two gated products; pre_ln's final LayerNorm adds 4Tw + 8T. A ViT does not
+checkpoint.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import itertools
 import math
@@ -78,7 +78,7 @@ import torch
 from depthbench.architecture import BLOCKS, PLACEMENTS, VERSION_UNIT, Block, Placement, resolve_block
 from depthbench.config import DatasetConfig, ModelConfig, RunConfig
 from depthbench.data import TensorData
-from depthbench.devices import resolve_device
+from depthbench.devices import release_freed_memory, resolve_device, resolve_precision
 from depthbench.errors import DepthbenchError
 from depthbench.transformer import UNITS, VIT_VERSION_UNIT, mlp_hidden, vit_param_count, vit_settings, vit_tokens
 
@@ -89,8 +89,7 @@ BATCH_BYTES_PER_PIXEL = 24
 # shortcut's; in inference a unit's input, its branch and their sum.
 LIVE_MAPS = 3
 # The allocator's share on top of the tensors (rounding, caching, fragmentation); CPU resident sets can
-# run higher with glibc's malloc (BENCHMARKS.md, "The CPU memory allocator"), so a refusal means the
-# tensors themselves cannot fit.
+# run higher with glibc's malloc, so a refusal means the tensors themselves cannot fit.
 ALLOCATOR_SHARE = 0.2
 # cuDNN and cuBLAS workspaces (cudnn.benchmark tries algorithms that need some).
 CUDA_WORKSPACES = 256 * 2**20
@@ -382,9 +381,18 @@ def parameter_count(version: str, depth: int, model: ModelConfig | None = None, 
     return _footprint(net, 0, 4, 4).params
 
 
+def autocast_bf16(precision: str, device_type: str) -> bool:
+    """Whether the trainer runs ``train.precision`` under bf16 autocast on a ``device_type`` device here: what
+    :func:`depthbench.devices.resolve_precision` picks. A CUDA device this machine lacks (a sweep planned
+    here for a GPU elsewhere) is taken to compute bf16 natively, as every recent GPU does."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return precision != "fp32"
+    return resolve_precision(precision, torch.device(device_type)) is not None
+
+
 def _precision_bytes(cfg: RunConfig, device_type: str, bf16: bool | None) -> int:
     if bf16 is None:
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device_type == "cuda")
+        bf16 = autocast_bf16(cfg.train.precision, device_type)
     return 2 if bf16 else 4
 
 
@@ -458,8 +466,8 @@ class Estimate:
 def estimate_memory(cfg: RunConfig, shape: DataShape, device_type: str = "cpu", bf16: bool | None = None) -> Estimate:
     """The peak memory that training ``cfg`` takes on a ``device_type`` device ("cpu" or "cuda").
 
-    ``bf16`` is whether the step runs under bf16 autocast; None decides it from ``train.precision`` as
-    the trainer does on a GPU that supports bf16 (``auto``: bf16 on CUDA, fp32 on CPU).
+    ``bf16`` is whether the step runs under bf16 autocast; None decides it from ``train.precision`` as the
+    trainer does on this machine (:func:`autocast_bf16`).
     """
     fp = _run_footprint(cfg, shape, device_type, bf16)
     elem = _precision_bytes(cfg, device_type, bf16)
@@ -486,12 +494,13 @@ def best_segments(n: int) -> int:
 
     sqrt(n) segment inputs stay alive, and backward recomputes one segment of sqrt(n) units at a time. For
     ResNet-1001 (n = 111) that is 11, against one segment per unit (`true`), which keeps all 111 unit
-    inputs (BENCHMARKS.md measures both).
+    inputs.
     """
     return max(1, round(math.sqrt(n)))
 
 
-def _with(cfg: RunConfig, batch_size: int | None = None, checkpointing: int | None = None) -> RunConfig:
+def _with_memory_fix(cfg: RunConfig, batch_size: int | None = None, checkpointing: int | None = None) -> RunConfig:
+    """``cfg`` with the settings a refusal may advise changed: its batch size, its checkpointing segments."""
     train = cfg.train if batch_size is None else cfg.train.model_copy(update={"batch_size": batch_size})
     model = cfg.model if checkpointing is None else cfg.model.model_copy(update={"checkpointing": checkpointing})
     return cfg.model_copy(update={"train": train, "model": model})
@@ -502,7 +511,7 @@ def _largest_batch(cfg: RunConfig, fits: Callable[[RunConfig], bool]) -> int | N
     low, high = 0, cfg.train.batch_size - 1  # low always fits (0 stands for "none"); search (low, high]
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(_with(cfg, batch_size=mid)) else (low, mid - 1)
+        low, high = (mid, high) if fits(_with_memory_fix(cfg, batch_size=mid)) else (low, mid - 1)
     return low or None
 
 
@@ -521,7 +530,7 @@ def device_capacity(device: torch.device) -> int:
 
 def host_available() -> int:
     """Memory this process can still take: /proc/meminfo's MemAvailable (else free pages) and its cgroup's room."""
-    _malloc_trim()  # heap an earlier run freed is ours to reuse: hand it back so MemAvailable shows it
+    release_freed_memory()  # heap an earlier run freed is ours to reuse: hand it back so MemAvailable shows it
     try:
         found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
         available = int(found.group(1)) * 1024 if found else None
@@ -558,15 +567,8 @@ def _cgroup_room() -> int | None:
     return None
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 def format_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB'; binary units, as bench and BENCHMARKS.md count them."""
+    """1536 -> '1.5 KiB'; binary units, as bench counts them."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if value < 1024 or unit == "PiB":
@@ -578,9 +580,7 @@ def format_bytes(n: int) -> str:
 def check_fits(cfg: RunConfig, shape: DataShape, device: torch.device, free: int | None = None) -> Estimate:
     """``cfg``'s estimate on ``device``; a :class:`DepthbenchError` saying what would fit when it exceeds
     ``free`` (default: what the device has now, :func:`device_capacity`)."""
-    bf16 = None
-    if device.type == "cuda" and cfg.train.precision == "auto":
-        bf16 = torch.cuda.is_bf16_supported()  # as devices.resolve_precision decides
+    bf16 = resolve_precision(cfg.train.precision, device) is not None  # the trainer's own choice
     estimate = estimate_memory(cfg, shape, device.type, bf16)
     free = device_capacity(device) if free is None else free
     if estimate.total > free:
@@ -588,7 +588,7 @@ def check_fits(cfg: RunConfig, shape: DataShape, device: torch.device, free: int
     return estimate
 
 
-def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool | None, est: Estimate,
+def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool, est: Estimate,
              free: int) -> str:
     where, have = str(device), f"{format_bytes(free)} is free"
     if est.model_bytes > free:
@@ -610,7 +610,7 @@ def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool 
     # Activation checkpointing is a ResNet setting; a ViT's only fixes are the batch and the device.
     segments = best_segments(cfg.blocks[1]) if cfg.model.family == "resnet" else 0
     if est.segments != segments:
-        ckpt = _with(cfg, checkpointing=segments)
+        ckpt = _with_memory_fix(cfg, checkpointing=segments)
         if fits(ckpt):
             total = estimate_memory(ckpt, shape, device.type, bf16).total
             fixes.append(f"model.checkpointing: {segments} (about {format_bytes(total)})")
@@ -622,7 +622,7 @@ def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool 
         detail += f" with {est.segments} checkpointed segments per stage"
     head = f"{cfg.run_id} needs about {format_bytes(est.total)} on {where} ({detail}) but {have}"
     if not fixes:  # not even one image per step: say what the smallest step takes, and what dominates it
-        least = estimate_memory(_with(cfg, batch_size=1, checkpointing=segments), shape, device.type, bf16)
+        least = estimate_memory(_with_memory_fix(cfg, batch_size=1, checkpointing=segments), shape, device.type, bf16)
         evaluation = least.activation_bytes + least.recompute_bytes < least.transient_bytes
         return (f"{head}; not even train.batch_size: 1 fits ({format_bytes(least.total)}"
                 + (", mostly the evaluation pass: lower train.eval_batch_size" if evaluation else "")
@@ -654,6 +654,7 @@ __all__ = [
     "DataShape",
     "Estimate",
     "activation_bytes",
+    "autocast_bf16",
     "best_segments",
     "check_fits",
     "device_capacity",

@@ -1,27 +1,18 @@
 """The model families a sweep can train, and what each one means by a version, a unit and a default.
 
-depthbench asks one question of every family: does a clean identity path let depth grow? So every
-family has the same two versions. ``v1`` is the original design, whose identity path passes through a
-gate that every block applies (V1's ReLU after the addition, Post-LN's LayerNorm after it); ``v2`` is
-the design that keeps the path clean (V2's full pre-activation, Pre-LN with one final LayerNorm).
-Other units of the family (``model.unit``) are variants on the same axis and are compared within it.
+Every family has the same two versions, so that one question is asked of each: does a clean identity path
+let depth grow? ``v1`` is the original design, whose identity path passes through a gate that every block
+applies (V1's ReLU after the addition, Post-LN's LayerNorm after it); ``v2`` keeps the path clean (V2's
+full pre-activation, Pre-LN with one final LayerNorm). A family's other units (``model.unit``) are
+variants on the same axis and are compared within it.
+
+A family may declare defaults for settings a sweep does not write (:data:`FAMILIES`): a ResNet keeps the
+config schema's, the CIFAR recipe of [V1] and [V2] (SGD with step drops); a ViT has ViT-Tiny's width, heads
+and MLP ratio, patches for small images, and the AdamW recipe of DeiT (Touvron et al. 2020,
+arXiv:2012.12877) with a cosine schedule after a linear warmup, as Transformers are trained. The values
+a run resolved to are in its ``config.yaml``.
 
 Torch-free: :mod:`depthbench.config` validates a sweep with these tables before anything is imported.
-
-A family may also declare defaults for settings the ResNet recipe fixes otherwise (a Transformer is
-trained with AdamW, a cosine schedule and a linear warmup, not SGD with step drops). They apply to
-settings a sweep does not write; the values a run resolved to are in its ``config.yaml``::
-
-    family  v1 / v2                         other units                model    train
-    resnet  original / full_preact          [V2] Fig. 4 placements,    width 16 SGD 0.1, momentum 0.9, wd 1e-4,
-                                            fixup, skipinit                     /10 at 50% and 75% of steps
-    vit     post_ln / pre_ln                deepnorm, rezero           width 192, AdamW 1e-3, betas (0.9, 0.999),
-                                                                       heads 3, wd 0.05 on weight matrices only,
-                                                                       patch 4,  cosine to 0 after a linear warmup
-                                                                       mlp 4, cls over the first 5% of steps
-
-The ViT defaults are those of ViT-Tiny (width 192, 3 heads, MLP ratio 4) with the DeiT-style AdamW
-recipe; the studies in ``docs/`` use smaller nets and say so in their configs.
 """
 
 from __future__ import annotations
@@ -44,6 +35,7 @@ class Family:
     units: tuple[str, ...]
     version_labels: dict[str, str]
     own_settings: dict[str, Any]  # model settings only this family reads, with the value meaning "not used"
+    default_depth: int  # what `depthbench diagnose` measures when no depth is given
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def unit_of(self, version: str, unit: str | None) -> str:
@@ -66,6 +58,7 @@ FAMILIES: dict[str, Family] = {
         units=tuple(PLACEMENTS),
         version_labels={"v1": "V1", "v2": "V2"},
         own_settings=_RESNET_SETTINGS,
+        default_depth=110,  # ResNet-110, the net both [V1] and [V2] report on CIFAR-10
     ),
     "vit": Family(
         name="vit",
@@ -73,6 +66,7 @@ FAMILIES: dict[str, Family] = {
         units=tuple(VIT_UNITS),
         version_labels={"v1": "Post-LN", "v2": "Pre-LN"},
         own_settings=_VIT_SETTINGS,
+        default_depth=24,  # as ViT-Large has
         defaults={
             "model": {"width": 192, "heads": 3, "mlp_ratio": 4.0, "patch": 4, "pool": "cls"},
             "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "decay_all": False,
@@ -81,10 +75,9 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
-# Defaults a unit brings, under its family's. The Fixup code trains its scalar biases and multipliers at a
-# tenth of the rate of the weights (hongyi-zhang/Fixup, cifar_train.py). Without that, a Fixup-20 of width
-# 8 on digits at lr 0.1 was still at chance after 600 steps; with it, its training loss was 0.04 by step
-# 300 (a pilot for docs/study-normfree, not committed).
+# Defaults a unit brings, under its family's. Fixup's scalar biases and multipliers train at a tenth of
+# the weights' rate, as the Fixup code trains them (hongyi-zhang/Fixup, cifar_train.py): the ResNet
+# recipe's rate, tuned for nets with BatchNorm, is too high for scalars that scale a whole branch.
 UNIT_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"fixup": {"train": {"scalar_lr": 0.1}}}
 
 # What an optimizer needs that the other does not read, filled in when a run chooses it and leaves

@@ -10,7 +10,7 @@ from rich.table import Column
 
 from depthbench.config import RunConfig
 from depthbench.sweep import RunOutcome
-from depthbench.train import Progress as StepProgress
+from depthbench.train import TrainingProgress
 
 _MARK = {"completed": "[green]✓[/]", "diverged": "[yellow]≈[/]", "failed": "[red]✗[/]",
          "interrupted": "[yellow]‖[/]", "busy": "[blue]…[/]", "skipped": "[dim]-[/]"}
@@ -58,7 +58,7 @@ class RichReporter:
     def run_started(self, cfg: RunConfig) -> None:
         self.live.reset(self.run_task, total=cfg.train.steps, description=cfg.run_id, stats="", visible=True)
 
-    def progress(self, cfg: RunConfig, progress: StepProgress) -> None:
+    def progress(self, cfg: RunConfig, progress: TrainingProgress) -> None:
         if progress.row is None:
             self.live.update(self.run_task, completed=progress.step)
             return

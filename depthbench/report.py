@@ -45,7 +45,7 @@ from depthbench.layout import DIAGNOSE_JSON, RESULTS_CSV, SWEEP_FILE, RunFolder
 from depthbench.plots import error_vs_depth, series_labels, training_curves, unit_flow
 from depthbench.results import RunRecord, read_runs, saved_sweep, table_of
 from depthbench.statistics import (
-    FINISHED, NO_TEST, UNIT_NO_TEST, UNIT_WEAK_TEST, WEAK_TEST, Comparison, UnitComparison, compare,
+    FINISHED, NO_TEST, UNIT_NO_TEST, UNIT_WEAK_TEST, WEAK_TEST, Comparison, compare,
     compare_units, default_keys, families, groups, one_per_experiment, prepare, reference_unit, row_keys,
     summarize, summarize_units, unit_keys, unit_order, units_vary, version_split,
 )
@@ -105,7 +105,7 @@ def _success(row: pd.Series) -> str:
     return "-" if math.isnan(row.success_rate) else f"{100 * row.success_rate:.0f}%"
 
 
-def _difference(c: Comparison | UnitComparison) -> list[str]:
+def _difference(c: Comparison) -> list[str]:
     """A difference of means in points, its interval and its p-value, as cells."""
     return [f"{100 * c.diff:+.2f}", _ci(c.ci_low, c.ci_high, sign="+"),
             "-" if math.isnan(c.p_value) else f"{c.p_value:.3f}"]
@@ -124,7 +124,6 @@ def _stat_cells(row: pd.Series | None) -> list[str]:
 
 
 _STAT_NAMES = ("runs", "success", "acc % mean ± std", "median", "best", "train loss", "95% CI")
-RESNET_NAMES = {"v1": "V1", "v2": "V2"}
 
 
 def version_names(family: str | None) -> dict[str, str]:
@@ -175,7 +174,7 @@ def report_rows(
     ``version`` is a row key, named by ``names`` (default V1 and V2; :func:`version_names`). ``sort``
     orders rows by row keys (``key`` or ``key:desc``)."""
     keys = list(keys) if keys is not None else [c for c in summary.columns if c == "depth" or "." in c]
-    names = names or RESNET_NAMES
+    names = names or version_names("resnet")
     split = version_split(keys)
     versions = sorted(summary.version.unique()) if split else [None]
     header = [*keys]
@@ -199,7 +198,7 @@ def report_rows(
 
 
 def unit_rows(
-    summary: pd.DataFrame, comparisons: list[UnitComparison], keys: Sequence[str], reference: str,
+    summary: pd.DataFrame, comparisons: list[Comparison], keys: Sequence[str], reference: str,
     sort: Sequence[str] = (),
 ) -> tuple[list[str], list[list[str]]]:
     """The units table of one family as header and string cells: a row per (configuration, unit) of
@@ -208,7 +207,7 @@ def unit_rows(
     difference = f"unit − {reference}"
     header = [*keys, "runs", "n", "success", "acc % mean ± std", "median",
               f"{difference} (pts)", f"{difference} 95% CI", "p (Welch)"]
-    by_config = {(*_same_key(c.config), c.unit): c for c in comparisons}
+    by_config = {(*_same_key(c.config), c.compared): c for c in comparisons}
     rows: list[tuple[tuple, list[str]]] = []
     for _, row in summary.iterrows():
         key = tuple(row[k] for k in keys)
@@ -235,12 +234,12 @@ def warnings(
     summary: pd.DataFrame, comparisons: list[Comparison], keys: Sequence[str], names: dict[str, str] | None = None,
 ) -> list[str]:
     """What the numbers cannot say, in words: too few runs to test, too few for more than a rough test."""
-    names = names or RESNET_NAMES
+    names = names or version_names("resnet")
     v1, v2 = names["v1"], names["v2"]
     lines = []
     untestable = [c for c in comparisons if c.note == NO_TEST]
     if untestable:
-        where = "; ".join(f"{_describe(keys, c.config)} ({v1} n = {c.n_v1}, {v2} n = {c.n_v2})" for c in untestable)
+        where = "; ".join(f"{_describe(keys, c.config)} ({v1} n = {c.n_reference}, {v2} n = {c.n})" for c in untestable)
         lines.append(f"Warning: too few runs to say anything about {v2} − {v1} at {where}: with one run a side the "
                      "difference may be seed noise of any size. Run 2 or more seeds per version (5 for a usable test).")
     weak = [c for c in comparisons if c.note == WEAK_TEST]
@@ -255,14 +254,14 @@ def warnings(
 
 
 def unit_warnings(
-    summary: pd.DataFrame, comparisons: list[UnitComparison], keys: Sequence[str], reference: str, repeats: int = 0,
+    summary: pd.DataFrame, comparisons: list[Comparison], keys: Sequence[str], reference: str, repeats: int = 0,
 ) -> list[str]:
     """What the units table cannot say, in words: too few runs to test, no reference runs to test against,
     and runs that repeat an experiment under the other version label (``repeats``)."""
     lines = []
     untestable = [c for c in comparisons if c.note == UNIT_NO_TEST]
     if untestable:
-        where = "; ".join(f"{c.unit}{_at(keys, c.config)} ({c.unit} n = {c.n}, {reference} n = {c.n_reference})"
+        where = "; ".join(f"{c.compared}{_at(keys, c.config)} ({c.compared} n = {c.n}, {reference} n = {c.n_reference})"
                           for c in untestable)
         lines.append(f"Warning: too few runs to compare with {reference}: {where}. With one run a side the "
                      "difference may be seed noise of any size. Run 2 or more seeds per unit (5 for a usable test).")
@@ -519,7 +518,7 @@ class Report:
     success: str = "completed"  # the sweep's success rule in words
     sections: list[Section] = field(default_factory=list)
     unit_summary: pd.DataFrame | None = None
-    unit_comparisons: list[UnitComparison] = field(default_factory=list)
+    unit_comparisons: list[Comparison] = field(default_factory=list)
 
     @property
     def by(self) -> str:

@@ -11,7 +11,7 @@ its family's V2 unit, are Welch's t-test (unequal variances) with the Welch–Sa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from warnings import catch_warnings, simplefilter
@@ -253,20 +253,47 @@ UNIT_WEAK_TEST = _test_note(2, "unit")
 
 @dataclass(frozen=True)
 class Comparison:
-    """V2 minus V1 of mean test accuracy at one configuration, with Welch's test and interval."""
+    """``compared`` minus ``reference`` of mean test accuracy at one configuration, with Welch's test and
+    interval: V2 against V1 (``per`` "version"), or a unit against its family's V2 unit (``per`` "unit")."""
 
     config: tuple
+    compared: str  # v2, or a unit
+    reference: str  # v1, or the family's V2 unit
     diff: float
     p_value: float
-    n_v1: int = 0
-    n_v2: int = 0
+    n: int  # completed runs of ``compared``
+    n_reference: int
     ci_low: float = math.nan
     ci_high: float = math.nan
+    per: str = "version"
 
     @property
     def note(self) -> str:
         """What the sample sizes allow: no test, a weak one, or '' for a usable one."""
-        return _test_note(min(self.n_v1, self.n_v2), "version")
+        return _test_note(min(self.n, self.n_reference), self.per)
+
+
+# For one configuration's runs: the reference's name and runs, and each compared side's name and runs.
+_Sides = tuple[str, pd.DataFrame, list[tuple[str, pd.DataFrame]]]
+
+
+def _compare(done: pd.DataFrame, keys: Sequence[str], per: str,
+             sides: Callable[[pd.DataFrame], _Sides]) -> list[Comparison]:
+    """Welch's test of each compared side against the reference at each configuration of ``done`` where both
+    have completed runs."""
+    comparisons = []
+    for key, group in groups(done, keys):
+        reference, reference_runs, compared = sides(group)
+        base = _accuracies(reference_runs)
+        if base.empty:
+            continue
+        for name, runs in compared:
+            acc = _accuracies(runs)
+            if acc.empty:
+                continue
+            diff, p, low, high = _welch(acc, base)
+            comparisons.append(Comparison(key, name, reference, diff, p, len(acc), len(base), low, high, per))
+    return comparisons
 
 
 def compare(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[Comparison]:
@@ -277,61 +304,30 @@ def compare(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[
     if "version" in keys:
         return []
     done = version_runs(table[table.status == "completed"], keys)
-    comparisons = []
-    for key, group in groups(done, keys):
-        v1, v2 = _accuracies(group[group.version == "v1"]), _accuracies(group[group.version == "v2"])
-        if v1.empty or v2.empty:
-            continue
-        diff, p, low, high = _welch(v2, v1)
-        comparisons.append(Comparison(key, diff, p, len(v1), len(v2), low, high))
-    return comparisons
+    return _compare(done, keys, "version",
+                    lambda group: ("v1", group[group.version == "v1"], [("v2", group[group.version == "v2"])]))
 
 
-@dataclass(frozen=True)
-class UnitComparison:
-    """One unit minus its family's V2 unit (the ``reference``) of mean test accuracy at one configuration,
-    with Welch's test and interval."""
-
-    config: tuple
-    unit: str
-    reference: str
-    diff: float
-    p_value: float
-    n: int
-    n_reference: int
-    ci_low: float = math.nan
-    ci_high: float = math.nan
-
-    @property
-    def note(self) -> str:
-        return _test_note(min(self.n, self.n_reference), "unit")
-
-
-def compare_units(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[UnitComparison]:
+def compare_units(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[Comparison]:
     """Welch's t-test of each unit against its family's V2 unit at each configuration where both have
     completed runs, every run counted once per experiment."""
     table = prepare(table)
     keys = unit_keys(row_keys(table, group_by))
     done = one_per_experiment(table)
     done = done[done.status == "completed"]
-    comparisons = []
-    for key, group in groups(done, keys):
+
+    def sides(group: pd.DataFrame) -> _Sides:
         # the family is a row key where a sweep has two (row_keys): a group is one family's
         reference = reference_unit(group.family.iloc[0])
-        base = _accuracies(_reference_runs(done, group, keys, reference))
-        if base.empty:
-            continue
-        for unit in sorted(set(group.unit) - {reference}, key=unit_order):
-            acc = _accuracies(group[group.unit == unit])
-            if acc.empty:
-                continue
-            diff, p, low, high = _welch(acc, base)
-            comparisons.append(UnitComparison(key, unit, reference, diff, p, len(acc), len(base), low, high))
-    return comparisons
+        units = sorted(set(group.unit) - {reference}, key=unit_order)
+        return (reference, _reference_runs(done, group, keys, reference),
+                [(unit, group[group.unit == unit]) for unit in units])
+
+    return _compare(done, keys, "unit", sides)
 
 
 # Settings that the reference units (full_preact, pre_ln) do not read: a group of other units that sets
-# one is compared with the reference runs whatever their value (Fixup's scalar_lr of 0.1 against BN runs).
+# one is compared with the reference runs whatever their value (Fixup's lower scalar_lr against BN runs).
 _UNREAD_BY_REFERENCE = ("train.scalar_lr",)
 
 

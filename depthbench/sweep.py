@@ -30,7 +30,7 @@ from depthbench.estimate import DataShape, best_segments, check_fits, known_shap
 from depthbench.layout import CONFIG, ERROR_LOG, FINISHED, LOCK, RESULT, SWEEP_FILE, run_state
 from depthbench.results import write_results
 from depthbench.tracking import TensorBoardLogger
-from depthbench.train import Progress, RunInterrupted, check_resume_origin, checkpoint_origin, train_run
+from depthbench.train import RunInterrupted, TrainingProgress, check_resume_origin, checkpoint_origin, train_run
 
 Status = Literal["completed", "diverged", "failed", "interrupted", "skipped", "busy"]
 
@@ -49,7 +49,7 @@ class Reporter(Protocol):
 
     def plan(self, todo: list[RunConfig], done: int, total: int) -> None: ...
     def run_started(self, cfg: RunConfig) -> None: ...
-    def progress(self, cfg: RunConfig, progress: Progress) -> None: ...
+    def progress(self, cfg: RunConfig, progress: TrainingProgress) -> None: ...
     def run_finished(self, outcome: RunOutcome) -> None: ...
 
 
@@ -110,8 +110,9 @@ def write_failure(cfg: RunConfig, run_dir: Path, message: str, details: str) -> 
 
 
 @dataclass(frozen=True)
-class RunSettings:
-    """How the user asked runs to be executed (command-line flags, never part of a run id).
+class RunFlags:
+    """How the user asked each run to be executed: the command-line flags that reach the run itself (never
+    part of a run id). Where runs train is :class:`depthbench.executors.ExecutorOptions`.
 
     Plain data, so it travels whole to a ``--jobs`` worker, a Ray task or a SLURM job.
     """
@@ -124,13 +125,13 @@ class RunSettings:
 def execute_run(
     cfg: RunConfig,
     sweep_dir: Path,
-    settings: RunSettings = RunSettings(),
+    flags: RunFlags = RunFlags(),
     *,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: Callable[[TrainingProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RunOutcome:
     """Claim, train and record one run; never raises for a failure inside the run itself."""
-    retry_failed, tensorboard = settings.retry_failed, settings.tensorboard
+    retry_failed, tensorboard = flags.retry_failed, flags.tensorboard
     run_dir = sweep_dir / cfg.run_id
     lock = claim(run_dir)
     if lock is None:
@@ -148,7 +149,7 @@ def execute_run(
             on_progress = TensorBoardLogger(run_dir, forward=on_progress)
         try:
             result = train_run(cfg, run_dir, on_progress=on_progress, should_stop=should_stop, notes=notes,
-                               allow_device_change=settings.allow_device_change)
+                               allow_device_change=flags.allow_device_change)
         except RunInterrupted as stop:
             return RunOutcome(cfg, "interrupted", message=str(stop), notes=notes)
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, and the sweep goes on
@@ -166,41 +167,42 @@ class Executor(Protocol):
     """Runs pending runs somewhere and yields their outcomes as they finish.
 
     ``remote`` is true when the runs train on other machines, whose devices this one cannot check.
-    :class:`LocalExecutor` is below; the others (``--jobs``, Ray, SLURM) are in :mod:`depthbench.executors`.
+    :class:`SerialExecutor` is below; the others (``--jobs``, Ray, SLURM) are in :mod:`depthbench.executors`.
     This contract, its options and the default executor live here, with ``run_sweep`` which uses them,
     because the executors import :func:`execute_run` from this module: it cannot import them back.
     """
 
     remote: bool
 
-    def execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]: ...
+    def execute(self, runs: list[RunConfig], sweep_dir: Path, context: SweepContext) -> Iterator[RunOutcome]: ...
 
 
 @dataclass
-class RunOptions:
-    """What ``run_sweep`` hands an executor with the runs: how to run them, whom to tell, when to stop."""
+class SweepContext:
+    """What ``run_sweep`` hands an executor with the runs: the flags each run is executed with, whom to tell
+    of progress, and the event that stops the sweep. Lives on the driver: only ``flags`` travels to workers."""
 
-    settings: RunSettings = RunSettings()
+    flags: RunFlags = RunFlags()
     reporter: Reporter | None = None
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-class LocalExecutor:
+class SerialExecutor:
     """One run after another in this process, so the dataset is loaded once for the whole sweep."""
 
     remote = False
 
-    def execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]:
-        reporter = options.reporter
+    def execute(self, runs: list[RunConfig], sweep_dir: Path, context: SweepContext) -> Iterator[RunOutcome]:
+        reporter = context.reporter
         for cfg in runs:
-            if options.stop.is_set():
+            if context.stop.is_set():
                 return
             if reporter:
                 reporter.run_started(cfg)
             yield execute_run(
-                cfg, sweep_dir, options.settings,
+                cfg, sweep_dir, context.flags,
                 on_progress=(lambda p, c=cfg: reporter.progress(c, p)) if reporter else None,
-                should_stop=options.stop.is_set,
+                should_stop=context.stop.is_set,
             )
 
 
@@ -249,7 +251,7 @@ def run_sweep(
     out: Path,
     *,
     device: str | None = None,
-    settings: RunSettings = RunSettings(),
+    flags: RunFlags = RunFlags(),
     fail_fast: bool = False,
     executor: Executor | None = None,
     reporter: Reporter | None = None,
@@ -262,7 +264,7 @@ def run_sweep(
     """
     signals = stopping.stop_signals() if handle_signals else contextlib.nullcontext(threading.Event())
     with signals as stop:
-        return _run_sweep(sweep, out, stop, device=device, settings=settings, fail_fast=fail_fast,
+        return _run_sweep(sweep, out, stop, device=device, flags=flags, fail_fast=fail_fast,
                           executor=executor, reporter=reporter)
 
 
@@ -272,16 +274,16 @@ def _run_sweep(
     stop: threading.Event,
     *,
     device: str | None,
-    settings: RunSettings,
+    flags: RunFlags,
     fail_fast: bool,
     executor: Executor | None,
     reporter: Reporter | None,
 ) -> SweepOutcome:
     folder = sweep_dir_for(sweep, out)
-    runs, todo = plan(sweep, out, device=device, retry_failed=settings.retry_failed)
+    runs, todo = plan(sweep, out, device=device, retry_failed=flags.retry_failed)
     local = not getattr(executor, "remote", False)
     preflight(todo, devices=local)
-    if local and not settings.allow_device_change:
+    if local and not flags.allow_device_change:
         check_resume_origins(todo, folder)
     _check_writable(folder)
     try:
@@ -291,10 +293,10 @@ def _run_sweep(
     if reporter:
         reporter.plan(todo, len(runs) - len(todo), len(runs))
 
-    options = RunOptions(settings=settings, reporter=reporter, stop=stop)
+    context = SweepContext(flags=flags, reporter=reporter, stop=stop)
     outcomes: list[RunOutcome] = []
     # Closed at once when this loop ends early (--fail-fast, a stop), so the executor winds down its runs now.
-    with contextlib.closing((executor or LocalExecutor()).execute(todo, folder, options)) as finished:
+    with contextlib.closing((executor or SerialExecutor()).execute(todo, folder, context)) as finished:
         for outcome in finished:
             outcomes.append(outcome)
             _refresh_results(folder, sweep, runs, outcome)
@@ -304,7 +306,7 @@ def _run_sweep(
                 break
     _refresh_results(folder, sweep, runs)
     failed = [r.run_id for r in runs if run_state(folder / r.run_id) == "failed"]
-    return SweepOutcome(folder, outcomes, interrupted=options.stop.is_set(), failed=failed)
+    return SweepOutcome(folder, outcomes, interrupted=context.stop.is_set(), failed=failed)
 
 
 def preflight(runs: list[RunConfig], *, devices: bool = True) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from depthbench.errors import DepthbenchError
-from depthbench.train import Progress, ProgressFn
+from depthbench.train import ProgressFn, TrainingProgress
 
 EVENTS_DIR = "tensorboard"
 
@@ -43,7 +43,7 @@ class TensorBoardLogger:
         self.forward = forward
         self._writer: Any = None
 
-    def __call__(self, progress: Progress) -> None:
+    def __call__(self, progress: TrainingProgress) -> None:
         if self._writer is None:
             self._writer = self._writer_class(log_dir=str(self.log_dir), purge_step=progress.step)
         if progress.row is not None:

@@ -1,10 +1,15 @@
 """The one trainer: every run of every sweep is trained by :func:`train_run`.
 
-The recipe is the CIFAR one of He et al. (REFERENCE.md section 2): SGD with momentum and weight
-decay, a step-based multi-step schedule (0.1, /10 at 32k and 48k of 64k steps) and an optional
-constant warmup that hands back to that schedule. The speed techniques are those of the fastest
-CIFAR trainers (section 5): the training split stays on the device as uint8, augmentation is a
-batched tensor op, the model runs channels_last, bf16 autocast on CUDA.
+Two recipes, chosen by the run's family (:mod:`depthbench.families`) and overridable setting by setting:
+the CIFAR one of He et al. for ResNets ([V1] He, Zhang, Ren, Sun 2015, arXiv:1512.03385, Sec. 4.2; [V2]
+He, Zhang, Ren, Sun 2016, arXiv:1603.05027, Sec. 5 and Appendix): SGD with momentum and weight decay, a
+step-based multi-step schedule and an optional constant warmup that hands back to it; and the Transformer
+one for ViTs: AdamW with decay on weight matrices only, a cosine schedule after a linear warmup. Either
+may clip the gradients' global norm and train the units' scalar parameters at a lower rate (Fixup).
+The speed techniques are those of the fastest CIFAR trainers (airbench: Jordan 2024, arXiv:2404.00498):
+the training split stays on the device as uint8, augmentation is a batched tensor op, the model runs
+channels_last, and under bf16 autocast wherever the device computes bf16 natively (CUDA GPUs, CPUs with
+AMX or AVX512-BF16).
 
 A run is resumable at any step and resumes bit-exactly on CPU, because nothing random is carried
 from step to step: the data order of epoch e is drawn from a generator seeded by (seed, e), and
@@ -45,7 +50,7 @@ class RunInterrupted(Exception):
 
 
 @dataclass(frozen=True)
-class Progress:
+class TrainingProgress:
     """What the trainer reports to whoever shows progress; ``row`` is set at log points only."""
 
     step: int
@@ -53,7 +58,7 @@ class Progress:
     row: dict[str, Any] | None = None
 
 
-ProgressFn = Callable[[Progress], None]
+ProgressFn = Callable[[TrainingProgress], None]
 StopFn = Callable[[], bool]
 
 
@@ -354,8 +359,8 @@ def _resume(cfg: RunConfig, run_dir: Path, setup: TrainingSetup, notes: list[str
         origin = _origin(saved)
         if (cfg.train.precision == "auto" and origin and origin[0] == setup.device.type
                 and origin[1] != setup.precision):
-            # `auto` picks by hardware, and its pick has changed (bf16 on CPUs that have it natively, since
-            # issue 11): a run keeps the precision it started in rather than mix two in one result.
+            # `auto` picks by hardware, so a run resumed on another CPU (or GPU) may find it picking otherwise:
+            # the run keeps the precision it started in rather than mix two in one result.
             setup.amp_dtype = torch.bfloat16 if origin[1] == "bfloat16" else None
             notes.append(f"{cfg.run_id}: continues in {origin[1]}, the precision it started in "
                          "(precision auto would now choose another here)")
@@ -451,7 +456,7 @@ def train_run(
                 compile_s = time.perf_counter() - t_step  # the first compiled step is mostly compilation
                 t_window = time.perf_counter()
             if on_progress:
-                on_progress(Progress(step, tc.steps))
+                on_progress(TrainingProgress(step, tc.steps))
 
             # Log point: running train metrics, evaluation when due, divergence check.
             evaluate_now = step % tc.eval_every == 0 or step == tc.steps
@@ -475,7 +480,7 @@ def train_run(
             storage.append_jsonl(metrics_path, row)
             state.rows += 1
             if on_progress:
-                on_progress(Progress(step, tc.steps, row))
+                on_progress(TrainingProgress(step, tc.steps, row))
             loss_sum.zero_(), correct.zero_()
             images, window_s = 0, 0.0
             if status == "diverged":

@@ -33,9 +33,12 @@ FLOPs of one image (:func:`vit_forward_flops`); post_ln and deepnorm count the s
     12       5,362,378    5,362,762    5,353,174    0.730
     48      21,377,482   21,377,866   21,340,666    2.917
 
-References (REFERENCE.md section 7): [Xiong] arXiv 2002.04745, [DeepNet] arXiv 2203.00555,
-[ReZero] arXiv 2003.04887. Torch-free, like :mod:`depthbench.architecture`, so configs validate and
-:mod:`depthbench.estimate` sizes a ViT without torch; :mod:`depthbench.models.vit` builds from these tables.
+References: [Xiong] Xiong et al., "On Layer Normalization in the Transformer Architecture", 2020,
+arXiv:2002.04745; [DeepNet] Wang et al., "DeepNet: Scaling Transformers to 1,000 Layers", 2022,
+arXiv:2203.00555; [ReZero] Bachlechner et al., "ReZero is All You Need", 2020, arXiv:2003.04887.
+
+Torch-free, like :mod:`depthbench.architecture`, so configs validate and :mod:`depthbench.estimate` sizes a
+ViT without torch; :mod:`depthbench.models.vit` builds from these tables.
 """
 
 from __future__ import annotations

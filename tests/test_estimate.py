@@ -14,6 +14,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+import depthbench.devices
 import depthbench.estimate
 from depthbench.bench import activation_mb
 from depthbench.cli import app
@@ -32,12 +33,21 @@ from depthbench.estimate import (
 )
 from depthbench.models import PLACEMENTS, SHORTCUT_GATES, count_params, model_from_config
 from depthbench.sweep import execute_run
+from depthbench.train import TrainingSetup
 from tests.conftest import tiny_run
 
 runner = CliRunner()
 CIFAR10 = DataShape(3, 32, 10, 50_000, 10_000)
 MiB, GiB = 2**20, 2**30
 ALL_UNITS = 1_000_000  # `checkpointing: true`
+
+
+@pytest.fixture(autouse=True)
+def _cpu_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The figures below are fp32 ones: `precision: auto` resolves to fp32 on a CPU without native bf16,
+    # whatever CPU runs the tests. A test that needs the other CPU patches it again.
+    native = depthbench.devices.native_bf16
+    monkeypatch.setattr(depthbench.devices, "native_bf16", lambda device: device.type != "cpu" and native(device))
 
 
 def _meta_params(version: str, depth: int, model: ModelConfig, num_classes: int = 10, in_channels: int = 3) -> int:
@@ -161,6 +171,25 @@ def test_data_counts_on_a_gpu_but_not_on_the_cpu_that_already_holds_it() -> None
     assert cuda.data_bytes == 60_000 * (3 * 32 * 32 + 8) + 50_000 * 8
     assert cuda.activation_bytes == cpu.activation_bytes
     assert estimate_memory(run_config("v1", 20), CIFAR10, "cuda").activation_bytes < cpu.activation_bytes * 0.51
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_sized_as_the_trainer_resolves_it(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """`precision: auto` is bf16 on a CPU that computes it natively and fp32 on one that does not: the estimate
+    (and the refusal's check) sizes activations in whatever the trainer resolves on this machine."""
+    monkeypatch.setattr(depthbench.devices, "native_bf16", lambda device: native)
+    cfg = tiny_run(train={"precision": "auto"})
+    setup = TrainingSetup.create(cfg, load_dataset(cfg.dataset))
+    assert setup.amp_dtype == (torch.bfloat16 if native else None)
+    shape = known_shape(cfg.dataset)
+    assert shape is not None
+    sized = {precision: activation_bytes(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"precision": precision})}), shape) for precision in ("fp32", "bf16")}
+    assert sized["bf16"] < sized["fp32"]
+    expected = sized["bf16" if native else "fp32"]
+    assert activation_bytes(cfg, shape) == expected
+    assert estimate_memory(cfg, shape).activation_bytes == expected
+    assert check_fits(cfg, shape, torch.device("cpu"), free=2**60).activation_bytes == expected
 
 
 def test_known_shape_is_the_loaded_shape() -> None:

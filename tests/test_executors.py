@@ -31,7 +31,7 @@ from depthbench.executors import ParallelExecutor, RayExecutor, SlurmExecutor, m
 from depthbench.executors.base import _Attempt, _LiveRuns
 from depthbench.executors.local import _cores
 from depthbench.stopping import workers_born_deaf
-from depthbench.sweep import RunOptions, RunOutcome, RunSettings, SweepOutcome, run_sweep
+from depthbench.sweep import RunFlags, RunOutcome, SweepContext, SweepOutcome, run_sweep
 from tests.conftest import learned, steps, tiny_sweep, write_config
 
 runner = CliRunner()
@@ -340,7 +340,7 @@ def test_slurm_run_timing_out_too_often_fails_then_resumes(one_thread: None, tmp
                                      f"resources.time_min = 1 min with {saved} of 60 steps done, checkpoint kept; "
                                      "raise time_min or max_restarts; log ")
 
-    retried = run_sweep(cfg, tmp_path, settings=RunSettings(retry_failed=True), handle_signals=False)
+    retried = run_sweep(cfg, tmp_path, flags=RunFlags(retry_failed=True), handle_signals=False)
     assert [o.status for o in retried.outcomes] == ["completed"] and retried.failed == []
     assert steps(run_dir) == list(range(2, 61, 2))
     sweep(tmp_path / "local", cfg)
@@ -400,7 +400,7 @@ def test_slurm_submission_script_carries_the_resources(tmp_path: Path, monkeypat
     cfg = tiny_sweep(train={"device": "cuda:1"}, resources={
         "partition": "gpu", "time_min": 30, "cpus_per_run": 2.5, "slurm_extra": {"account": "proj"}})
     executor = make_executor("slurm", cfg.resources, time_min=90, array_parallelism=1, max_restarts=5)
-    jobs = executor._submit(cfg.runs(), tmp_path / "tiny", RunOptions())
+    jobs = executor._submit(cfg.runs(), tmp_path / "tiny", SweepContext())
     assert [job.job_id for job in jobs] == ["4242_0", "4242_1"]
     script = (tmp_path / "job.sh").read_text()
     # The time-limit warning: URG, which a job not yet able to handle it ignores, 20 s before the limit for a run

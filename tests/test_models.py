@@ -27,7 +27,8 @@ from depthbench.models import (
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter counts: exact values of REFERENCE.md section 1, and the papers' rounding of them
+# Parameter counts: exact values computed from the architecture, and the papers' rounding of them
+# ([V1] He et al. 2015, arXiv:1512.03385, Table 6; [V2] He et al. 2016, arXiv:1603.05027, Table 3)
 # ---------------------------------------------------------------------------------------------
 
 PAPER_COUNTS = [
@@ -149,7 +150,8 @@ def test_valid_depths() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Structure: stem, head, strides and shortcuts as REFERENCE.md section 1 describes them
+# Structure: stem, head, strides and shortcuts as [V1] Sec. 4.2 and [V2]'s Appendix (the 1001-layer
+# bottleneck layout) describe them
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
-"""ResNets without normalisation: the fixup and skipinit units (REFERENCE.md section 7) against their
-papers' rules: the forward rule recomputed from the units' own weights, Fixup's initialisation, SkipInit's
-identity at init, hand-counted parameters, and a few steps of training."""
+"""ResNets without normalisation: the fixup (Zhang, Dauphin, Ma 2019, arXiv:1901.09321) and skipinit (De
+and Smith 2020, arXiv:2002.10444) units against their papers' rules: the forward rule recomputed from the
+units' own weights, Fixup's initialisation, SkipInit's identity at init, hand-counted parameters, and a
+few steps of training."""
 
 from __future__ import annotations
 

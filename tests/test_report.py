@@ -71,7 +71,7 @@ def test_welch_interval_and_p_value_match_the_formula(tmp_path: Path) -> None:
     se, df = math.sqrt(va + vb), (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     diff = a.mean() - b.mean()
     half = stats.t.ppf(0.975, df) * se
-    assert (c.n_v1, c.n_v2) == (3, 4) and c.diff == pytest.approx(diff)
+    assert (c.n_reference, c.n, c.compared, c.reference) == (3, 4, "v2", "v1") and c.diff == pytest.approx(diff)
     assert (c.ci_low, c.ci_high) == pytest.approx((diff - half, diff + half))
     assert c.p_value == pytest.approx(2 * stats.t.sf(abs(diff / se), df))
     row = _row(rep, depth=20)
@@ -107,7 +107,7 @@ def test_tied_seeds_give_a_test_and_no_library_warning(tmp_path: Path) -> None:
         warnings.simplefilter("error")  # scipy's "catastrophic cancellation" warning would raise here
         (c,) = build_report(tmp_path, plots=False).comparisons
     assert c.diff == pytest.approx(0.55 - 0.1171875)
-    # Welch with one variance zero: se from V2 alone, df = n_v2 - 1
+    # Welch with one variance zero: se from V2 alone, df = V2's n - 1
     se = np.std([0.5, 0.6], ddof=1) / math.sqrt(2)
     assert c.p_value == pytest.approx(2 * stats.t.sf(c.diff / se, 1))
     # the command itself keeps any other library warning off the terminal
@@ -220,7 +220,7 @@ def test_units_table_numbers_against_v2s_unit(normfree_study: Path) -> None:
     assert rows["56", "fixup"]["unit − full_preact (pts)"] == f"{100 * diff:+.2f}" == "-22.00"
     assert rows["56", "fixup"]["unit − full_preact 95% CI"] == f"[{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}]"
     assert rows["56", "fixup"]["p (Welch)"] == f"{welch.pvalue:.3f}"
-    (c,) = [c for c in rep.unit_comparisons if c.config == (56,) and c.unit == "fixup"]
+    (c,) = [c for c in rep.unit_comparisons if c.config == (56,) and c.compared == "fixup"]
     assert (c.n, c.n_reference, c.reference) == (2, 3, "full_preact") and c.p_value == pytest.approx(welch.pvalue)
     # the V2 unit is the reference; a unit with one run gets a difference and no test, said in words
     assert rows["20", "full_preact"]["unit − full_preact (pts)"] == "reference"

@@ -1,5 +1,5 @@
 """The training step: eager vs graphed, the graphed step's self-check and its fallback (forced on CPU),
-and the per-step host work that issue 11 took out (CPU augmentation draws, fused SGD, RNG only for dropout)."""
+and the per-step host work kept out of the loop (CPU augmentation draws, fused SGD, RNG only for dropout)."""
 
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ from depthbench.config import ConfigError, load_sweep, parse_sweep
 from depthbench.diagnose import read_diagnostics
 from depthbench.errors import DepthbenchError
 from depthbench.models import PLACEMENTS, SHORTCUT_GATES
-from depthbench.sweep import RunSettings, run_sweep
+from depthbench.sweep import RunFlags, run_sweep
 from depthbench.tracking import EVENTS_DIR, TensorBoardLogger
-from depthbench.train import Progress
+from depthbench.train import TrainingProgress
 from tests.conftest import ROOT
 
 UNITS = list(PLACEMENTS)
@@ -49,7 +49,7 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFra
         ],
     })
     out = tmp_path_factory.mktemp("runs")
-    outcome = run_sweep(sweep, out, handle_signals=False, settings=RunSettings(tensorboard=True))
+    outcome = run_sweep(sweep, out, handle_signals=False, flags=RunFlags(tensorboard=True))
     return outcome.sweep_dir, pd.read_csv(outcome.sweep_dir / "results.csv"), outcome.outcomes
 
 
@@ -96,9 +96,10 @@ def test_tensorboard_event_files_hold_the_metrics(variants: tuple[Path, pd.DataF
 
 
 def test_tensorboard_logger_forwards_every_call(tmp_path: Path) -> None:
-    seen: list[Progress] = []
+    seen: list[TrainingProgress] = []
     logger = TensorBoardLogger(tmp_path, forward=seen.append)
-    calls = [Progress(1, 2), Progress(2, 2, {"step": 2, "lr": 0.1, "train_loss": 1.5, "img_per_s": math.nan})]
+    calls = [TrainingProgress(1, 2),
+             TrainingProgress(2, 2, {"step": 2, "lr": 0.1, "train_loss": 1.5, "img_per_s": math.nan})]
     for call in calls:
         logger(call)
     logger.close()

@@ -1,6 +1,7 @@
 """How fast the one trainer runs and how much memory it needs, measured against the usual CIFAR script.
 
-``depthbench bench`` answers, on the machine at hand (REFERENCE.md sections 4 and 5):
+``depthbench bench`` answers, on the machine at hand, how the speed techniques of the fastest CIFAR
+trainers (airbench: Jordan 2024, arXiv:2404.00498) pay off for the nets of depth studies:
 
 - Speed against the usual pipeline. Both run in this process, on the same model (same config, same
   seeded init) and the same training images: (a) the trainer step of :mod:`depthbench.train`, with the
@@ -17,9 +18,10 @@
 
   - ``host_ms_per_step``: what one trainer step costs the host, whatever the arithmetic. The trainer's own
     step (:class:`~depthbench.train.TrainingSetup` and its step: the same net, precision, channels_last,
-    optimizer, checkpointing and compilation) is timed on batches of 2 synthetic 8x8 images, where the
-    kernels are the same as at full size but their arithmetic is negligible: the median wall time of 30
-    single steps after 5 warmup steps, each from the host's call to the device's last kernel. On CUDA it is
+    optimizer, checkpointing and compilation) is timed on tiny synthetic batches (``HOST_BATCH`` images
+    of ``HOST_IMAGE_SIZE`` pixels in :mod:`~depthbench.bench.spec`), where the kernels are the same as at
+    full size but their arithmetic is negligible: the median wall time of single steps after a warmup,
+    each from the host's call to the device's last kernel. On CUDA it is
     the launch cost that a step pays even with an idle GPU; the share of a full step it takes
     (``host_share``) says how much faster the step could get from fewer launches (a CUDA graph, fusion)
     rather than from faster arithmetic. On a CPU it is the dispatch overhead plus tiny arithmetic.
@@ -44,20 +46,8 @@ reset through /proc/self/clear_refs after returning freed heap to the OS), so th
 buffers, activations and batch of the steps, not the interpreter, the data or the weights. Beside it,
 the activations alone: the bytes one forward pass saves for backward, exact whatever the allocator.
 
-The modules, in the order a measurement uses them:
-
-- :mod:`~depthbench.bench.spec`: what to measure (:class:`BenchSpec`), checked and turned into the
-  trainer's :class:`~depthbench.config.RunConfig`.
-- :mod:`~depthbench.bench.probes`: the instruments: step timing, peak memory, activation bytes,
-  kernel counts, the matmul peak, facts about the host.
-- :mod:`~depthbench.bench.trainer`: the depthbench trainer's step, timed and measured, at full size and
-  on tiny batches (the host's cost).
-- :mod:`~depthbench.bench.baseline`: the usual pipeline, timed the same way.
-- :mod:`~depthbench.bench.concurrent`: several runs of the trainer at once, each in its own process.
-- :mod:`~depthbench.bench.modes`: the comparison (:func:`run_bench`), the growth with depth
-  (:func:`run_scaling`) with its linearity analysis, and the device shared (:func:`run_concurrent`),
-  each returning one JSON-able dict.
-- :mod:`~depthbench.bench.render`: those dicts as rich tables; the measuring modules never import rich.
+The measuring modules never import rich; :mod:`~depthbench.bench.render` turns their JSON-able dicts
+into tables. The package's modules are in the map of :mod:`depthbench`.
 """
 
 from depthbench.bench.baseline import PILImageSet, measure_usual, usual_transform

@@ -20,13 +20,14 @@ from depthbench.bench.concurrent import share_device
 from depthbench.bench.probes import device_name, load_avg, matmul_peak, process_age
 from depthbench.bench.spec import BenchSpec, bench_dataset, run_config
 from depthbench.bench.trainer import measure_host, measure_trainer
-from depthbench.config import RunConfig
+from depthbench.config import RunConfig, TrainConfig
 from depthbench.data import TensorData, load_dataset
 from depthbench.errors import DepthbenchError
 from depthbench.models import count_params, forward_flops, model_from_config
 from depthbench.devices import resolve_device, resolve_precision
 
-PAPER_STEPS = 64_000  # the CIFAR schedule of He et al., for the extrapolated run time
+# The CIFAR schedule of He et al., the config's default, for the extrapolated run time.
+PAPER_STEPS: int = TrainConfig.model_fields["steps"].default
 # Within these bounds, time per FLOP (against the first row) and activation memory per added unit
 # (against the other increments of the same block) count as linear in depth.
 LINEAR_BAND = (0.8, 1.25)

@@ -4,7 +4,6 @@ and facts about the host."""
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import math
 import os
@@ -19,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from depthbench.devices import release_freed_memory
 
 # Square fp32 (or the autocast dtype) matmuls whose best rate is taken as the device's dense peak.
 MATMUL_SIZES = {"cpu": (2048, 4096), "cuda": (4096, 8192)}
@@ -101,7 +102,7 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
             return
         gc.collect()  # an earlier measurement's model may sit in a reference cycle
-        _malloc_trim()
+        release_freed_memory()
         try:
             Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current VmRSS
             self.base = _proc_status_kb("VmRSS") * 1024
@@ -124,13 +125,6 @@ def _proc_status_kb(key: str) -> int:
     if match is None:
         raise ValueError(f"{key} is not in /proc/self/status")
     return int(match.group(1))
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def activation_mb(model: nn.Module, xb: torch.Tensor, autocast: Callable[[], Any]) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 from depthbench.architecture import EVERY_UNIT, resolve_block
 from depthbench.config import DatasetConfig, ModelConfig, RunConfig, TrainConfig
@@ -19,6 +20,7 @@ TEST_SUBSET = 1000  # images for the evaluation-throughput figure
 # as at full size, but their arithmetic is negligible, so the step takes what dispatching them takes.
 HOST_BATCH, HOST_IMAGE_SIZE = 2, 8
 HOST_WARMUP, HOST_STEPS = 5, 30  # the median of HOST_STEPS single steps after HOST_WARMUP
+PRECISIONS: tuple[str, ...] = get_args(TrainConfig.model_fields["precision"].annotation)
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,8 @@ def run_config(spec: BenchSpec, dataset: DatasetConfig, depth: int | None = None
     if spec.version not in ("v1", "v2"):
         hint = did_you_mean(spec.version, ("v1", "v2"))
         raise DepthbenchError(f"--version '{spec.version}' is unknown{hint}; v1 or v2")
-    if spec.precision not in ("auto", "fp32", "bf16"):
-        raise DepthbenchError(f"--precision '{spec.precision}' is unknown; auto, fp32 or bf16")
+    if spec.precision not in PRECISIONS:
+        raise DepthbenchError(f"--precision '{spec.precision}' is unknown; {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
     resolve_device(spec.device, "--device")  # also: no GPU for --device cuda is an error now, before the data
     if checkpointing is None and spec.segments and not spec.checkpointing:
         raise DepthbenchError("--segments says how --checkpointing splits each stage; add --checkpointing")

@@ -5,16 +5,11 @@ trains it is claimed by the lock in its folder, resumes from its ``checkpoint.pt
 failure; every executor yields the same :class:`RunOutcome` objects to ``run_sweep``, so
 ``results.csv`` and the sweep's exit code do not depend on where the runs trained. The schedulers
 are real ones (``concurrent.futures``, Ray, SLURM through submitit); this package only maps a run onto
-them and reports what they do. Ray and submitit are optional extras, imported only when used.
+them and reports what they do. Ray and submitit are optional extras, imported only when used. The
+package's modules are in the map of :mod:`depthbench`.
 
-    base.py    the options that choose an executor, and what the engines share
-    local.py   --jobs N: a process pool on this machine
-    ray.py     --executor ray
-    slurm.py   --executor slurm (and --slurm-local)
-    timelimit.py  how early a SLURM job is told to stop, and the job's own watch on its time limit
-
-The contract (:class:`Executor`, :class:`RunOptions`) and the one-run-after-another
-:class:`LocalExecutor` are in :mod:`depthbench.sweep`, whose ``run_sweep`` defaults to it.
+The contract (:class:`Executor`, :class:`SweepContext`) and the one-run-after-another
+:class:`SerialExecutor` are in :mod:`depthbench.sweep`, whose ``run_sweep`` defaults to it.
 """
 
 from __future__ import annotations
@@ -29,11 +24,11 @@ from depthbench.executors.base import EXECUTORS, ExecutorOptions, LogFn
 from depthbench.executors.local import ParallelExecutor
 from depthbench.executors.ray import RayExecutor
 from depthbench.executors.slurm import SlurmExecutor
-from depthbench.sweep import Executor, LocalExecutor, RunOptions
+from depthbench.sweep import Executor, SerialExecutor, SweepContext
 
 __all__ = [
-    "EXECUTORS", "Executor", "ExecutorOptions", "LocalExecutor", "ParallelExecutor", "RayExecutor", "RunOptions",
-    "SlurmExecutor", "make_executor",
+    "EXECUTORS", "Executor", "ExecutorOptions", "ParallelExecutor", "RayExecutor", "SerialExecutor", "SlurmExecutor",
+    "SweepContext", "make_executor",
 ]
 
 
@@ -51,7 +46,7 @@ def make_executor(options: ExecutorOptions | str, resources: ResourcesConfig, *,
         options = dataclasses.replace(options, **fields)
     resources = options.resources(resources)
     if options.executor == "local":
-        return ParallelExecutor(options.jobs, log=log) if options.jobs > 1 else LocalExecutor()
+        return ParallelExecutor(options.jobs, log=log) if options.jobs > 1 else SerialExecutor()
     if options.executor == "ray":
         _require("ray", "ray")
         return RayExecutor(resources, address=options.address, log=log, verbose=options.verbose)

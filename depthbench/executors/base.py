@@ -1,7 +1,7 @@
 """What every executor shares: the options that choose one, the driver's view of runs training elsewhere,
 and the recording of a run whose worker or job died without a word.
 
-The contract itself, :class:`~depthbench.sweep.Executor` and :class:`~depthbench.sweep.RunOptions`, is
+The contract itself, :class:`~depthbench.sweep.Executor` and :class:`~depthbench.sweep.SweepContext`, is
 in :mod:`depthbench.sweep`, next to ``run_sweep`` which drives it: the executors import
 :func:`~depthbench.sweep.execute_run` from there, so that module cannot import this package back.
 """
@@ -24,7 +24,7 @@ from depthbench.config import ResourcesConfig, RunConfig
 from depthbench.errors import DepthbenchError, did_you_mean
 from depthbench.layout import CHECKPOINT, METRICS, RESULT, run_state
 from depthbench.sweep import BUSY, Reporter, RunOutcome, claim, write_failure
-from depthbench.train import Progress
+from depthbench.train import TrainingProgress
 
 EXECUTORS = ("local", "ray", "slurm")
 LogFn = Callable[[str], None]
@@ -59,7 +59,7 @@ class ExecutorOptions:
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise DepthbenchError(f"unknown executor '{self.executor}'{did_you_mean(self.executor, EXECUTORS)}; "
-                                  "use local, ray or slurm")
+                                  f"use {', '.join(EXECUTORS[:-1])} or {EXECUTORS[-1]}")
         if self.jobs < 1:
             raise DepthbenchError(f"--jobs must be at least 1 (got {self.jobs})")
         given = self.given()
@@ -214,7 +214,7 @@ class _LiveRuns:
         self.finished: Counter[str] = Counter()  # outcome status -> runs
         self.finished_ids: set[str] = set()
         self.focus: str | None = None
-        self.focus_progress: Progress | None = None
+        self.focus_progress: TrainingProgress | None = None
 
     def started(self, run_id: str, where: str, resuming: bool = False) -> None:
         if run_id in self.finished_ids:
@@ -233,7 +233,7 @@ class _LiveRuns:
         if self.focus is None:
             self._follow(run_id)
 
-    def progress(self, run_id: str, progress: Progress) -> None:
+    def progress(self, run_id: str, progress: TrainingProgress) -> None:
         if run_id == self.focus and self.reporter:
             self.focus_progress = progress
             self.reporter.progress(self.by_id[run_id], progress)
@@ -341,10 +341,11 @@ class _LiveRuns:
         rows = storage.read_jsonl(self.sweep_dir / self.focus / METRICS)
         if rows and (self.focus_progress is None or rows[-1].get("step") != self.focus_progress.step):
             cfg = self.by_id[self.focus]
-            self.progress(self.focus, Progress(int(rows[-1].get("step", 0)), cfg.train.steps, rows[-1]))
+            step = int(rows[-1].get("step", 0))
+            self.progress(self.focus, TrainingProgress(step, cfg.train.steps, rows[-1]))
 
     def on(self, event: tuple[str, str, Any]) -> None:
-        """Apply a worker's ("started", run id, (where, resuming)), ("progress", run id, Progress) or
+        """Apply a worker's ("started", run id, (where, resuming)), ("progress", run id, TrainingProgress) or
         ("stopped", run id, None)."""
         kind, run_id, payload = event
         if kind == "started":

@@ -2,7 +2,7 @@
 
 The pool is ``concurrent.futures``' process pool; this module gives each worker its GPU and its share
 of the cores, and stops the workers itself on Ctrl-C, so that each run keeps its last step. One run
-after another in this process (``--jobs 1``) is :class:`depthbench.sweep.LocalExecutor`, the default
+after another in this process (``--jobs 1``) is :class:`depthbench.sweep.SerialExecutor`, the default
 of ``run_sweep``.
 """
 
@@ -26,8 +26,8 @@ from depthbench.config import RunConfig
 from depthbench.executors.base import (
     LogFn, _Attempt, _has_checkpoint, _LiveRuns, _on_assigned_gpu, _record_failure,
 )
-from depthbench.sweep import RunOptions, RunOutcome, RunSettings, execute_run
-from depthbench.train import Progress
+from depthbench.sweep import RunFlags, RunOutcome, SweepContext, execute_run
+from depthbench.train import TrainingProgress
 
 
 def _cores() -> int:
@@ -65,7 +65,7 @@ def _start_worker(gpus: Any, events: Any, stop: Any, threads: int) -> None:
     events.put(("worker", str(os.getpid()), (gpu, threads)))
 
 
-def _train_in_worker(cfg: RunConfig, sweep_dir: Path, settings: RunSettings) -> _Attempt | None:
+def _train_in_worker(cfg: RunConfig, sweep_dir: Path, flags: RunFlags) -> _Attempt | None:
     worker = _WORKER
     assert worker is not None, "runs only in a process started by ParallelExecutor"
     if worker.stop.is_set():
@@ -76,14 +76,14 @@ def _train_in_worker(cfg: RunConfig, sweep_dir: Path, settings: RunSettings) -> 
     resumed = _has_checkpoint(sweep_dir, cfg)
     worker.events.put(("started", cfg.run_id, (where, resumed)))
 
-    def progress(p: Progress) -> None:
+    def progress(p: TrainingProgress) -> None:
         if p.row is not None:  # log points only: a queue message per step would cost more than the step
             worker.events.put(("progress", cfg.run_id, p))
 
     try:
         # Loading data or building its model, the run stops at once; in its step loop, at the next step.
         with stopping.stop_on(worker.stop):
-            outcome = execute_run(cfg, sweep_dir, settings, on_progress=progress, should_stop=worker.stop.is_set)
+            outcome = execute_run(cfg, sweep_dir, flags, on_progress=progress, should_stop=worker.stop.is_set)
     except stopping.StopRequested:
         outcome = RunOutcome(cfg, "interrupted", message="stopped outside its step loop; it resumes from its last checkpoint")
     finally:
@@ -110,22 +110,22 @@ class ParallelExecutor:
     def __init__(self, jobs: int, *, log: LogFn | None = None, gpus: list[str] | None = None) -> None:
         self.jobs, self.log, self.gpus = jobs, log, gpus
 
-    def execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]:
+    def execute(self, runs: list[RunConfig], sweep_dir: Path, context: SweepContext) -> Iterator[RunOutcome]:
         if not runs:
             return
         wants_gpu = any(cfg.train.device != "cpu" for cfg in runs)
         gpus = (self.gpus if self.gpus is not None else _visible_gpus()) if wants_gpu else []
-        live = _LiveRuns(runs, options.reporter, self.log)
+        live = _LiveRuns(runs, context.reporter, self.log)
         with stopping.deferred():  # this loop stops the runs itself, so that each keeps its last step
             # The pool starts its processes (and the queues their threads, which must not take a signal
             # the main thread blocks meanwhile) in open and submit.
             with stopping.workers_born_deaf():
                 pool, events, stop = self._open_pool(gpus)
-                futures = {pool.submit(_train_in_worker, cfg, sweep_dir, options.settings): cfg for cfg in runs}
+                futures = {pool.submit(_train_in_worker, cfg, sweep_dir, context.flags): cfg for cfg in runs}
             try:
                 pending = set(futures)
                 while pending:
-                    if options.stop.is_set():
+                    if context.stop.is_set():
                         stop.set()
                         for future in pending:
                             future.cancel()  # not started yet; the running ones checkpoint and return

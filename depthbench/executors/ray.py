@@ -30,8 +30,8 @@ from depthbench.executors.base import (
     LogFn, _Attempt, _gpus_for, _has_checkpoint, _LiveRuns, _on_assigned_gpu, _record_failure, engine_log,
     quiet_engines,
 )
-from depthbench.sweep import RunOptions, RunOutcome, RunSettings, execute_run
-from depthbench.train import Progress
+from depthbench.sweep import RunFlags, RunOutcome, SweepContext, execute_run
+from depthbench.train import TrainingProgress
 
 
 class _Board:
@@ -62,7 +62,7 @@ def _where_in_ray() -> str:
     return where + (f", GPU {','.join(map(str, gpus))}" if gpus else "")
 
 
-def _train_in_ray(cfg: RunConfig, sweep_dir: Path, settings: RunSettings, board: Any,
+def _train_in_ray(cfg: RunConfig, sweep_dir: Path, flags: RunFlags, board: Any,
                   stop_file: Path, threads: int) -> _Attempt | None:
     """The body of a run's Ray task; a retry after its worker died resumes from the run's checkpoint.
 
@@ -86,12 +86,12 @@ def _train_in_ray(cfg: RunConfig, sweep_dir: Path, settings: RunSettings, board:
             looked, stopping = time.monotonic(), stop_file.exists()
         return stopping
 
-    def progress(p: Progress) -> None:
+    def progress(p: TrainingProgress) -> None:
         if p.row is not None:
             board.tell.remote(("progress", cfg.run_id, p))
 
     try:
-        outcome = execute_run(cfg, sweep_dir, settings, on_progress=progress, should_stop=should_stop)
+        outcome = execute_run(cfg, sweep_dir, flags, on_progress=progress, should_stop=should_stop)
         return _Attempt(outcome, where, resumed)
     finally:
         board.tell.remote(("stopped", cfg.run_id, None))
@@ -155,7 +155,7 @@ class RayExecutor:
         self.resources, self.address, self.log, self.poll_s = resources, address, log, poll_s
         self.status_every_s, self.verbose = status_every_s, verbose
 
-    def execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]:
+    def execute(self, runs: list[RunConfig], sweep_dir: Path, context: SweepContext) -> Iterator[RunOutcome]:
         if not runs:
             return
         # Ray's messages (its start-up lines, its workers' output) go to sweep.log unless --verbose.
@@ -163,14 +163,14 @@ class RayExecutor:
             connected_here = self._connect()
             quiet_engines(verbose=self.verbose)  # ray.init installs its own handlers
             with _cluster_errors_logged(verbose=self.verbose):
-                yield from self._execute(runs, sweep_dir, options, connected_here)
+                yield from self._execute(runs, sweep_dir, context, connected_here)
 
-    def _execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions,
+    def _execute(self, runs: list[RunConfig], sweep_dir: Path, context: SweepContext,
                  connected_here: bool) -> Iterator[RunOutcome]:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        live = _LiveRuns(runs, options.reporter, self.log, sweep_dir=sweep_dir)
+        live = _LiveRuns(runs, context.reporter, self.log, sweep_dir=sweep_dir)
         refs: dict[Any, RunConfig] = {}
         pending: list[Any] = []
         board = None
@@ -188,12 +188,12 @@ class RayExecutor:
                 ref = task.options(
                     num_cpus=self.resources.cpus_per_run, num_gpus=_gpus_for(cfg, self.resources),
                     max_retries=self.resources.max_restarts, retry_exceptions=False, name=cfg.run_id,
-                ).remote(cfg, sweep_dir, options.settings, board, stop_file, threads)
+                ).remote(cfg, sweep_dir, context.flags, board, stop_file, threads)
                 refs[ref] = cfg
                 pending.append(ref)  # wound down below, even if a stop cuts this loop short
             with stopping.deferred():  # this loop stops the runs itself, so that each keeps its last step
                 while pending:
-                    if options.stop.is_set() and not stop_file.exists():
+                    if context.stop.is_set() and not stop_file.exists():
                         self._stop(stop_file, board, live, pending, refs)
                     ready, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
                     for event in ray.get(board.drain.remote()):

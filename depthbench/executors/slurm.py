@@ -40,7 +40,7 @@ from depthbench.executors.timelimit import (
     WARNING_ENV, WARNING_SIGNAL, JobClock, StopTiming, check_time_limit, job_end_time, warning_signal,
 )
 from depthbench.layout import RESULT, run_state
-from depthbench.sweep import RunOptions, RunOutcome, RunSettings, execute_run
+from depthbench.sweep import RunFlags, RunOutcome, SweepContext, execute_run
 from depthbench.train import checkpoint_step
 
 _STOPPED_EXIT = 128 + signal.SIGTERM  # a run stopped by SIGTERM/SIGINT leaves no result: see _SlurmRun
@@ -62,9 +62,9 @@ class _SlurmRun:
     which the next submission derives its lead.
     """
 
-    def __init__(self, cfg: RunConfig, sweep_dir: Path, settings: RunSettings, *, threads: int,
+    def __init__(self, cfg: RunConfig, sweep_dir: Path, flags: RunFlags, *, threads: int,
                  time_min: int, lead_s: float, on_cluster: bool, save_within_s: float = 60) -> None:
-        self.cfg, self.sweep_dir, self.settings = cfg, sweep_dir, settings
+        self.cfg, self.sweep_dir, self.flags = cfg, sweep_dir, flags
         self.threads, self.time_min, self.lead_s, self.on_cluster = threads, time_min, lead_s, on_cluster
         self.save_within_s = save_within_s
         self.outcome: RunOutcome | None = None  # set when the run finished just as the job was told to stop
@@ -92,7 +92,7 @@ class _SlurmRun:
 
         def train() -> None:
             try:
-                result.set_result(execute_run(self.cfg, self.sweep_dir, self.settings, should_stop=should_stop))
+                result.set_result(execute_run(self.cfg, self.sweep_dir, self.flags, should_stop=should_stop))
             except BaseException as err:  # noqa: BLE001 - handed to the main thread, which re-raises it
                 result.set_exception(err)
 
@@ -246,27 +246,27 @@ class SlurmExecutor:
         # Options for the resume line when runs ran out of restarts: enough restarts for what is left.
         self.resume_options: dict[str, int] = {}
 
-    def execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]:
+    def execute(self, runs: list[RunConfig], sweep_dir: Path, context: SweepContext) -> Iterator[RunOutcome]:
         if not runs:
             return
         with engine_log(sweep_dir, verbose=self.verbose):
-            yield from self._execute(runs, sweep_dir, options)
+            yield from self._execute(runs, sweep_dir, context)
 
-    def _execute(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> Iterator[RunOutcome]:
+    def _execute(self, runs: list[RunConfig], sweep_dir: Path, context: SweepContext) -> Iterator[RunOutcome]:
         pending: dict[str, tuple[Any, RunConfig]] = {}
         jobs: list[Any] = []
         try:
             # Cut short, sbatch may still queue the array, and no one would cancel its jobs: a stop waits for
             # the submission (seconds), then the loop below sees it and the jobs are cancelled.
             with stopping.deferred():
-                jobs = self._submit(runs, sweep_dir, options)
+                jobs = self._submit(runs, sweep_dir, context)
                 pending.update((job.job_id, (job, cfg)) for job, cfg in zip(jobs, runs, strict=True))
-            live = _LiveRuns(runs, options.reporter, self.log, sweep_dir=sweep_dir)
+            live = _LiveRuns(runs, context.reporter, self.log, sweep_dir=sweep_dir)
             array_id = jobs[0].job_id.split("_")[0]
             kind = "local jobs" if self.local else f"SLURM job array {array_id}"
             live.say(f"submitted {len(jobs)} runs as {kind}; job logs in {sweep_dir / 'slurm'}")
             restarts: dict[str, int] = {}  # job id -> requeues seen so far
-            while pending and not options.stop.is_set():
+            while pending and not context.stop.is_set():
                 queue = None if self.local else _read_queue(array_id)
                 for job_id, (job, cfg) in list(pending.items()):
                     seen = self._look(job, queue)
@@ -288,7 +288,7 @@ class SlurmExecutor:
                 if pending:
                     live.follow_metrics()
                     live.status(every_s=self.status_every_s)
-                    options.stop.wait(self.poll_s)
+                    context.stop.wait(self.poll_s)
         finally:
             # Stopped (Ctrl-C, --fail-fast): cancelled jobs get SIGTERM, save their run and end.
             for job, _ in pending.values():
@@ -332,7 +332,7 @@ class SlurmExecutor:
                           slurm_signal_delay_s=lead_s, slurm_additional_parameters=dict(r.slurm_extra) or None)
         return params
 
-    def _submit(self, runs: list[RunConfig], sweep_dir: Path, options: RunOptions) -> list[Any]:
+    def _submit(self, runs: list[RunConfig], sweep_dir: Path, context: SweepContext) -> list[Any]:
         import submitit
 
         cluster = "local" if self.local else "slurm"
@@ -350,7 +350,7 @@ class SlurmExecutor:
         gpus = params["gpus_per_node"] > 0
         try:
             with _warning_signal(on_cluster=not self.local), executor.batch():
-                jobs = [executor.submit(_SlurmRun(_on_assigned_gpu(cfg) if gpus else cfg, sweep_dir, options.settings,
+                jobs = [executor.submit(_SlurmRun(_on_assigned_gpu(cfg) if gpus else cfg, sweep_dir, context.flags,
                                                   threads=threads, time_min=self.resources.time_min, lead_s=lead_s,
                                                   on_cluster=not self.local))
                         for cfg in runs]

@@ -8,12 +8,12 @@ long its stop took. The next submission of the run derives its lead from them (:
 a run never measured gets defaults meant for a GPU-sized step, and a time limit too short to train
 after that lead is refused up front (:func:`check_time_limit`).
 
-SLURM's own warning (``--signal``) does not keep that time: on a test cluster (SLURM 22.05) it came
-7 s late and 10 s early, and after a requeue it reached a restarted job 0.1 s after its start, before
-Python could handle it, and killed it. So a job keeps its own clock (:class:`JobClock`), from the end
-time ``squeue`` gives it and the lead it measures itself, asks SLURM for a warning signal a process
-ignores until it handles it (URG, see :func:`warning_signal`), and acts on SLURM's warning only when
-its clock is due too, or when it could not learn its end time.
+SLURM's own warning (``--signal``) does not keep that time: it may come seconds early or late, and
+after a requeue it can reach a restarted job before Python handles signals, and so kill it. So a job
+keeps its own clock (:class:`JobClock`), from the end time ``squeue`` gives it and the lead it measures
+itself, asks SLURM for a warning signal a process ignores until it handles it (URG, see
+:func:`warning_signal`), and acts on SLURM's warning only when its clock is due too, or when it could
+not learn its end time.
 """
 
 from __future__ import annotations

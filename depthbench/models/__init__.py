@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from depthbench.architecture import BLOCKS, EVERY_UNIT, PLACEMENTS, VERSION_UNIT, choice, resolve_block, valid_depths
+from depthbench.families import FAMILIES
 from depthbench.models import resnet
 from depthbench.models.resnet import (
     SHORTCUT_GATES,
@@ -37,7 +38,7 @@ def model_from_config(version: str, depth: int, model_cfg: Any, num_classes: int
     """The net of a :class:`depthbench.config.ModelConfig`: a ResNet or a ViT as ``model_cfg.family`` says
     (a config without the field is a ResNet's). ``image_size`` sizes a ViT's position embedding; a ResNet
     takes any size."""
-    family = choice("family", getattr(model_cfg, "family", "resnet"), ("resnet", "vit"))
+    family = choice("family", getattr(model_cfg, "family", "resnet"), FAMILIES)
     if family == "resnet":
         return resnet.model_from_config(version, depth, model_cfg, num_classes, in_channels)
     return build_vit(version, depth, num_classes, image_size=image_size, in_channels=in_channels,

@@ -1,17 +1,21 @@
 """CIFAR ResNets of He et al., V1 (post-activation) and V2 (pre-activation), built from one rule.
 
-A net is a 3x3 stem conv, three stages of ``n`` residual units and a pooled linear classifier
-([V1] He et al. 2015, arXiv 1512.03385, section 4.2; [V2] He et al. 2016, arXiv 1603.05027).
+[V1] He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", 2015, arXiv:1512.03385, Sec. 4.2.
+[V2] He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks", 2016, arXiv:1603.05027, Sec. 4 and
+Appendix. A net is a 3x3 stem conv, three stages of ``n`` residual units and a pooled linear classifier.
 Two unit shapes, one depth rule ``depth = 3 * layers_per_unit * n + 2``::
 
     block       weight layers of one unit           depth   stage outputs   paper nets
     basic       3x3 (out) -> 3x3 (out)              6n+2    w, 2w, 4w       20, 32, 44, 56, 110, 1202
     bottleneck  1x1 (out/4) -> 3x3 (out/4) -> 1x1   9n+2    4w, 8w, 16w     164, 1001
 
-``w`` is the base width, 16 in both papers. The first unit of stages 2 and 3 downsamples with
-stride 2 on its first weight layer (the first 1x1 of a bottleneck, as in resnet-1k-layers).
+``w`` is the base width, 16 in both papers. The first unit of stages 2 and 3 downsamples with stride 2
+on its first weight layer (the first 1x1 of a bottleneck, as in [V2]'s Appendix and its code,
+resnet-1k-layers).
 
-Parameter counts (CIFAR-10 head) and forward FLOPs of one 32x32 image (see :func:`forward_flops`)::
+Parameters with a CIFAR-10 head, counted from the architecture (every conv, BN and FC parameter), beside
+the papers' rounded values ([V1] Table 6, [V2] Table 3), and forward FLOPs of one 32x32 image
+(:func:`forward_flops`)::
 
     net               block, shortcut   params        printed           FLOPs
     ResNet-20         basic, A             269,722    0.27M [V1] T6     81.1M
@@ -23,30 +27,28 @@ Parameter counts (CIFAR-10 head) and forward FLOPs of one 32x32 image (see :func
     ResNet-164 (v2)   bottleneck, B      1,703,258    1.7M [V2] T3     489.0M
     ResNet-1001 (v2)  bottleneck, B     10,327,706    10.2M [V2] T3      2.98G
 
-[V2] prints 10.2M for ResNet-1001; counting every conv, BN and FC parameter gives 10.33M.
-V2 basic nets with option A have exactly the V1 counts: V1 has BNs on 16 (stem), 32 and 64 channels
-(after the first conv of the two downsampling units) where V2 has them on 16 and 32 (pre-activating
-those convs on their input side) and 64 (the final BN-ReLU).
+V2 basic nets with option A have exactly the V1 counts: V1's BNs after the stem conv and the first conv
+of the two downsampling units (16, 32 and 64 channels) become V2's BNs before those two convs (16 and 32)
+and the final BN-ReLU (64).
 
 Where BatchNorm and ReLU sit around the weight layers is data (:data:`PLACEMENTS`, [V2] Fig. 4 and
 Table 2); so is what the shortcut does on units whose dimensions do not change (:data:`SHORTCUT_GATES`,
 [V2] Fig. 2 and Table 1). Both basic and bottleneck units are the one :class:`ResidualUnit` class.
 
-Two placements have no normalisation at all (REFERENCE.md section 7), for basic and bottleneck units:
+Two placements have no normalisation at all, for basic and bottleneck units:
 
-- ``fixup`` ([Fixup] Zhang, Dauphin, Ma 2019, arXiv 1901.09321): the original unit with a learnable
-  scalar bias before every conv and activation and a scalar multiplier ending each branch,
-  ``y = ReLU(x + s * conv(ReLU(conv(x + a1) + b1) + a2) + b2)``; at init the last conv of every branch
-  and the classifier are 0 and the other branch convs are He-initialised and scaled by L^(-1/(2m-2))
-  (L units of m weight layers), see :func:`_fixup_init`.
-- ``skipinit`` ([SkipInit] De and Smith 2020, arXiv 2002.10444): the pre-activation unit without BN,
-  a scalar bias after each conv, and a scalar gate alpha, 0 at init, ending each branch:
-  ``y = x + alpha * f(x)``, so every unit whose shape stays starts as the identity.
+- ``fixup`` ([Fixup] Zhang, Dauphin, Ma, "Fixup Initialization", 2019, arXiv:1901.09321, Sec. 3): the
+  original unit with a learnable scalar bias before every conv and activation and a scalar multiplier
+  ending each branch, ``y = ReLU(x + s * conv(ReLU(conv(x + a1) + b1) + a2) + b2)``; at init the last
+  conv of every branch and the classifier are 0 and the other branch convs are He-initialised and scaled
+  by L^(-1/(2m-2)) (L units of m weight layers), see :func:`_fixup_init`.
+- ``skipinit`` ([SkipInit] De and Smith, "Batch Normalization Biases Residual Blocks Towards the Identity
+  Function in Deep Networks", 2020, arXiv:2002.10444): the pre-activation unit without BN, a scalar bias
+  after each conv, and a scalar gate alpha, 0 at init, ending each branch: ``y = x + alpha * f(x)``, so
+  every unit whose shape stays starts as the identity.
 
 Each scalar is one parameter, and BN's parameters go: a unit holds 5 scalars in fixup (7 in a
 bottleneck) and 3 in skipinit (4), plus one after the stem conv and, in fixup, one before pooling.
-ResNet-20 (basic, A) has 268,393 (fixup) and 268,374 (skipinit) parameters against 269,722 with BN;
-ResNet-164 (bottleneck, B) has 1,679,414 and 1,679,251 against 1,703,258 (v2).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from depthbench.architecture import BLOCKS, PLACEMENTS, VERSION_UNIT, Block, Placement, choice, resolve_block
+from depthbench.families import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,9 @@ class _GradInInputFormat(torch.autograd.Function):
 
     Some backward ops return a plain NCHW gradient for a channels_last input: strided slicing (option A's
     subsampling) and adaptive average pooling. Where that gradient meets channels_last ones (the sum at a
-    shortcut's input, the ReLU before pooling), the elementwise CPU kernels fall off their fast path: one
-    such ReLU backward took 30x an aligned one (BENCHMARKS.md, "Where the bf16 step goes"). One copy
-    here keeps every gradient channels_last. Values are untouched, so results are identical.
+    shortcut's input, the ReLU before pooling), the elementwise CPU kernels fall off their fast path, many
+    times slower than on aligned inputs. One copy here keeps every gradient channels_last. Values are
+    untouched, so results are identical.
     """
 
     @staticmethod
@@ -385,7 +388,7 @@ def _segments(stage: nn.Sequential, k: int) -> Iterator[nn.Sequential]:
 def _bn_stats_frozen_on_recompute(segment: nn.Module) -> Callable[[], tuple[Any, Any]]:
     """A ``context_fn`` for checkpoint: the forward runs as usual, the recomputation in backward leaves
     the BN running statistics and ``num_batches_tracked`` as the forward left them, so they are updated
-    once per step (pytorch issue 96136). The recomputation still normalises with batch statistics, as
+    once per step (PyTorch issue #96136). The recomputation still normalises with batch statistics, as
     the forward did. Momentum 0 makes the running update ``1 * running + 0 * batch``, exactly a no-op;
     switching ``track_running_stats`` off instead would save fewer tensors than the forward did, which
     checkpoint rejects. Not usable under torch.compile, which only accepts TorchDispatchMode contexts here.
@@ -496,9 +499,8 @@ def build_model(
     )
 
 
-# The fields of a ModelConfig that a ResNet reads: the others belong to other families (ViT's patch, heads ...).
-_RESNET_FIELDS = ("block", "shortcut", "width", "unit", "shortcut_gate", "shortcut_scale", "residual_scale",
-                  "gate_bias", "shortcut_dropout", "checkpointing")
+# The fields of a ModelConfig that a ResNet reads: those every family reads, and the ResNet's own.
+_RESNET_FIELDS = ("width", "unit", *FAMILIES["resnet"].own_settings)
 
 
 def model_from_config(version: str, depth: int, model_cfg: Any, num_classes: int, in_channels: int = 3) -> ResNet:
@@ -516,7 +518,7 @@ def count_params(model: nn.Module) -> int:
 def forward_flops(model: nn.Module, image_size: int = 32, in_channels: int = 3) -> int:
     """FLOPs of one forward pass of one image: 2 x the multiply-accumulates of every conv and linear
     layer, measured with forward hooks on a dummy input. BN, ReLU, additions, gates' sigmoids, pooling
-    and biases are not counted. ResNet-20 comes to 2 x 40.55M; [V1] section 4.2 quotes ~41M for it.
+    and biases are not counted. ResNet-20 comes to 2 x 40.55M multiply-accumulates; [V1] Sec. 4.2 quotes ~41M.
     The model is run in eval mode under no_grad, so its BN statistics and train/eval modes are untouched.
     """
     macs = 0
