@@ -9,7 +9,7 @@
 # what depthbench needs beyond it, as binary wheels for the target Python whatever Python runs pip here:
 # pydantic and its own dependencies, pytest-timeout (pyproject's pytest settings use `timeout`), and
 # setuptools, the build backend that `pip install --no-index -e .` needs offline. `.whl/` is git-ignored,
-# so the folder travels with the checkout (device tool: carry `.whl`) without being committed.
+# so the folder can be copied to the GPU machine with the checkout without being committed.
 # pydantic and pytest-timeout take their versions from constraints.txt, as CI does; the others are the
 # versions .venv holds (pydantic-core is the one version that pydantic release accepts). Nothing else in DIR
 # is touched; an existing wheel is not downloaded again.

@@ -192,7 +192,7 @@ def test_dry_run_honours_set(tmp_path: Path) -> None:
         ("train.stpes=5", "error: --set train.stpes=5: unknown key 'train.stpes' (did you mean 'train.steps'?)"),
         ("train.steps", "error: --set 'train.steps' must be KEY=VALUE, e.g. --set train.steps=2000 or --set "
                         "grid.seed=[0,1]"),
-        ("train.steps=-1", f"error: {ROOT / 'configs/smoke.yaml'}: train.steps: input should be greater than 0"),
+        ("train.steps=-1", f"error: {ROOT / 'configs/smoke.yaml'} with --set: train.steps: input should be greater than 0"),
     ],
     ids=["typo", "no-equals", "value"],
 )

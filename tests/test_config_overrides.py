@@ -79,13 +79,13 @@ def test_the_last_override_wins_and_the_files_data_is_left_alone() -> None:
         (["train.steps"], "--set 'train.steps' must be KEY=VALUE, e.g. --set train.steps=2000 or --set grid.seed=[0,1]"),
         (["grid.seed=[0, 1"], "--set grid.seed=[0, 1: YAML does not parse at line 1, column 6: expected ',' or ']', "
                               "but got '<stream end>'"),
-        # the value is checked as the file's would be, in the file's words
-        (["train.steps=0"], f"{SMOKE}: train.steps: input should be greater than 0"),
-        (["train.lr=yes"], f"{SMOKE}: train.lr: expected a number, got 'yes' (YAML reads it as a boolean)"),
+        # the value is checked as the file's would be, in the file's words, the message naming both
+        (["train.steps=0"], f"{SMOKE} with --set: train.steps: input should be greater than 0"),
+        (["train.lr=yes"], f"{SMOKE} with --set: train.lr: expected a number, got 'yes' (YAML reads it as a boolean)"),
         (["grid.train.lr=[0.1, off]"],
-         f"{SMOKE}: grid.train.lr[1]: expected a number, got 'off' (YAML reads it as a boolean)"),
-        (["train.lr=.inf"], f"{SMOKE}: train.lr: expected a finite number, got .inf"),
-        (["grid.seed=[]"], f"{SMOKE}: grid: 'seed' is an empty list: give at least one value"),
+         f"{SMOKE} with --set: grid.train.lr[1]: expected a number, got 'off' (YAML reads it as a boolean)"),
+        (["train.lr=.inf"], f"{SMOKE} with --set: train.lr: expected a finite number, got .inf"),
+        (["grid.seed=[]"], f"{SMOKE} with --set: grid: 'seed' is an empty list: give at least one value"),
     ],
     ids=["typo", "section-typo", "grid-typo", "no-equals", "yaml", "value", "boolean", "grid-boolean", "inf", "empty"],
 )

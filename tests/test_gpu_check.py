@@ -29,7 +29,7 @@ def test_gpu_parts_fit_in_eight_minutes() -> None:
     assert {f"bench {d}" for d in gpu_check.REHEARSAL.bench_depths} <= set(gpu_check.TIMEOUTS["rehearse"])
 
 
-def test_output_stays_within_what_the_device_tool_brings_back() -> None:
+def test_output_stays_within_the_files_the_check_keeps() -> None:
     assert len(gpu_check.OUT_FILES) == 5 <= gpu_check.OUT_LIMIT == 8
 
 

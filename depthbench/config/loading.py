@@ -28,7 +28,9 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
         raise ConfigError(f"config file '{path}' does not exist{hint}; see configs/ for examples")
     data, booleans = read_yaml(path)
     data, booleans = apply_overrides(data, booleans, overrides)
-    return parse_sweep(data, source=str(path), booleans=booleans)
+    # a wrong value may come from the command line rather than the file: the message says both may hold it
+    source = f"{path} with --set" if overrides else str(path)
+    return parse_sweep(data, source=source, booleans=booleans)
 
 
 def parse_sweep(data: Any, source: str = "config", booleans: Mapping[str, str] | None = None) -> SweepConfig:
