@@ -127,7 +127,8 @@ class GraphedStep:
         n, device = setup.cfg.train.batch_size, setup.device
         self.idx = torch.zeros(n, dtype=torch.int64, device=device)
         self.shift = torch.zeros(2, n, 1, dtype=torch.int64, device=device)
-        self.flipped = torch.zeros(n, 1, dtype=torch.bool, device=device)
+        flip = setup.cfg.dataset.augment and setup.cfg.dataset.flip
+        self.flipped = torch.zeros(n, 1, dtype=torch.bool, device=device) if flip else None
         # The fused CUDA SGD reads the learning rate through a float32 pointer: a new value is one copy per
         # parameter group (groups differ by their lr_factor).
         self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in setup.optimizer.param_groups]
@@ -140,7 +141,7 @@ class GraphedStep:
     def _body(self) -> torch.Tensor:
         setup = self.setup
         if setup.cfg.dataset.augment:
-            xb, yb = setup.assemble(self.idx, self.shift, self.flipped if setup.cfg.dataset.flip else None)
+            xb, yb = setup.assemble(self.idx, self.shift, self.flipped)
         else:
             xb, yb = setup.assemble(self.idx, None, None)
         with setup.autocast(cache_enabled=False):  # a cached cast would be a tensor made outside the graph
@@ -176,7 +177,7 @@ class GraphedStep:
         self.idx.copy_(idx, non_blocking=True)
         if shift is not None:
             self.shift.copy_(shift, non_blocking=True)
-        if flipped is not None:
+        if self.flipped is not None:
             self.flipped.copy_(flipped, non_blocking=True)
         if lr != self._lr_value:
             # The groups keep the tensors: a float put back here before capture would be baked into the

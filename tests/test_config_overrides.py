@@ -97,3 +97,14 @@ def test_a_key_below_a_setting_that_is_not_a_mapping_is_refused(tmp_path: Path) 
     path = tmp_path / "x.yaml"
     path.write_text("name: x\ntrain: 5\ngrid: {version: [v1], depth: [8]}\n")
     assert error_of(path, "train.steps=3") == "--set train.steps=3: train is not a mapping in the file"
+
+
+def test_a_setting_that_is_a_grid_axis_is_set_as_the_axis(tmp_path: Path) -> None:
+    # the grid's values win in every run, so a shared override of that key would be silently ignored
+    path = tmp_path / "two.yaml"
+    path.write_text("name: two\ngrid:\n  - {version: [v2], depth: [8], model.width: [4, 8]}\n"
+                    "  - {version: [v1], depth: [8]}\n")
+    assert error_of(path, "model.width=16") == (
+        "--set model.width=16: model.width is an axis of the file's grid; set the axis instead, "
+        "e.g. --set grid.model.width=[16]")
+    assert {r.model.width for r in load_sweep(path, ["grid.model.width=[16]"]).runs()} == {16}

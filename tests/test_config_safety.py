@@ -292,7 +292,7 @@ def test_milestones_one_writes_must_each_get_a_step() -> None:
 PINNED = {  # run ids computed before this module's checks existed; a check must never change them
     "smoke.yaml": ["v1-d8-s0-cbb445c5", "v1-d8-s1-cbb445c5", "v1-d11-s0-cbb445c5", "v1-d11-s1-cbb445c5",
                    "v2-d8-s0-cbb445c5", "v2-d8-s1-cbb445c5", "v2-d11-s0-cbb445c5", "v2-d11-s1-cbb445c5"],
-    # without flips since dataset.flip exists; until then the same grid trained with flips as 21a94dbd
+    # the 20/56/110 digits demo, trained without flips
     "demo-110.yaml": [f"{v}-d{d}-s{s}-6620af25" for v in ("v1", "v2") for d in (20, 56, 110) for s in (0, 1)],
     "cifar10.yaml": [f"{v}-d{d}-s{s}-ac64f344" for v in ("v1", "v2") for d in (110, 164, 1001) for s in range(5)],
 }

@@ -47,11 +47,12 @@ def _modules() -> list[str]:
 
 def _covered(module: str, entries: dict[str, str]) -> bool:
     """A module is covered by its own entry, or by its package's entry when the map lists none of that
-    package's modules (a package described whole, as config/). A package entry also stands for a single
-    module of that name, so the entry holds whichever form the package takes."""
+    package's modules (a package described whole, as config/)."""
     if module in entries:
         return True
-    folder = module.split("/", 1)[0] + "/" if "/" in module else module.removesuffix(".py") + "/"
+    if "/" not in module:
+        return False
+    folder = module.split("/", 1)[0] + "/"
     listed_inside = any(entry.startswith(folder) and entry != folder for entry in entries)
     return folder in entries and not listed_inside
 
@@ -65,8 +66,7 @@ def test_every_module_is_in_the_map() -> None:
 def test_every_entry_of_the_map_exists() -> None:
     entries = _map()
     assert len(entries) > 30  # the whole map was read, not its first lines
-    gone = [entry for entry in entries
-            if not (PACKAGE / entry).exists() and not (entry.endswith("/") and (PACKAGE / f"{entry[:-1]}.py").exists())]
+    gone = [entry for entry in entries if not (PACKAGE / entry).exists()]
     assert gone == [], f"the module map names what does not exist: {gone}"
 
 

@@ -114,5 +114,5 @@ def host_config(cfg: RunConfig, num_classes: int) -> RunConfig:
     kernels; enough images that the timed steps stay within one epoch (one data order drawn)."""
     images = HOST_BATCH * (HOST_WARMUP + HOST_STEPS + 2)
     tiny = DatasetConfig(name="synthetic", image_size=HOST_IMAGE_SIZE, train_subset=images, test_subset=HOST_BATCH,
-                         num_classes=num_classes, augment=cfg.dataset.augment)
+                         num_classes=num_classes, augment=cfg.dataset.augment, flip=cfg.dataset.flip)
     return cfg.model_copy(update={"dataset": tiny, "train": cfg.train.model_copy(update={"batch_size": HOST_BATCH})})

@@ -35,6 +35,12 @@ def apply_overrides(data: Any, booleans: dict[str, str], overrides: Sequence[str
             data["grid"] = merged if isinstance(grid, list) else merged[0]
             places = [f"grid[{i}]" for i in range(len(subs))] if isinstance(grid, list) else ["grid"]
         else:
+            # The grid's value would win over the shared one in every run, and the override would do nothing.
+            grid = data.get("grid")
+            subs = grid if isinstance(grid, list) else [grid]
+            if any(isinstance(sub, dict) and key in flatten_grid(sub) for sub in subs):
+                raise ConfigError(f"--set {text}: {key} is an axis of the file's grid; "
+                                  f"set the axis instead, e.g. --set grid.{key}=[{text.partition('=')[2].strip()}]")
             _set(data, key, value, text)
             places = [section]
         for place in places:

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 from depthbench.architecture import resolve_block
-from depthbench.config.rules import family_problem, unread_setting
+from depthbench.config.rules import family_problem
 from depthbench.config.schema import DatasetConfig, ModelConfig, Section, SuccessConfig, TrainConfig, Version
 from depthbench.errors import DepthbenchError
 from depthbench.families import FAMILIES, with_defaults
@@ -39,7 +39,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _fits_its_family(self) -> RunConfig:
-        if problem := family_problem(self) or unread_setting(self):
+        if problem := family_problem(self):
             raise ValueError(problem)
         if self.model.family == "resnet":
             try:

@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from depthbench.config.grid import GRID_RUN_KEYS, Grid, check_grid, flatten_grid, set_dotted
 from depthbench.config.messages import first_error
 from depthbench.config.reference import ReferenceRow
-from depthbench.config.rules import conflict
+from depthbench.config.rules import conflict, unread_setting
 from depthbench.config.run import RunConfig
 from depthbench.config.schema import (
     DatasetConfig, ModelConfig, ResourcesConfig, Section, SuccessConfig, TrainConfig,
@@ -115,7 +115,9 @@ class SweepConfig(Section):
                     run = RunConfig.model_validate(data)
                 except ValidationError as err:
                     raise ConfigError(f"{first_error(err, RunConfig)} (in grid run {where}{setting})") from None
-                if problem := conflict(run.model, run.train):  # the grid may set one of the pair
+                # Checked on the sweep's runs, not in RunConfig itself: a run folder saved before a rule
+                # existed must still load, or its results would drop out of every report.
+                if problem := conflict(run.model, run.train) or unread_setting(run):  # the grid may set one
                     raise ConfigError(f"{problem} (in grid run {where}{setting})")
                 runs.setdefault(run.run_id, run)
         return list(runs.values())
