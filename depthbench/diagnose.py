@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from depthbench import storage
 from depthbench.config import DatasetConfig, ModelConfig, RunConfig, TrainConfig, WarmupConfig, dump_run_config
+from depthbench.config.rules import unread_setting
 from depthbench.data import load_dataset
 from depthbench.errors import ConfigError
 from depthbench.families import FAMILIES, version_label
@@ -86,13 +87,17 @@ def build_configs(
     dataset_cfg = _validated(DatasetConfig, dataset)
     model_cfgs = [_validated(ModelConfig, {**model, "unit": unit}) for unit in units]
     depths = depths or [DEFAULT_DEPTHS[model_cfgs[0].family]]
-    return [
+    configs = [
         _validated(diagnosis_config, {
             "version": version, "depth": depth, "dataset": dataset_cfg, "model": model_cfg, "batch_size": batch_size,
             "steps": steps, "seed": seed, "lr": lr, "device": device,
         })
         for depth in depths for version in versions for model_cfg in model_cfgs
     ]
+    for cfg in configs:
+        if problem := unread_setting(cfg):
+            raise ConfigError(problem)
+    return configs
 
 
 _SECTIONS = {"DatasetConfig": "dataset.", "ModelConfig": "model.", "TrainConfig": "train."}

@@ -128,3 +128,12 @@ def test_a_run_folder_saved_before_a_rule_existed_still_loads(tmp_path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(dump_run_config(saved))
     assert load_run_config(path).run_id == saved.run_id
+
+
+def test_diagnose_refuses_a_setting_its_nets_would_not_read() -> None:
+    from depthbench.diagnose import build_configs
+
+    with pytest.raises(ConfigError) as info:
+        build_configs(versions=["v2"], depths=[8], units=[None], model={"family": "resnet", "gate_bias": -3.0},
+                      dataset={"name": "synthetic"}, batch_size=8, steps=1)
+    assert str(info.value).startswith("model.gate_bias is a setting of the exclusive_gating and shortcut_only_gating")
