@@ -184,6 +184,13 @@ def sweep(
     console.print(f"results: {folder / 'results.csv'}")
     if busy:
         console.print(f"{busy} run(s) are being trained by another process; re-run later to pick up what is left")
+    if outcome.fault is not None:
+        from depthbench.faults import EXIT_CODE
+
+        stopped = outcome.count("interrupted")
+        err_console.print(f"stopped: {outcome.fault}; {stopped} run(s) interrupted, each keeps its last checkpoint; "
+                          f"{outcome.fault.fix}, then run `{again}` to resume", markup=False)
+        raise typer.Exit(EXIT_CODE)
     if outcome.interrupted:
         _interrupted(cfg, out, device, again)
     if failed:

@@ -3,13 +3,13 @@
 Runs live in ``<out>/<sweep name>/<run id>/``; the run id names the run's content, so re-running a
 sweep skips finished runs, resumes interrupted ones from their checkpoint, and a changed setting
 gets a new folder instead of overwriting an old result. :func:`execute_run` is the unit of work
-every executor calls, in this process or on a cluster worker.
+every executor calls, in this process or on a cluster worker. A fault of the machine (a full disk, see
+:mod:`depthbench.faults`) interrupts its run and stops the sweep; it never fails the run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import threading
 import traceback
@@ -27,6 +27,7 @@ from depthbench.errors import DepthbenchError
 from depthbench.data import load_dataset
 from depthbench.devices import precision_name, resolve_device, resolve_precision
 from depthbench.estimate import DataShape, best_segments, check_fits, known_shape
+from depthbench.faults import MachineFault, machine_fault
 from depthbench.layout import CONFIG, ERROR_LOG, FINISHED, LOCK, RESULT, SWEEP_FILE, run_state
 from depthbench.results import write_results
 from depthbench.tracking import TensorBoardLogger
@@ -42,6 +43,7 @@ class RunOutcome:
     result: dict[str, Any] | None = None
     message: str = ""
     notes: list[str] = field(default_factory=list)
+    fault: MachineFault | None = None  # an interrupted run stopped by the machine: the sweep stops too
 
 
 class Reporter(Protocol):
@@ -57,8 +59,6 @@ def _failure_message(err: BaseException, cfg: RunConfig) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "out of memory" in str(err).lower() or type(err).__name__ == "OutOfMemoryError":
         return f"out of memory ({text[:120]}); {_memory_advice(cfg)}"
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"disk full while writing ({err.filename or 'run files'}); free space and re-run to resume"
     if isinstance(err, DepthbenchError):  # a refusal found on the worker (its device, its checkpoint): says it all
         return text
     return f"{type(err).__name__}: {text}"
@@ -83,14 +83,17 @@ BUSY = "being trained by another process"
 def claim(run_dir: Path) -> FileLock | None:
     """The run's lock, acquired, or None when another process holds it; the caller releases it.
 
-    flock is released by the OS when its holder dies, so a killed sweep leaves no stale claim.
+    flock is released by the OS when its holder dies, so a killed sweep leaves no stale claim, and the
+    temporary files of a writer that was killed are deleted here: the run's files are written only by
+    the lock's holder. The sweep folder is not made again: if it vanished, that is for the caller to see.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(exist_ok=True)
     lock = FileLock(run_dir / LOCK)
     try:
         lock.acquire(timeout=0)
     except Timeout:
         return None
+    storage.remove_stale_temps(run_dir)
     return lock
 
 
@@ -130,10 +133,16 @@ def execute_run(
     on_progress: Callable[[TrainingProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RunOutcome:
-    """Claim, train and record one run; never raises for a failure inside the run itself."""
+    """Claim, train and record one run; never raises for a failure inside the run itself, nor for a fault
+    of the machine (the run is then interrupted, with ``fault`` set)."""
     retry_failed, tensorboard = flags.retry_failed, flags.tensorboard
     run_dir = sweep_dir / cfg.run_id
-    lock = claim(run_dir)
+    try:
+        lock = claim(run_dir)
+    except OSError as err:
+        if (fault := machine_fault(err, run_dir)) is None:
+            raise
+        return _stopped_by(cfg, fault)
     if lock is None:
         return RunOutcome(cfg, "busy", message=BUSY)
     try:
@@ -153,6 +162,8 @@ def execute_run(
         except RunInterrupted as stop:
             return RunOutcome(cfg, "interrupted", message=str(stop), notes=notes)
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, and the sweep goes on
+            if (fault := machine_fault(err, run_dir)) is not None:
+                return _stopped_by(cfg, fault, notes)
             message = _failure_message(err, cfg)
             write_failure(cfg, run_dir, message, traceback.format_exc())
             return RunOutcome(cfg, "failed", message=message, notes=notes)
@@ -161,6 +172,11 @@ def execute_run(
         if tensorboard and on_progress is not None and hasattr(on_progress, "close"):
             on_progress.close()
         lock.release()
+
+
+def _stopped_by(cfg: RunConfig, fault: MachineFault, notes: list[str] | None = None) -> RunOutcome:
+    return RunOutcome(cfg, "interrupted", message=f"stopped: {fault}; its last checkpoint is kept", notes=notes or [],
+                      fault=fault)
 
 
 class Executor(Protocol):
@@ -212,6 +228,7 @@ class SweepOutcome:
     outcomes: list[RunOutcome]
     interrupted: bool = False
     failed: list[str] = field(default_factory=list)  # every failed run of the sweep, this time or before
+    fault: MachineFault | None = None  # the machine's fault that stopped the sweep
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -234,6 +251,7 @@ def plan(sweep: SweepConfig, out: Path, *, device: str | None = None, retry_fail
 
 
 def _check_writable(folder: Path) -> None:
+    """Refuse an output folder this process may not write to; a machine fault (a full disk) is raised as it is."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
@@ -242,6 +260,8 @@ def _check_writable(folder: Path) -> None:
         finally:
             probe.unlink(missing_ok=True)  # also when a stop signal lands in between
     except OSError as err:
+        if machine_fault(err, folder) is not None:
+            raise
         raise DepthbenchError(f"cannot write to output folder '{folder}': {err.strerror or err}; "
                               "choose another with --out") from None
 
@@ -285,16 +305,21 @@ def _run_sweep(
     preflight(todo, devices=local)
     if local and not flags.allow_device_change:
         check_resume_origins(todo, folder)
-    _check_writable(folder)
     try:
+        _check_writable(folder)
         storage.write_text(folder / SWEEP_FILE, sweep_yaml(sweep))
     except OSError as err:
+        if (fault := machine_fault(err, folder)) is not None:
+            return SweepOutcome(folder, [], interrupted=True, fault=fault)
         raise DepthbenchError(f"cannot write {folder / SWEEP_FILE}: {err.strerror or err}") from None
+    # Temporary files of a sweep killed mid-write; a concurrent sweep's own take milliseconds.
+    storage.remove_stale_temps(folder, older_than_s=600)
     if reporter:
         reporter.plan(todo, len(runs) - len(todo), len(runs))
 
     context = SweepContext(flags=flags, reporter=reporter, stop=stop)
     outcomes: list[RunOutcome] = []
+    fault: MachineFault | None = None
     # Closed at once when this loop ends early (--fail-fast, a stop), so the executor winds down its runs now.
     with contextlib.closing((executor or SerialExecutor()).execute(todo, folder, context)) as finished:
         for outcome in finished:
@@ -302,11 +327,15 @@ def _run_sweep(
             _refresh_results(folder, sweep, runs, outcome)
             if reporter:
                 reporter.run_finished(outcome)
+            if outcome.fault is not None and fault is None:
+                # Every run would meet it: start no more, and let those training stop as on Ctrl-C.
+                fault = outcome.fault
+                context.stop.set()
             if outcome.status == "failed" and fail_fast:
                 break
     _refresh_results(folder, sweep, runs)
     failed = [r.run_id for r in runs if run_state(folder / r.run_id) == "failed"]
-    return SweepOutcome(folder, outcomes, interrupted=context.stop.is_set(), failed=failed)
+    return SweepOutcome(folder, outcomes, interrupted=context.stop.is_set(), failed=failed, fault=fault)
 
 
 def preflight(runs: list[RunConfig], *, devices: bool = True) -> None:
