@@ -41,7 +41,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def saved_sweep(sweep_dir: Path) -> SweepConfig | None:
     """The sweep's config as ``run_sweep`` saved it, or None when it is missing or no longer valid."""
     try:
-        return load_sweep(sweep_dir / SWEEP_FILE)
+        return load_sweep(sweep_dir / SWEEP_FILE, max_runs=None)  # its size was accepted when it ran
     except ConfigError:
         return None
 

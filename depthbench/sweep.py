@@ -13,6 +13,7 @@ import contextlib
 import os
 import threading
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from depthbench.data import load_dataset
 from depthbench.devices import precision_name, resolve_device, resolve_precision
 from depthbench.estimate import DataShape, best_segments, check_fits, known_shape
 from depthbench.faults import MachineFault, machine_fault
-from depthbench.layout import CONFIG, ERROR_LOG, FINISHED, LOCK, RESULT, SWEEP_FILE, run_state
+from depthbench.layout import CONFIG, ERROR_LOG, FINISHED, LOCK, RESULT, SWEEP_FILE, RunState, run_state
 from depthbench.results import write_results
 from depthbench.tracking import TensorBoardLogger
 from depthbench.train import RunInterrupted, TrainingProgress, check_resume_origin, checkpoint_origin, train_run
@@ -243,11 +244,50 @@ def plan(sweep: SweepConfig, out: Path, *, device: str | None = None, retry_fail
     """(all runs, runs still to do) for a sweep, with an optional device override applied."""
     runs = sweep.runs()
     if device:
-        runs = [r.model_copy(update={"train": r.train.model_copy(update={"device": device})}) for r in runs]
-    folder = sweep_dir_for(sweep, out)
+        # One new train section for each the runs share, so that they still share it (and its hash).
+        moved: dict[int, Any] = {}
+        for r in runs:
+            if id(r.train) not in moved:
+                moved[id(r.train)] = r.train.model_copy(update={"device": device})
+        runs = [r.model_copy(update={"train": moved[id(r.train)]}) for r in runs]
     finished = ("completed", "diverged") if retry_failed else FINISHED
-    todo = [r for r in runs if run_state(folder / r.run_id) not in finished]
-    return runs, todo
+    states = run_states(sweep_dir_for(sweep, out), runs)
+    return runs, [r for r in runs if states[r.run_id] not in finished]
+
+
+def run_states(folder: Path, runs: list[RunConfig]) -> dict[str, RunState]:
+    """Each run's state by run id; a run without a folder is pending (one listing, not a look per run)."""
+    try:
+        present = set(os.listdir(folder))
+    except OSError:
+        present = set()
+    return {r.run_id: run_state(folder / r.run_id) if r.run_id in present else "pending" for r in runs}
+
+
+def plan_summary(runs: list[RunConfig], states: dict[str, RunState], todo: set[str], axes: list[str], *,
+                 listed: int = 8) -> list[str]:
+    """A plan too long to list, in a few lines: its runs counted by state, then by their value of each grid axis
+    in ``axes`` (dotted keys; an axis of more than ``listed`` values as its count and its first and last value)."""
+    by_state = Counter(f"{states[r.run_id]} -> to do" if r.run_id in todo else states[r.run_id] for r in runs)
+    lines = [f"{len(runs):,} runs by state: " + ", ".join(f"{state} {n:,}" for state, n in by_state.most_common())
+             + " (--all lists every run)"]
+    for axis in axes:
+        counts = Counter(str(axis_value(run, axis)) for run in runs)
+        if len(counts) <= listed:
+            lines.append(f"{axis}: " + ", ".join(f"{value} ({n:,} runs)" for value, n in counts.items()))
+        else:
+            values, each = list(counts), sorted(set(counts.values()))
+            runs_each = f"{each[0]:,}" if len(each) == 1 else f"{each[0]:,} to {each[-1]:,}"
+            lines.append(f"{axis}: {len(values):,} values, {values[0]} to {values[-1]}, {runs_each} run(s) each")
+    return lines
+
+
+def axis_value(run: RunConfig, axis: str) -> Any:
+    """A run's value of a grid axis: ``version``, ``depth``, ``seed`` or a dotted setting (``train.lr``)."""
+    value: Any = run
+    for part in axis.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _check_writable(folder: Path) -> None:
@@ -334,7 +374,7 @@ def _run_sweep(
             if outcome.status == "failed" and fail_fast:
                 break
     _refresh_results(folder, sweep, runs)
-    failed = [r.run_id for r in runs if run_state(folder / r.run_id) == "failed"]
+    failed = [run_id for run_id, state in run_states(folder, runs).items() if state == "failed"]
     return SweepOutcome(folder, outcomes, interrupted=context.stop.is_set(), failed=failed, fault=fault)
 
 
