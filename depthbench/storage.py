@@ -30,8 +30,9 @@ RESERVE = 1 << 20
 @contextlib.contextmanager
 def _atomic(path: Path, mode: str) -> Iterator[Any]:
     path = Path(path)
+    # The folder is not made here: one that vanished (deleted, unmounted) is an error to report, and making it
+    # again would write where the user no longer looks, or onto the disk under a mount point.
     with _naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with _naming(path), os.fdopen(fd, mode) as handle:

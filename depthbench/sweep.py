@@ -30,7 +30,7 @@ from depthbench.devices import precision_name, resolve_device, resolve_precision
 from depthbench.estimate import DataShape, best_segments, check_fits, known_shape
 from depthbench.faults import MachineFault, machine_fault
 from depthbench.layout import CONFIG, ERROR_LOG, FINISHED, LOCK, RESULT, SWEEP_FILE, RunState, run_state
-from depthbench.results import write_results
+from depthbench.results import LiveResults
 from depthbench.tracking import TensorBoardLogger
 from depthbench.train import RunInterrupted, TrainingProgress, check_resume_origin, checkpoint_origin, train_run
 
@@ -360,11 +360,12 @@ def _run_sweep(
     context = SweepContext(flags=flags, reporter=reporter, stop=stop)
     outcomes: list[RunOutcome] = []
     fault: MachineFault | None = None
+    table = _live_results(folder, sweep, runs)
     # Closed at once when this loop ends early (--fail-fast, a stop), so the executor winds down its runs now.
     with contextlib.closing((executor or SerialExecutor()).execute(todo, folder, context)) as finished:
         for outcome in finished:
             outcomes.append(outcome)
-            _refresh_results(folder, sweep, runs, outcome)
+            _refresh_results(table, outcome)
             if reporter:
                 reporter.run_finished(outcome)
             if outcome.fault is not None and fault is None:
@@ -373,7 +374,7 @@ def _run_sweep(
                 context.stop.set()
             if outcome.status == "failed" and fail_fast:
                 break
-    _refresh_results(folder, sweep, runs)
+    _refresh_results(table)
     failed = [run_id for run_id, state in run_states(folder, runs).items() if state == "failed"]
     return SweepOutcome(folder, outcomes, interrupted=context.stop.is_set(), failed=failed, fault=fault)
 
@@ -405,11 +406,21 @@ def check_resume_origins(runs: list[RunConfig], folder: Path) -> None:
             check_resume_origin(run, origin, device, precision_name(resolve_precision(run.train.precision, device)))
 
 
-def _refresh_results(folder: Path, sweep: SweepConfig, runs: list[RunConfig], outcome: RunOutcome | None = None
-                     ) -> None:
-
+def _live_results(folder: Path, sweep: SweepConfig, runs: list[RunConfig]) -> LiveResults | None:
     try:
-        write_results(folder, sweep, runs)
+        return LiveResults(folder, sweep, runs)
+    except OSError:
+        return None  # the folder cannot be read now: results.csv is rebuilt by `depthbench report`
+
+
+def _refresh_results(table: LiveResults | None, outcome: RunOutcome | None = None) -> None:
+    """results.csv with ``outcome``'s run read again, rewritten when due; at the sweep's end (no outcome), always."""
+    if table is None:
+        return
+    try:
+        if outcome is not None:
+            table.update(outcome.cfg)
+        table.write(now=outcome is None)
     except OSError as err:
         # The previous results.csv stays whole (atomic write); `depthbench report` rebuilds it later.
         if outcome is not None:

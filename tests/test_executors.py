@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from depthbench import faults, storage
@@ -479,3 +480,43 @@ def test_a_full_disk_stops_a_slurm_sweep_and_a_plain_rerun_resumes(tmp_path: Pat
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", f"{FULL_DISK_HOOK}{os.pathsep}{ROOT}")  # the jobs' start-up hook
     full_disk_then_plain_rerun(tmp_path, 2, "--executor", "slurm", "--slurm-local")
+
+
+_BUILDING_FOREVER = """
+import sys, time
+from pathlib import Path
+import depthbench.train
+from depthbench.config import load_run_config
+from depthbench.executors.slurm import _SlurmRun
+from depthbench.sweep import RunFlags
+
+def build_slowly(*args, **kwargs):
+    time.sleep(600)  # a model that takes minutes to build
+
+depthbench.train.model_from_config = build_slowly
+cfg = load_run_config(sys.argv[1])
+_SlurmRun(cfg, Path(sys.argv[2]), RunFlags(), threads=1, time_min=5, lead_s=0, on_cluster=False)()
+"""
+
+
+def test_a_slurm_job_cancelled_while_building_its_model_ends_at_once_and_frees_its_run(tmp_path: Path) -> None:
+    from filelock import FileLock, Timeout
+
+    cfg = tiny_sweep()
+    run = cfg.runs()[0]
+    sweep_dir = tmp_path / cfg.name
+    sweep_dir.mkdir()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run.model_dump(mode="json")))
+    job = subprocess.Popen([sys.executable, "-c", _BUILDING_FOREVER, str(config), str(sweep_dir)], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    lock = FileLock(sweep_dir / run.run_id / ".lock")
+    deadline = time.monotonic() + 120
+    while (sweep_dir / run.run_id / "config.yaml").exists() is False and time.monotonic() < deadline:
+        time.sleep(0.05)  # the trainer writes config.yaml first, then loads data and builds the model
+    with pytest.raises(Timeout):
+        lock.acquire(timeout=0)  # held by the job
+    job.send_signal(signal.SIGTERM)  # scancel
+    assert job.wait(timeout=20) == 128 + signal.SIGTERM
+    lock.acquire(timeout=0)  # free at once, not when SLURM's kill comes
+    lock.release()

@@ -152,3 +152,18 @@ def test_a_missing_file_in_a_folder_that_is_still_there_is_a_failure_of_the_run(
     except RuntimeError as outer:
         assert faults.machine_fault(outer, tmp_path) == faults.MachineFault(
             "no space left on device", str(tmp_path), "free space there")
+
+
+def test_temporary_files_of_killed_writers_are_cleaned_up(tmp_path: Path) -> None:
+    cfg = tiny_sweep("tmp", grid={"version": ["v2"], "depth": [8]})
+    run_dir = tmp_path / "tmp" / cfg.runs()[0].run_id
+    run_dir.mkdir(parents=True)
+    torn = run_dir / ".checkpoint.pt.k2j3h4.tmp"  # a checkpoint's writer killed with SIGKILL mid-write
+    torn.write_bytes(b"half a checkpoint")
+    old, fresh = tmp_path / "tmp" / ".results.csv.a1b2.tmp", tmp_path / "tmp" / ".results.csv.c3d4.tmp"
+    old.write_text("run_id\n"), fresh.write_text("run_id\n")
+    os.utime(old, (0, 0))  # a sweep killed long ago; `fresh` may be another sweep's, writing right now
+    config = write_config(tmp_path / "tmp.yaml", cfg)
+    assert sweep(config, tmp_path).exit_code == 0
+    assert not torn.exists() and not old.exists() and fresh.exists()
+    assert storage.remove_stale_temps(tmp_path / "tmp") == 1 and not fresh.exists()

@@ -104,3 +104,22 @@ def test_a_bad_seed_is_one_line_as_before(seed: str, problem: str, tmp_path: Pat
     result = runner.invoke(app, ["sweep", str(config), "--set", f"grid.seed=[0, {seed}]", "--dry-run"])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert problem in result.output, result.output
+
+
+def test_a_sweep_reads_its_run_folders_twice_however_many_runs_it_has(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Once when it starts and once when it ends; each finished run's folder alone in between, so the sweep's
+    # own work per run does not grow with the runs done. The table it leaves is the one rebuilt from scratch.
+    import depthbench.results as results
+    from depthbench.sweep import run_sweep
+
+    reads: list[Path] = []
+    read_runs = results.read_runs
+    monkeypatch.setattr(results, "read_runs", lambda folder, planned=(): reads.append(folder) or read_runs(folder, planned))
+    sweep = tiny_sweep(train={"steps": 1, "eval_every": 1, "log_every": 1, "checkpoint_every": 1},
+                       grid={"version": ["v2"], "depth": [8], "seed": [0, 1, 2, 3, 4]})
+    run_sweep(sweep, tmp_path, handle_signals=False)
+    assert reads == [tmp_path / "tiny"] * 2
+    written = (tmp_path / "tiny" / "results.csv").read_text()
+    assert written == results.collect(tmp_path / "tiny", sweep).to_csv(index=False)
+    assert written.count("completed") == 5

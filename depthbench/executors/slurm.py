@@ -80,13 +80,23 @@ class _SlurmRun:
         stop, result = threading.Event(), Future()
         self._stop, self._result = stop, result
         self._clock = clock = self._start_clock()
-        # SIGTERM (scancel, pre-emption) and SIGINT (submitit's local cancel): save and stop between steps.
+        looping = threading.Event()  # the run reached its step loop, where a stop saves a checkpoint
+
+        def on_stop(*_: Any) -> None:
+            # SIGTERM (scancel, pre-emption) and SIGINT (submitit's local cancel): save and stop between steps.
+            stop.set()
+            if not looping.is_set():
+                # Still loading data or building its model, which can take minutes with nothing to save: the
+                # job ends now, and with it the claim on the run's folder.
+                raise SystemExit(_STOPPED_EXIT)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_stop)
         if clock is not None:
             _vet_warnings(clock)
 
         def should_stop() -> bool:
+            looping.set()
             if clock is not None:
                 clock.tick()
             return stop.is_set()
