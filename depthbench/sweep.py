@@ -342,7 +342,7 @@ def _run_sweep(
     folder = sweep_dir_for(sweep, out)
     runs, todo = plan(sweep, out, device=device, retry_failed=flags.retry_failed)
     local = not getattr(executor, "remote", False)
-    preflight(todo, devices=local)
+    preflight(todo, devices=local, share=getattr(executor, "runs_per_device", None))
     if local and not flags.allow_device_change:
         check_resume_origins(todo, folder)
     try:
@@ -379,13 +379,15 @@ def _run_sweep(
     return SweepOutcome(folder, outcomes, interrupted=context.stop.is_set(), failed=failed, fault=fault)
 
 
-def preflight(runs: list[RunConfig], *, devices: bool = True) -> None:
+def preflight(runs: list[RunConfig], *, devices: bool = True, share: Callable[[Any], int] | None = None) -> None:
     """Fail before anything is written if a device (when ``devices``) or dataset the runs need is not there,
-    a batch is larger than its training set, or (when ``devices``) a run cannot fit its device's memory."""
+    a batch is larger than its training set, or (when ``devices``) a run cannot fit its device's memory, or its
+    part of it when ``share(device)`` runs train on that device at once (``--jobs``)."""
     resolved = {device: resolve_device(device) for device in sorted({r.train.device for r in runs})} if devices else {}
+    shares = {name: share(device) if share else 1 for name, device in resolved.items()}
     for run in runs if devices else ():  # sizes the config alone tells: refused before any data is read or fetched
         if (shape := known_shape(run.dataset)) is not None:
-            check_fits(run, shape, resolved[run.train.device])
+            check_fits(run, shape, resolved[run.train.device], share=shares[run.train.device])
     datasets = {r.dataset.model_dump_json(): r.dataset for r in runs}
     shapes = {key: DataShape.of(load_dataset(dataset)) for key, dataset in datasets.items()}  # also warms the cache
     for run in runs:
@@ -394,7 +396,7 @@ def preflight(runs: list[RunConfig], *, devices: bool = True) -> None:
             raise DepthbenchError(f"{run.run_id}: train.batch_size ({run.train.batch_size}) is larger than the "
                                   f"training set ({shape.train_size} images); lower it")
         if devices:  # a run that cannot fit its device is refused here, before its model is ever built
-            check_fits(run, shape, resolved[run.train.device])
+            check_fits(run, shape, resolved[run.train.device], share=shares[run.train.device])
 
 
 def check_resume_origins(runs: list[RunConfig], folder: Path) -> None:

@@ -520,3 +520,17 @@ def test_a_slurm_job_cancelled_while_building_its_model_ends_at_once_and_frees_i
     assert job.wait(timeout=20) == 128 + signal.SIGTERM
     lock.acquire(timeout=0)  # free at once, not when SLURM's kill comes
     lock.release()
+
+
+def test_the_slurm_driver_never_unpickles_what_its_jobs_leave(one_thread: None, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file planted in runs/<sweep>/slurm/ while the sweep waits could run code when unpickled: the driver
+    # reads each outcome from the run's folder (JSON) and the queue, never from submitit's result pickles.
+    submitit_utils = pytest.importorskip("submitit.core.utils")
+    unpickled: list[str] = []
+    monkeypatch.setattr(submitit_utils, "pickle_load", lambda path: unpickled.append(str(path)))
+    cfg = tiny_sweep("slurm")
+    outcome = sweep(tmp_path, cfg, SlurmExecutor(cfg.resources, local=True))
+    assert [o.status for o in outcome.outcomes] == ["completed", "completed"]
+    assert len(list((tmp_path / "slurm" / "slurm").glob("*_result.pkl"))) == 2  # there, and never read
+    assert unpickled == []
