@@ -17,6 +17,7 @@ sweep, planning it and reading a runs/ folder answer fast. This map is the one l
       families.py      the model families: what v1, v2 and each unit mean; family defaults (no torch)
       layout.py        the runs/ folder: file names, a run's state, the one run-folder reader (no torch)
       storage.py       atomic, fsynced writes; tolerant reads (no torch)
+      faults.py        faults of the machine (a full disk, a vanished folder): stop the sweep, not the run (no torch)
       seeds.py         named random streams: (seed, stream, counter) -> generator seed (no torch)
       stopping.py      Ctrl-C and SIGTERM in every phase of a sweep (no torch)
       estimate.py      parameters and training memory from a config, before anything is built

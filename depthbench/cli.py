@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from depthbench.config import DatasetConfig, ModelConfig, TrainConfig
+from depthbench.config import MAX_RUNS, DatasetConfig, ModelConfig, TrainConfig
 from depthbench.errors import DepthbenchError
 from depthbench.families import FAMILIES
 
@@ -98,6 +98,10 @@ def sweep(
              "result.")] = None,
     device: DeviceOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state; train nothing.")] = False,
+    show_all: Annotated[bool, typer.Option(
+        "--all", help="--dry-run: list every run, however many; by default a long list is summarised.")] = False,
+    max_runs: Annotated[int, typer.Option(
+        "--max-runs", min=1, help="Refuse a grid of more runs than this, most likely a slip in an axis.")] = MAX_RUNS,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Re-run runs that failed before.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed run.")] = False,
     tensorboard: Annotated[bool, typer.Option(
@@ -137,13 +141,13 @@ def sweep(
     from depthbench.stopping import StopRequested
     from depthbench.sweep import RunFlags, run_sweep, sweep_dir_for
 
-    cfg = load_sweep(config, overrides or ())
+    cfg = load_sweep(config, overrides or (), max_runs=max_runs)
     if device:
         from depthbench.train import resolve_device
 
         resolve_device(device, "--device")
     if dry_run:
-        _show_plan(cfg, out, device, retry_failed)
+        _show_plan(cfg, out, device, retry_failed, show_all)
         return
     if tensorboard:
         from depthbench.tracking import require_tensorboard
@@ -164,6 +168,7 @@ def sweep(
             "sweep", str(config), *(["--out", str(out)] if out != Path("runs") else []),
             *(arg for setting in overrides or () for arg in ("--set", setting)),
             *(["--device", device] if device is not None else []), *options.flags(),
+            *(["--max-runs", str(max_runs)] if max_runs != MAX_RUNS else []),
             *(["--tensorboard"] if tensorboard else []), *(["--allow-device-change"] if allow_device_change else []),
         ])
 
@@ -184,6 +189,13 @@ def sweep(
     console.print(f"results: {folder / 'results.csv'}")
     if busy:
         console.print(f"{busy} run(s) are being trained by another process; re-run later to pick up what is left")
+    if outcome.fault is not None:
+        from depthbench.faults import EXIT_CODE
+
+        stopped = outcome.count("interrupted")
+        err_console.print(f"stopped: {outcome.fault}; {stopped} run(s) interrupted, each keeps its last checkpoint; "
+                          f"{outcome.fault.fix}, then run `{again}` to resume", markup=False)
+        raise typer.Exit(EXIT_CODE)
     if outcome.interrupted:
         _interrupted(cfg, out, device, again)
     if failed:
@@ -205,29 +217,42 @@ def _interrupted(cfg: Any, out: Path, device: str | None, again: str) -> NoRetur
     raise typer.Exit(130)
 
 
-def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> None:
+# A --dry-run table longer than this shows its first and last rows and counts the rest (--all: every row).
+_PLAN_ROWS = 40
+
+
+def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool, show_all: bool = False) -> None:
     from depthbench.estimate import format_bytes, plan_estimates
-    from depthbench.layout import run_state
-    from depthbench.sweep import plan, sweep_dir_for
+    from depthbench.sweep import plan, run_states, sweep_dir_for
 
     runs, todo = plan(cfg, out, device=device, retry_failed=retry_failed)
     folder = sweep_dir_for(cfg, out)
-    estimates, free = plan_estimates(runs)
+    states = run_states(folder, runs)
+    pending = {r.run_id for r in todo}
+    shown = runs if show_all or len(runs) <= _PLAN_ROWS else [*runs[:_PLAN_ROWS // 2], *runs[-_PLAN_ROWS // 2:]]
+    estimates, free = plan_estimates(shown)
     rooms = ", ".join(f"{name} {'not on this machine' if b is None else format_bytes(b)}" for name, b in free.items())
     table = Table(title=f"{cfg.name}: {len(todo)} of {len(runs)} runs to do ({folder})",
                   caption=f"memory: estimated training peak on the run's device; free now: {rooms}")
     for column in ("run id", "version", "depth", "block", "seed", "steps", "params", "memory", "state"):
         table.add_column(column)
-    pending = {r.run_id for r in todo}
-    for run in runs:
+    for i, run in enumerate(shown):
+        if len(shown) < len(runs) and i == len(shown) // 2:
+            table.add_row(f"... {len(runs) - len(shown):,} more runs")
         block, n = run.blocks
-        state = run_state(folder / run.run_id)
+        state = states[run.run_id]
         est, room = estimates[run.run_id], free[run.train.device]
         memory = "n/a" if est is None else format_bytes(est.total) + (" (too big)" if room and est.total > room else "")
         table.add_row(run.run_id, run.version, str(run.depth), f"{block} (n={n})", str(run.seed),
                       str(run.train.steps), "n/a" if est is None else f"{est.params:,}", memory,
                       f"{state} -> to do" if run.run_id in pending else state)
     console.print(table)
+    if len(shown) < len(runs):
+        from depthbench.sweep import plan_summary
+
+        for line in plan_summary(runs, states, pending, list(cfg.axes())):
+            console.print(line)
+        return
     console.print("grid: " + "; ".join(f"{key}: {', '.join(map(str, values))}" for key, values in cfg.axes().items()))
 
 

@@ -456,11 +456,12 @@ class Estimate:
     recompute_bytes: int  # checkpointing: one segment's activations, recomputed in backward
     transient_bytes: int  # the batch and gradients in flight, or the evaluation pass
     overhead_bytes: int  # allocator and workspaces
+    graph_bytes: int = 0  # a CUDA-graphed step's private memory pool
 
     @property
     def total(self) -> int:
         return (self.model_bytes + self.data_bytes + self.activation_bytes + self.recompute_bytes
-                + self.transient_bytes + self.overhead_bytes)
+                + self.transient_bytes + self.overhead_bytes + self.graph_bytes)
 
 
 def estimate_memory(cfg: RunConfig, shape: DataShape, device_type: str = "cpu", bf16: bool | None = None) -> Estimate:
@@ -486,7 +487,18 @@ def estimate_memory(cfg: RunConfig, shape: DataShape, device_type: str = "cpu", 
     dynamic = max(activations + recompute + train_transient, eval_transient)
     transient = dynamic - activations - recompute
     overhead = math.ceil(ALLOCATOR_SHARE * dynamic) + (CUDA_WORKSPACES if device_type == "cuda" else 0)
-    return Estimate(fp.params, batch, fp.segments, model, data, activations, recompute, transient, overhead)
+    # A captured step allocates from the graph's own pool, which the caching allocator never lends back: a
+    # second copy of the step's activations and in-flight tensors, and the gradients the graph writes. The
+    # eager steps run before capture (and the evaluation) keep theirs in the ordinary pool.
+    graph = activations + recompute + train_transient + 4 * fp.params if _graphed(cfg, device_type) else 0
+    return Estimate(fp.params, batch, fp.segments, model, data, activations, recompute, transient, overhead, graph)
+
+
+def _graphed(cfg: RunConfig, device_type: str) -> bool:
+    """Whether the run's step is captured as a CUDA graph (as :func:`depthbench.step.choose_step` decides)."""
+    tc, model = cfg.train, cfg.model
+    random = model.family == "resnet" and model.shortcut_gate == "dropout"  # dropout draws each step: eager
+    return device_type == "cuda" and tc.cuda_graph and not tc.compile and tc.optimizer == "sgd" and not random
 
 
 def best_segments(n: int) -> int:
@@ -577,20 +589,23 @@ def format_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def check_fits(cfg: RunConfig, shape: DataShape, device: torch.device, free: int | None = None) -> Estimate:
-    """``cfg``'s estimate on ``device``; a :class:`DepthbenchError` saying what would fit when it exceeds
-    ``free`` (default: what the device has now, :func:`device_capacity`)."""
+def check_fits(cfg: RunConfig, shape: DataShape, device: torch.device, free: int | None = None, share: int = 1
+               ) -> Estimate:
+    """``cfg``'s estimate on ``device``; a :class:`DepthbenchError` saying what would fit when it exceeds its
+    part of ``free`` (default: what the device has now, :func:`device_capacity`), shared by ``share`` runs
+    training on the device at once."""
     bf16 = resolve_precision(cfg.train.precision, device) is not None  # the trainer's own choice
     estimate = estimate_memory(cfg, shape, device.type, bf16)
-    free = device_capacity(device) if free is None else free
+    free = (device_capacity(device) if free is None else free) // share
     if estimate.total > free:
-        raise DepthbenchError(_refusal(cfg, shape, device, bf16, estimate, free))
+        raise DepthbenchError(_refusal(cfg, shape, device, bf16, estimate, free, share))
     return estimate
 
 
 def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool, est: Estimate,
-             free: int) -> str:
-    where, have = str(device), f"{format_bytes(free)} is free"
+             free: int, share: int = 1) -> str:
+    where = str(device)
+    have = f"{format_bytes(free)} is free" + (f" for each of the {share} runs training on it at once" if share > 1 else "")
     if est.model_bytes > free:
         return (f"{cfg.run_id} cannot fit on {where}: its {est.params:,} parameters alone need "
                 f"{format_bytes(est.model_bytes)} for weights, gradients and momentum, and {have}; no batch size "
@@ -616,7 +631,8 @@ def _refusal(cfg: RunConfig, shape: DataShape, device: torch.device, bf16: bool,
             fixes.append(f"model.checkpointing: {segments} (about {format_bytes(total)})")
         elif (smaller := _largest_batch(ckpt, fits)) is not None:
             fixes.append(f"model.checkpointing: {segments} with train.batch_size: {smaller}")
-    device_fix = f"a device with {format_bytes(est.total)} free"
+    device_fix = f"a device with {format_bytes(est.total)} free" + (" per run, or fewer runs at once (--jobs)"
+                                                                   if share > 1 else "")
     detail = f"{format_bytes(est.activation_bytes + est.recompute_bytes)} of activations at batch {est.batch_size}"
     if est.segments:
         detail += f" with {est.segments} checkpointed segments per stage"

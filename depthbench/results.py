@@ -7,6 +7,7 @@ Nothing here is a source of truth: ``results.csv`` is derived from each run's ``
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def saved_sweep(sweep_dir: Path) -> SweepConfig | None:
     """The sweep's config as ``run_sweep`` saved it, or None when it is missing or no longer valid."""
     try:
-        return load_sweep(sweep_dir / SWEEP_FILE)
+        return load_sweep(sweep_dir / SWEEP_FILE, max_runs=None)  # its size was accepted when it ran
     except ConfigError:
         return None
 
@@ -58,11 +59,15 @@ class RunRecord:
 
 
 def read_runs(sweep_dir: Path, planned: Sequence[RunConfig] = ()) -> list[RunRecord]:
-    """Every run with a folder under ``sweep_dir``, then the ``planned`` runs not started yet (``pending``)."""
+    """Every run with a folder under ``sweep_dir``, then the ``planned`` runs not started yet (``pending``).
+
+    A planned run's config is the one planned (its folder's config.yaml names the same content); only the
+    folders of runs outside the plan are read for theirs."""
+    known = {cfg.run_id: cfg for cfg in planned}
     records = []
     for path in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         folder = RunFolder(path)
-        cfg = folder.config() if folder.has_config() else None
+        cfg = (known.get(folder.run_id) or folder.config()) if folder.has_config() else None
         if cfg is None:  # no config.yaml (not a run), or a damaged one: that run is hidden from the table
             continue
         records.append(RunRecord(folder.run_id, cfg, folder.result() or {}, folder.state()))
@@ -109,6 +114,44 @@ def collect(sweep_dir: Path, sweep: SweepConfig | None = None, planned: Sequence
     if planned is None:
         planned = sweep.runs() if sweep else ()
     return table_of(read_runs(sweep_dir, planned), sweep.success if sweep else None)
+
+
+class LiveResults:
+    """``results.csv`` kept current while a sweep runs, at a cost per run that does not grow with the runs done.
+
+    The run folders are read once; then each finished run's folder alone. The file is rebuilt from the records
+    in memory, at most once every ``every_s`` seconds and never more than a tenth of the time, as rebuilding it
+    takes longer the more runs the sweep has. :meth:`write` with ``now`` (at the sweep's end) reads every folder
+    again, so that what another sweep on the same folder did meanwhile is in the table too.
+    """
+
+    def __init__(self, sweep_dir: Path, sweep: SweepConfig, planned: Sequence[RunConfig], every_s: float = 2.0) -> None:
+        self.sweep_dir, self.rule, self.every_s = sweep_dir, sweep.success, every_s
+        self.planned = list(planned)
+        self.records = self._read_all()
+        self._written_at, self._took_s = -math.inf, 0.0
+
+    def update(self, cfg: RunConfig) -> None:
+        """Read one run's folder again (it finished, failed or stopped)."""
+        folder = RunFolder(self.sweep_dir / cfg.run_id)
+        started = folder.has_config()
+        self.records[cfg.run_id] = RunRecord(cfg.run_id, cfg, (folder.result() or {}) if started else {},
+                                             folder.state() if started else "pending", started=started)
+
+    def write(self, *, now: bool = False) -> bool:
+        """Rebuild results.csv when due (or ``now``); whether it was. An OSError leaves the old file whole."""
+        started = time.monotonic()
+        if not now and started - self._written_at < max(self.every_s, 10 * self._took_s):
+            return False
+        if now:
+            self.records = self._read_all()
+        table = table_of(list(self.records.values()), self.rule)
+        storage.write_text(self.sweep_dir / RESULTS_CSV, table.to_csv(index=False))
+        self._written_at, self._took_s = time.monotonic(), time.monotonic() - started
+        return True
+
+    def _read_all(self) -> dict[str, RunRecord]:
+        return {record.run_id: record for record in read_runs(self.sweep_dir, self.planned)}
 
 
 def setting_columns(table: pd.DataFrame) -> list[str]:

@@ -3,16 +3,17 @@
 Runs live in ``<out>/<sweep name>/<run id>/``; the run id names the run's content, so re-running a
 sweep skips finished runs, resumes interrupted ones from their checkpoint, and a changed setting
 gets a new folder instead of overwriting an old result. :func:`execute_run` is the unit of work
-every executor calls, in this process or on a cluster worker.
+every executor calls, in this process or on a cluster worker. A fault of the machine (a full disk, see
+:mod:`depthbench.faults`) interrupts its run and stops the sweep; it never fails the run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import threading
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,9 @@ from depthbench.errors import DepthbenchError
 from depthbench.data import load_dataset
 from depthbench.devices import precision_name, resolve_device, resolve_precision
 from depthbench.estimate import DataShape, best_segments, check_fits, known_shape
-from depthbench.layout import CONFIG, ERROR_LOG, FINISHED, LOCK, RESULT, SWEEP_FILE, run_state
-from depthbench.results import write_results
+from depthbench.faults import MachineFault, machine_fault
+from depthbench.layout import CONFIG, ERROR_LOG, FINISHED, LOCK, RESULT, SWEEP_FILE, RunState, run_state
+from depthbench.results import LiveResults
 from depthbench.tracking import TensorBoardLogger
 from depthbench.train import RunInterrupted, TrainingProgress, check_resume_origin, checkpoint_origin, train_run
 
@@ -42,6 +44,7 @@ class RunOutcome:
     result: dict[str, Any] | None = None
     message: str = ""
     notes: list[str] = field(default_factory=list)
+    fault: MachineFault | None = None  # an interrupted run stopped by the machine: the sweep stops too
 
 
 class Reporter(Protocol):
@@ -57,8 +60,6 @@ def _failure_message(err: BaseException, cfg: RunConfig) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "out of memory" in str(err).lower() or type(err).__name__ == "OutOfMemoryError":
         return f"out of memory ({text[:120]}); {_memory_advice(cfg)}"
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"disk full while writing ({err.filename or 'run files'}); free space and re-run to resume"
     if isinstance(err, DepthbenchError):  # a refusal found on the worker (its device, its checkpoint): says it all
         return text
     return f"{type(err).__name__}: {text}"
@@ -83,14 +84,17 @@ BUSY = "being trained by another process"
 def claim(run_dir: Path) -> FileLock | None:
     """The run's lock, acquired, or None when another process holds it; the caller releases it.
 
-    flock is released by the OS when its holder dies, so a killed sweep leaves no stale claim.
+    flock is released by the OS when its holder dies, so a killed sweep leaves no stale claim, and the
+    temporary files of a writer that was killed are deleted here: the run's files are written only by
+    the lock's holder. The sweep folder is not made again: if it vanished, that is for the caller to see.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(exist_ok=True)
     lock = FileLock(run_dir / LOCK)
     try:
         lock.acquire(timeout=0)
     except Timeout:
         return None
+    storage.remove_stale_temps(run_dir)
     return lock
 
 
@@ -130,10 +134,16 @@ def execute_run(
     on_progress: Callable[[TrainingProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RunOutcome:
-    """Claim, train and record one run; never raises for a failure inside the run itself."""
+    """Claim, train and record one run; never raises for a failure inside the run itself, nor for a fault
+    of the machine (the run is then interrupted, with ``fault`` set)."""
     retry_failed, tensorboard = flags.retry_failed, flags.tensorboard
     run_dir = sweep_dir / cfg.run_id
-    lock = claim(run_dir)
+    try:
+        lock = claim(run_dir)
+    except OSError as err:
+        if (fault := machine_fault(err, run_dir)) is None:
+            raise
+        return _stopped_by(cfg, fault)
     if lock is None:
         return RunOutcome(cfg, "busy", message=BUSY)
     try:
@@ -153,6 +163,8 @@ def execute_run(
         except RunInterrupted as stop:
             return RunOutcome(cfg, "interrupted", message=str(stop), notes=notes)
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, and the sweep goes on
+            if (fault := machine_fault(err, run_dir)) is not None:
+                return _stopped_by(cfg, fault, notes)
             message = _failure_message(err, cfg)
             write_failure(cfg, run_dir, message, traceback.format_exc())
             return RunOutcome(cfg, "failed", message=message, notes=notes)
@@ -161,6 +173,11 @@ def execute_run(
         if tensorboard and on_progress is not None and hasattr(on_progress, "close"):
             on_progress.close()
         lock.release()
+
+
+def _stopped_by(cfg: RunConfig, fault: MachineFault, notes: list[str] | None = None) -> RunOutcome:
+    return RunOutcome(cfg, "interrupted", message=f"stopped: {fault}; its last checkpoint is kept", notes=notes or [],
+                      fault=fault)
 
 
 class Executor(Protocol):
@@ -212,6 +229,7 @@ class SweepOutcome:
     outcomes: list[RunOutcome]
     interrupted: bool = False
     failed: list[str] = field(default_factory=list)  # every failed run of the sweep, this time or before
+    fault: MachineFault | None = None  # the machine's fault that stopped the sweep
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -226,14 +244,54 @@ def plan(sweep: SweepConfig, out: Path, *, device: str | None = None, retry_fail
     """(all runs, runs still to do) for a sweep, with an optional device override applied."""
     runs = sweep.runs()
     if device:
-        runs = [r.model_copy(update={"train": r.train.model_copy(update={"device": device})}) for r in runs]
-    folder = sweep_dir_for(sweep, out)
+        # One new train section for each the runs share, so that they still share it (and its hash).
+        moved: dict[int, Any] = {}
+        for r in runs:
+            if id(r.train) not in moved:
+                moved[id(r.train)] = r.train.model_copy(update={"device": device})
+        runs = [r.model_copy(update={"train": moved[id(r.train)]}) for r in runs]
     finished = ("completed", "diverged") if retry_failed else FINISHED
-    todo = [r for r in runs if run_state(folder / r.run_id) not in finished]
-    return runs, todo
+    states = run_states(sweep_dir_for(sweep, out), runs)
+    return runs, [r for r in runs if states[r.run_id] not in finished]
+
+
+def run_states(folder: Path, runs: list[RunConfig]) -> dict[str, RunState]:
+    """Each run's state by run id; a run without a folder is pending (one listing, not a look per run)."""
+    try:
+        present = set(os.listdir(folder))
+    except OSError:
+        present = set()
+    return {r.run_id: run_state(folder / r.run_id) if r.run_id in present else "pending" for r in runs}
+
+
+def plan_summary(runs: list[RunConfig], states: dict[str, RunState], todo: set[str], axes: list[str], *,
+                 listed: int = 8) -> list[str]:
+    """A plan too long to list, in a few lines: its runs counted by state, then by their value of each grid axis
+    in ``axes`` (dotted keys; an axis of more than ``listed`` values as its count and its first and last value)."""
+    by_state = Counter(f"{states[r.run_id]} -> to do" if r.run_id in todo else states[r.run_id] for r in runs)
+    lines = [f"{len(runs):,} runs by state: " + ", ".join(f"{state} {n:,}" for state, n in by_state.most_common())
+             + " (--all lists every run)"]
+    for axis in axes:
+        counts = Counter(str(axis_value(run, axis)) for run in runs)
+        if len(counts) <= listed:
+            lines.append(f"{axis}: " + ", ".join(f"{value} ({n:,} runs)" for value, n in counts.items()))
+        else:
+            values, each = list(counts), sorted(set(counts.values()))
+            runs_each = f"{each[0]:,}" if len(each) == 1 else f"{each[0]:,} to {each[-1]:,}"
+            lines.append(f"{axis}: {len(values):,} values, {values[0]} to {values[-1]}, {runs_each} run(s) each")
+    return lines
+
+
+def axis_value(run: RunConfig, axis: str) -> Any:
+    """A run's value of a grid axis: ``version``, ``depth``, ``seed`` or a dotted setting (``train.lr``)."""
+    value: Any = run
+    for part in axis.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _check_writable(folder: Path) -> None:
+    """Refuse an output folder this process may not write to; a machine fault (a full disk) is raised as it is."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
@@ -242,6 +300,8 @@ def _check_writable(folder: Path) -> None:
         finally:
             probe.unlink(missing_ok=True)  # also when a stop signal lands in between
     except OSError as err:
+        if machine_fault(err, folder) is not None:
+            raise
         raise DepthbenchError(f"cannot write to output folder '{folder}': {err.strerror or err}; "
                               "choose another with --out") from None
 
@@ -282,40 +342,52 @@ def _run_sweep(
     folder = sweep_dir_for(sweep, out)
     runs, todo = plan(sweep, out, device=device, retry_failed=flags.retry_failed)
     local = not getattr(executor, "remote", False)
-    preflight(todo, devices=local)
+    preflight(todo, devices=local, share=getattr(executor, "runs_per_device", None))
     if local and not flags.allow_device_change:
         check_resume_origins(todo, folder)
-    _check_writable(folder)
     try:
+        _check_writable(folder)
         storage.write_text(folder / SWEEP_FILE, sweep_yaml(sweep))
     except OSError as err:
+        if (fault := machine_fault(err, folder)) is not None:
+            return SweepOutcome(folder, [], interrupted=True, fault=fault)
         raise DepthbenchError(f"cannot write {folder / SWEEP_FILE}: {err.strerror or err}") from None
+    # Temporary files of a sweep killed mid-write; a concurrent sweep's own take milliseconds.
+    storage.remove_stale_temps(folder, older_than_s=600)
     if reporter:
         reporter.plan(todo, len(runs) - len(todo), len(runs))
 
     context = SweepContext(flags=flags, reporter=reporter, stop=stop)
     outcomes: list[RunOutcome] = []
+    fault: MachineFault | None = None
+    table = _live_results(folder, sweep, runs)
     # Closed at once when this loop ends early (--fail-fast, a stop), so the executor winds down its runs now.
     with contextlib.closing((executor or SerialExecutor()).execute(todo, folder, context)) as finished:
         for outcome in finished:
             outcomes.append(outcome)
-            _refresh_results(folder, sweep, runs, outcome)
+            _refresh_results(table, outcome)
             if reporter:
                 reporter.run_finished(outcome)
+            if outcome.fault is not None and fault is None:
+                # Every run would meet it: start no more, and let those training stop as on Ctrl-C.
+                fault = outcome.fault
+                context.stop.set()
             if outcome.status == "failed" and fail_fast:
                 break
-    _refresh_results(folder, sweep, runs)
-    failed = [r.run_id for r in runs if run_state(folder / r.run_id) == "failed"]
-    return SweepOutcome(folder, outcomes, interrupted=context.stop.is_set(), failed=failed)
+    _refresh_results(table)
+    failed = [run_id for run_id, state in run_states(folder, runs).items() if state == "failed"]
+    return SweepOutcome(folder, outcomes, interrupted=context.stop.is_set(), failed=failed, fault=fault)
 
 
-def preflight(runs: list[RunConfig], *, devices: bool = True) -> None:
+def preflight(runs: list[RunConfig], *, devices: bool = True, share: Callable[[Any], int] | None = None) -> None:
     """Fail before anything is written if a device (when ``devices``) or dataset the runs need is not there,
-    a batch is larger than its training set, or (when ``devices``) a run cannot fit its device's memory."""
+    a batch is larger than its training set, or (when ``devices``) a run cannot fit its device's memory, or its
+    part of it when ``share(device)`` runs train on that device at once (``--jobs``)."""
     resolved = {device: resolve_device(device) for device in sorted({r.train.device for r in runs})} if devices else {}
+    shares = {name: share(device) if share else 1 for name, device in resolved.items()}
     for run in runs if devices else ():  # sizes the config alone tells: refused before any data is read or fetched
         if (shape := known_shape(run.dataset)) is not None:
-            check_fits(run, shape, resolved[run.train.device])
+            check_fits(run, shape, resolved[run.train.device], share=shares[run.train.device])
     datasets = {r.dataset.model_dump_json(): r.dataset for r in runs}
     shapes = {key: DataShape.of(load_dataset(dataset)) for key, dataset in datasets.items()}  # also warms the cache
     for run in runs:
@@ -324,7 +396,7 @@ def preflight(runs: list[RunConfig], *, devices: bool = True) -> None:
             raise DepthbenchError(f"{run.run_id}: train.batch_size ({run.train.batch_size}) is larger than the "
                                   f"training set ({shape.train_size} images); lower it")
         if devices:  # a run that cannot fit its device is refused here, before its model is ever built
-            check_fits(run, shape, resolved[run.train.device])
+            check_fits(run, shape, resolved[run.train.device], share=shares[run.train.device])
 
 
 def check_resume_origins(runs: list[RunConfig], folder: Path) -> None:
@@ -336,11 +408,21 @@ def check_resume_origins(runs: list[RunConfig], folder: Path) -> None:
             check_resume_origin(run, origin, device, precision_name(resolve_precision(run.train.precision, device)))
 
 
-def _refresh_results(folder: Path, sweep: SweepConfig, runs: list[RunConfig], outcome: RunOutcome | None = None
-                     ) -> None:
-
+def _live_results(folder: Path, sweep: SweepConfig, runs: list[RunConfig]) -> LiveResults | None:
     try:
-        write_results(folder, sweep, runs)
+        return LiveResults(folder, sweep, runs)
+    except OSError:
+        return None  # the folder cannot be read now: results.csv is rebuilt by `depthbench report`
+
+
+def _refresh_results(table: LiveResults | None, outcome: RunOutcome | None = None) -> None:
+    """results.csv with ``outcome``'s run read again, rewritten when due; at the sweep's end (no outcome), always."""
+    if table is None:
+        return
+    try:
+        if outcome is not None:
+            table.update(outcome.cfg)
+        table.write(now=outcome is None)
     except OSError as err:
         # The previous results.csv stays whole (atomic write); `depthbench report` rebuilds it later.
         if outcome is not None:

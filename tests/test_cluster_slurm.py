@@ -89,6 +89,7 @@ class Sweep:
         self.config.write_text(sweep_yaml(cfg))
         self.dir = self.out / cfg.name
         if timing is not None:  # as if an earlier job of each run had measured it
+            (self.dir / "slurm").mkdir(parents=True)
             for run in cfg.runs():
                 storage.write_json(self.dir / "slurm" / f"{run.run_id}.timing.json", timing)
         self.command = [sys.executable, "-m", "depthbench", "sweep", str(self.config), "--out", str(self.out),

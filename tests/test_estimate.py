@@ -323,3 +323,48 @@ def test_dry_run_shows_parameters_and_estimated_memory(tmp_path: Path) -> None:
     assert "11,520,019,400,010" in result.output and "TiB (too big)" in result.output
     assert "memory: estimated training peak on the run's device; free now: cpu " in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_with_jobs_each_run_is_checked_against_its_share_of_the_memory(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import depthbench.estimate as estimate
+    from depthbench.cli import app
+    from tests.conftest import tiny_sweep, write_config
+
+    cfg = tiny_sweep()
+    run = cfg.runs()[0]
+    need = estimate.estimate_memory(run, estimate.known_shape(run.dataset), "cpu").total
+    monkeypatch.setattr(estimate, "device_capacity", lambda device: 3 * need)  # room for three such runs
+    config = write_config(tmp_path / "tiny.yaml", cfg)
+    refused = CliRunner().invoke(app, ["sweep", str(config), "--out", str(tmp_path), "--jobs", "4"])
+    assert refused.exit_code == 2 and not (tmp_path / "tiny").exists()
+    share = estimate.format_bytes(3 * need // 4)
+    assert refused.output.startswith(f"error: {run.run_id} needs about {estimate.format_bytes(need)} on cpu (")
+    assert f"but {share} is free for each of the 4 runs training on it at once; " in refused.output
+    assert refused.output.endswith(f"free per run, or fewer runs at once (--jobs)\n")
+    assert refused.output.count("\n") == 1
+    from depthbench.executors import ParallelExecutor
+
+    assert ParallelExecutor(4, gpus=["0", "1"]).runs_per_device(torch.device("cuda")) == 2
+    assert ParallelExecutor(3).runs_per_device(torch.device("cpu")) == 3
+
+
+def test_a_cuda_graphed_step_counts_its_private_memory_pool() -> None:
+    # The graph's pool holds a second copy of the step's activations and in-flight tensors, and the
+    # gradients it writes; the eager step (cuda_graph off, a compiled model, AdamW, dropout) has none.
+    from tests.conftest import tiny_run
+
+    run = tiny_run(train={"eval_batch_size": 4})  # so that training's in-flight tensors are the transient ones
+    shape = depthbench.estimate.known_shape(run.dataset)
+    graphed = estimate_memory(run, shape, "cuda", bf16=False)
+    eager = estimate_memory(run.model_copy(update={"train": run.train.model_copy(update={"cuda_graph": False})}),
+                            shape, "cuda", bf16=False)
+    assert eager.graph_bytes == 0 and estimate_memory(run, shape, "cpu").graph_bytes == 0
+    assert graphed.graph_bytes == (graphed.activation_bytes + graphed.recompute_bytes + graphed.transient_bytes
+                                   + 4 * graphed.params) == 305_272
+    assert graphed.total == eager.total + graphed.graph_bytes
+    for update in ({"compile": True}, {"optimizer": "adamw"}):
+        other = run.model_copy(update={"train": run.train.model_copy(update=update)})
+        assert estimate_memory(other, shape, "cuda", bf16=False).graph_bytes == 0

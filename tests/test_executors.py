@@ -8,6 +8,7 @@ executor's workers use: resources.cpus_per_run (1) on Ray and SLURM, cores // jo
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -22,9 +23,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
-from depthbench import storage
+from depthbench import faults, storage
 from depthbench.cli import app
 from depthbench.config import SweepConfig
 from depthbench.executors import ParallelExecutor, RayExecutor, SlurmExecutor, make_executor
@@ -32,10 +34,12 @@ from depthbench.executors.base import _Attempt, _LiveRuns
 from depthbench.executors.local import _cores
 from depthbench.stopping import workers_born_deaf
 from depthbench.sweep import RunFlags, RunOutcome, SweepContext, SweepOutcome, run_sweep
-from tests.conftest import learned, steps, tiny_sweep, write_config
+from tests.conftest import ROOT, learned, steps, tiny_sweep, write_config
 
 runner = CliRunner()
 CRASH_SWEEP = "crash"  # Ray workers kill themselves once in a sweep of this name, see `ray_cluster`
+FULL_DISK = "disk-full"  # while a file of this name lies in a sweep folder, checkpoints from step 8 on meet ENOSPC
+FULL_DISK_HOOK = ROOT / "tests" / "full_disk"  # the same for the processes of --jobs and submitit (sitecustomize)
 
 
 @contextlib.contextmanager
@@ -190,7 +194,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
     Every worker runs a setup hook: in a sweep named CRASH_SWEEP, the first checkpoint written kills
     its worker process (SIGKILL, as the OOM killer would), once, after saving a copy of the metrics
-    log as it was, so the test can tell a resumed run from a restarted one.
+    log as it was, so the test can tell a resumed run from a restarted one. In a sweep folder holding
+    a FULL_DISK file, checkpoints from step 8 on meet ENOSPC.
     """
     ray = pytest.importorskip("ray")
     scratch = tmp_path_factory.mktemp("ray")
@@ -201,7 +206,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
         save = worker_storage.save_torch
 
-        def save_then_die(path: Path, obj: object) -> None:
+        def save_then_die(path: Path, obj: dict) -> None:
+            if path.name == "checkpoint.pt" and obj["step"] >= 8 and (path.parent.parent / FULL_DISK).exists():
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             save(path, obj)
             if path.name == "checkpoint.pt" and path.parent.parent.name == CRASH_SWEEP and not marker.exists():
                 marker.write_text((path.parent / "metrics.jsonl").read_text())
@@ -414,3 +421,116 @@ def test_slurm_submission_script_carries_the_resources(tmp_path: Path, monkeypat
     pickled = jobs[1].submission()
     assert pickled._timeout_countdown == 5 and pickled.function.cfg.train.device == "cuda"  # its GPU is cuda:0
     assert callable(pickled.function.checkpoint)
+
+
+# --- a full disk, on every executor ---------------------------------------------------------------
+
+
+def wait_unclaimed(sweep_dir: Path, timeout_s: float = 120) -> None:
+    """Until no process holds a run's lock: jobs a stopped sweep cancelled take a moment to end."""
+    from filelock import FileLock, Timeout
+
+    deadline = time.monotonic() + timeout_s
+    for lock in sweep_dir.glob("*/.lock"):
+        while True:
+            try:
+                FileLock(lock).acquire(timeout=0.2).lock.release()
+                break
+            except Timeout:
+                assert time.monotonic() < deadline, f"{lock} is still held"
+
+
+def full_disk_then_plain_rerun(tmp_path: Path, runs: int, *options: str) -> None:
+    """A sweep whose disk fills up stops with the fault's line (exit 75), records no run as failed, and a plain
+    re-run on the same executor, once the space is freed, finishes every run."""
+    cfg = tiny_sweep("full", grid={"version": ["v1", "v2"], "depth": [8], "seed": list(range(runs // 2))})
+    config = write_config(tmp_path / "full.yaml", cfg)
+    sweep_dir = tmp_path / "full"
+    sweep_dir.mkdir()
+    (sweep_dir / FULL_DISK).write_text("")
+    args = ["sweep", str(config), "--out", str(tmp_path), *options]
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == faults.EXIT_CODE, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("stopped: no space left on device (") and last.endswith(
+        f"free space there, then run `depthbench sweep {config} --out {tmp_path}{''.join(' ' + o for o in options)}` "
+        "to resume"), last
+    wait_unclaimed(sweep_dir)
+    assert not list(sweep_dir.glob("*/error.log")) and not list(sweep_dir.glob("*/result.json"))
+    assert "✗" not in result.output and "Traceback" not in result.output
+
+    (sweep_dir / FULL_DISK).unlink()  # the space is freed
+    again = runner.invoke(app, args, catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert set(pd.read_csv(sweep_dir / "results.csv").status) == {"completed"}
+    assert "resumed from its checkpoint at step 4" in again.output or "resuming from its checkpoint" in again.output
+
+
+def test_a_full_disk_stops_a_jobs_sweep_and_a_plain_rerun_resumes(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", f"{FULL_DISK_HOOK}{os.pathsep}{ROOT}")  # the workers' start-up hook
+    full_disk_then_plain_rerun(tmp_path, 4, "--jobs", "2")
+
+
+def test_a_full_disk_stops_a_ray_sweep_and_a_plain_rerun_resumes(ray_cluster: Path, tmp_path: Path) -> None:
+    full_disk_then_plain_rerun(tmp_path, 2, "--executor", "ray")
+
+
+def test_a_full_disk_stops_a_slurm_sweep_and_a_plain_rerun_resumes(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", f"{FULL_DISK_HOOK}{os.pathsep}{ROOT}")  # the jobs' start-up hook
+    full_disk_then_plain_rerun(tmp_path, 2, "--executor", "slurm", "--slurm-local")
+
+
+_BUILDING_FOREVER = """
+import sys, time
+from pathlib import Path
+import depthbench.train
+from depthbench.config import load_run_config
+from depthbench.executors.slurm import _SlurmRun
+from depthbench.sweep import RunFlags
+
+def build_slowly(*args, **kwargs):
+    time.sleep(600)  # a model that takes minutes to build
+
+depthbench.train.model_from_config = build_slowly
+cfg = load_run_config(sys.argv[1])
+_SlurmRun(cfg, Path(sys.argv[2]), RunFlags(), threads=1, time_min=5, lead_s=0, on_cluster=False)()
+"""
+
+
+def test_a_slurm_job_cancelled_while_building_its_model_ends_at_once_and_frees_its_run(tmp_path: Path) -> None:
+    from filelock import FileLock, Timeout
+
+    cfg = tiny_sweep()
+    run = cfg.runs()[0]
+    sweep_dir = tmp_path / cfg.name
+    sweep_dir.mkdir()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run.model_dump(mode="json")))
+    job = subprocess.Popen([sys.executable, "-c", _BUILDING_FOREVER, str(config), str(sweep_dir)], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    lock = FileLock(sweep_dir / run.run_id / ".lock")
+    deadline = time.monotonic() + 120
+    while (sweep_dir / run.run_id / "config.yaml").exists() is False and time.monotonic() < deadline:
+        time.sleep(0.05)  # the trainer writes config.yaml first, then loads data and builds the model
+    with pytest.raises(Timeout):
+        lock.acquire(timeout=0)  # held by the job
+    job.send_signal(signal.SIGTERM)  # scancel
+    assert job.wait(timeout=20) == 128 + signal.SIGTERM
+    lock.acquire(timeout=0)  # free at once, not when SLURM's kill comes
+    lock.release()
+
+
+def test_the_slurm_driver_never_unpickles_what_its_jobs_leave(one_thread: None, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file planted in runs/<sweep>/slurm/ while the sweep waits could run code when unpickled: the driver
+    # reads each outcome from the run's folder (JSON) and the queue, never from submitit's result pickles.
+    submitit_utils = pytest.importorskip("submitit.core.utils")
+    unpickled: list[str] = []
+    monkeypatch.setattr(submitit_utils, "pickle_load", lambda path: unpickled.append(str(path)))
+    cfg = tiny_sweep("slurm")
+    outcome = sweep(tmp_path, cfg, SlurmExecutor(cfg.resources, local=True))
+    assert [o.status for o in outcome.outcomes] == ["completed", "completed"]
+    assert len(list((tmp_path / "slurm" / "slurm").glob("*_result.pkl"))) == 2  # there, and never read
+    assert unpickled == []

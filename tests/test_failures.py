@@ -411,7 +411,8 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_disk_full_fails_the_run_cleanly_and_keeps_earlier_results(small_disk: Path, tmp_path: Path) -> None:
+def test_a_disk_that_fills_up_interrupts_the_run_keeps_earlier_results_and_a_plain_rerun_resumes(
+        small_disk: Path, tmp_path: Path) -> None:
     config = config_file(tmp_path)
     data = yaml.safe_load(config.read_text())
     data["grid"]["seed"] = [0]
@@ -425,14 +426,20 @@ def test_disk_full_fails_the_run_cleanly_and_keeps_earlier_results(small_disk: P
     data["grid"]["seed"] = [0, 1]
     config.write_text(yaml.safe_dump(data))
     result = sweep(config, small_disk)
-    assert result.exit_code == 1, result.output
-    assert "disk full while writing" in result.output and "Traceback" not in result.output
-    assert (small_disk / "f/results.csv").read_text() == before or "could not update results.csv" in result.output
+    assert result.exit_code == 75, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("stopped: ") and last.endswith(
+        f"then run `depthbench sweep {config} --out {small_disk}` to resume"), last
+    assert "Traceback" not in result.output and not list(small_disk.glob("f/*/error.log"))
+    # The checkpoint was refused before it filled the disk, so the table still had room to be updated.
+    assert "not enough free space for checkpoint.pt" in last
+    assert set(before.splitlines()) <= set((small_disk / "f/results.csv").read_text().splitlines())
     assert results == {p: p.read_bytes() for p in results}
-    # Free the space: the failed runs are retried and the sweep completes.
+    assert not list(small_disk.glob("f/*/.*.tmp"))
+    # Free the space: a plain re-run does what is left.
     (small_disk / "filler").unlink()
-    retry = sweep(config, small_disk, "--retry-failed")
-    assert retry.exit_code == 0, retry.output
+    again = sweep(config, small_disk)
+    assert again.exit_code == 0, again.output
     assert set(pd.read_csv(small_disk / "f/results.csv").status) == {"completed"}
     assert ROOT.exists()
 

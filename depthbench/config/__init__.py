@@ -21,7 +21,7 @@ Each module imports only those above it::
 """
 
 from depthbench.config.grid import GRID_RUN_KEYS, Grid
-from depthbench.config.loading import dump_run_config, load_run_config, load_sweep, parse_sweep
+from depthbench.config.loading import MAX_RUNS, dump_run_config, load_run_config, load_sweep, parse_sweep
 from depthbench.config.overrides import apply_overrides
 from depthbench.config.reference import ReferenceRow
 from depthbench.config.run import ADDED_SETTINGS, EXECUTION_KEYS, RunConfig
@@ -53,6 +53,7 @@ __all__ = [
     "DatasetConfig",
     "Family",
     "Grid",
+    "MAX_RUNS",
     "ModelConfig",
     "ReferenceRow",
     "ResourcesConfig",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from depthbench.config.schema import DatasetConfig, ModelConfig, TrainConfig, check_key
@@ -39,8 +40,10 @@ def check_grid(grid: Grid) -> None:
             raise ValueError(f"'{key}' must be a list of values, e.g. [{json.dumps(values)}]")
         if not values:
             raise ValueError(f"'{key}' is an empty list: give at least one value")
-        seen = [json.dumps(v, sort_keys=True) for v in values]
-        dupes = sorted({v for v in seen if seen.count(v) > 1})
+        # Ints and strings count as themselves (1 and "1" stay apart): a long axis of seeds is counted fast.
+        plain = all(type(v) in (int, str) for v in values)
+        seen = Counter(values if plain else (json.dumps(v, sort_keys=True) for v in values))
+        dupes = sorted(json.dumps(v) if plain else v for v, n in seen.items() if n > 1)
         if dupes:
             raise ValueError(f"'{key}' lists {', '.join(dupes)} more than once")
 

@@ -73,7 +73,20 @@ class RunConfig(Section):
 
         A setting added after run ids existed is hashed only when it differs from the value that means
         what every earlier run did (:data:`ADDED_SETTINGS`), so runs/ folders made before it keep their ids.
+        The hash depends on the three sections alone, so runs that share them (a grid's seeds) hash once.
         """
+        dataset, model, train = self.dataset, self.model, self.train
+        key = (id(dataset), id(model), id(train))
+        known = _HASHES.get(key)
+        if known is not None and known[0] is dataset and known[1] is model and known[2] is train:
+            return known[3]
+        digest = self._hash()
+        if len(_HASHES) >= _HASHES_KEPT:
+            del _HASHES[next(iter(_HASHES))]
+        _HASHES[key] = (dataset, model, train, digest)  # holding the sections keeps their ids from being reused
+        return digest
+
+    def _hash(self) -> str:
         ident = self.model_dump(mode="json", exclude={"name", "version", "depth", "seed", "success"})
         for key in EXECUTION_KEYS:
             ident["train"].pop(key)
@@ -86,6 +99,11 @@ class RunConfig(Section):
                 del section[last]
         blob = json.dumps(ident, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
+
+
+# Content hashes by the identity of the sections hashed, oldest first: a sweep's runs share section objects.
+_HASHES: dict[tuple[int, int, int], tuple[Any, Any, Any, str]] = {}
+_HASHES_KEPT = 4096
 
 
 # Settings that change where or how a run executes and logs, never what it learns;

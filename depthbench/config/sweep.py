@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from depthbench.config.grid import GRID_RUN_KEYS, Grid, check_grid, flatten_grid, set_dotted
 from depthbench.config.messages import first_error
@@ -32,6 +33,8 @@ class SweepConfig(Section):
     # rows are not one cartesian product is a list of products. Runs shared by sub-grids train once.
     grid: Grid | list[Grid]
     reference: tuple[ReferenceRow, ...] = Field((), description="published results to report beside ours")
+    # runs() as last expanded, with the fields it was expanded from (a copy with another grid expands again).
+    _expanded: tuple[tuple[Any, ...], list[RunConfig]] | None = PrivateAttr(None)
 
     @field_validator("name")
     @classmethod
@@ -91,33 +94,62 @@ class SweepConfig(Section):
 
     def axes(self) -> Grid:
         """Every axis of the grid with the values any sub-grid gives it, in first-seen order (``--dry-run``)."""
-        axes: Grid = {}
+        axes: dict[str, dict[str, Any]] = {}  # values by their JSON text, which is hashable where they may not be
         for grid in self.grids():
             for key, values in grid.items():
-                known = axes.setdefault(key, [])
-                known += [v for v in values if v not in known]
-        return axes
+                known = axes.setdefault(key, {})
+                for value in values:
+                    known.setdefault(json.dumps(value, sort_keys=True), value)
+        return {key: list(values.values()) for key, values in axes.items()}
+
+    def size(self) -> int:
+        """How many combinations the grid has (runs shared by sub-grids counted in each), known without
+        expanding it."""
+        return sum(math.prod(len(values) for values in grid.values()) for grid in self.grids())
 
     def runs(self) -> list[RunConfig]:
-        """Every grid combination as a validated RunConfig, in grid order (sub-grid by sub-grid)."""
+        """Every grid combination as a validated RunConfig, in grid order (sub-grid by sub-grid).
+
+        Expanded once per sweep. A seed changes nothing else of a run, so a combination that differs from
+        one already validated only by its seed is that run with another seed, and its sections (and hash)
+        are shared.
+        """
+        source = (self.name, self.dataset, self.model, self.train, self.success, self.grid)
+        if self._expanded is not None and all(a is b for a, b in zip(self._expanded[0], source, strict=True)):
+            return list(self._expanded[1])
         # Only what the sweep wrote: what it left out is each run's to resolve (a ViT's defaults differ).
         base = self.model_dump(exclude={"grid", "resources", "reference"}, exclude_unset=True)
         grids = self.grids()
         runs: dict[str, RunConfig] = {}
         for i, axes in enumerate(grids):
             where = f"sub-grid {i + 1}, " if len(grids) > 1 else ""
+            seed_at = list(axes).index("seed")
+            plain_seeds = all(type(seed) is int and seed >= 0 for seed in axes["seed"])
+            validated: dict[str, RunConfig] = {}  # by the combination's other values
             for combo in itertools.product(*axes.values()):
-                data = json.loads(json.dumps(base))
-                for key, value in zip(axes, combo, strict=True):
-                    set_dotted(data, key, value)
-                setting = ", ".join(f"{k}={v}" for k, v in zip(axes, combo, strict=True))
-                try:
-                    run = RunConfig.model_validate(data)
-                except ValidationError as err:
-                    raise ConfigError(f"{first_error(err, RunConfig)} (in grid run {where}{setting})") from None
-                # Checked on the sweep's runs, not in RunConfig itself: a run folder saved before a rule
-                # existed must still load, or its results would drop out of every report.
-                if problem := conflict(run.model, run.train) or unread_setting(run):  # the grid may set one
-                    raise ConfigError(f"{problem} (in grid run {where}{setting})")
+                others = json.dumps(combo[:seed_at] + combo[seed_at + 1:]) if plain_seeds else ""
+                if plain_seeds and others in validated:
+                    run = validated[others].model_copy(update={"seed": combo[seed_at]})
+                else:
+                    run = self._validated(base, axes, combo, where)
+                    if plain_seeds:
+                        validated[others] = run
                 runs.setdefault(run.run_id, run)
+        self._expanded = (source, list(runs.values()))
         return list(runs.values())
+
+    @staticmethod
+    def _validated(base: dict[str, Any], axes: Grid, combo: tuple[Any, ...], where: str) -> RunConfig:
+        data = json.loads(json.dumps(base))
+        for key, value in zip(axes, combo, strict=True):
+            set_dotted(data, key, value)
+        setting = ", ".join(f"{k}={v}" for k, v in zip(axes, combo, strict=True))
+        try:
+            run = RunConfig.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(f"{first_error(err, RunConfig)} (in grid run {where}{setting})") from None
+        # Checked on the sweep's runs, not in RunConfig itself: a run folder saved before a rule existed must
+        # still load, or its results would drop out of every report.
+        if problem := conflict(run.model, run.train) or unread_setting(run):  # the grid may set one
+            raise ConfigError(f"{problem} (in grid run {where}{setting})")
+        return run

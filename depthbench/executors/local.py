@@ -8,6 +8,7 @@ of ``run_sweep``.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import queue
@@ -109,6 +110,14 @@ class ParallelExecutor:
 
     def __init__(self, jobs: int, *, log: LogFn | None = None, gpus: list[str] | None = None) -> None:
         self.jobs, self.log, self.gpus = jobs, log, gpus
+
+    def runs_per_device(self, device: torch.device) -> int:
+        """How many runs train on ``device`` at once, sharing its memory: all of them on the CPU, those of
+        the workers that own the same GPU on a GPU."""
+        if device.type != "cuda":
+            return self.jobs
+        gpus = self.gpus if self.gpus is not None else _visible_gpus()
+        return math.ceil(self.jobs / max(1, len(gpus)))
 
     def execute(self, runs: list[RunConfig], sweep_dir: Path, context: SweepContext) -> Iterator[RunOutcome]:
         if not runs:

@@ -333,7 +333,14 @@ class RayExecutor:
         """
         import ray
 
-        stop_file.write_text("stop", encoding="utf-8")
+        try:
+            stop_file.write_text("stop", encoding="utf-8")
+        except OSError:
+            # The sweep folder cannot be written (the fault that stopped the sweep, say), so neither can a
+            # checkpoint: every task is cancelled, and its run keeps the checkpoint it last wrote.
+            for ref in pending:
+                ray.cancel(ref)
+            return
         for event in ray.get(board.drain.remote()):
             live.on(event)
         for ref in pending:

@@ -14,6 +14,7 @@ before submitting it. submitit is an optional extra, imported only when jobs are
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from depthbench import stopping, storage
+from depthbench import faults, stopping, storage
 from depthbench.config import ResourcesConfig, RunConfig
 from depthbench.errors import DepthbenchError
 from depthbench.executors.base import (
@@ -79,13 +80,23 @@ class _SlurmRun:
         stop, result = threading.Event(), Future()
         self._stop, self._result = stop, result
         self._clock = clock = self._start_clock()
-        # SIGTERM (scancel, pre-emption) and SIGINT (submitit's local cancel): save and stop between steps.
+        looping = threading.Event()  # the run reached its step loop, where a stop saves a checkpoint
+
+        def on_stop(*_: Any) -> None:
+            # SIGTERM (scancel, pre-emption) and SIGINT (submitit's local cancel): save and stop between steps.
+            stop.set()
+            if not looping.is_set():
+                # Still loading data or building its model, which can take minutes with nothing to save: the
+                # job ends now, and with it the claim on the run's folder.
+                raise SystemExit(_STOPPED_EXIT)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_stop)
         if clock is not None:
             _vet_warnings(clock)
 
         def should_stop() -> bool:
+            looping.set()
             if clock is not None:
                 clock.tick()
             return stop.is_set()
@@ -102,6 +113,12 @@ class _SlurmRun:
         finally:
             if clock is not None:
                 clock.stop()
+        if outcome.fault is not None:
+            # The driver reads outcomes from the run folders, never from submitit's pickles: the fault is
+            # left beside the job's logs, when the disk still takes that much, and the driver looks too.
+            with contextlib.suppress(OSError):
+                storage.write_json(_fault_path(self.sweep_dir, self.cfg), dataclasses.asdict(outcome.fault))
+            sys.exit(faults.EXIT_CODE)
         if outcome.status == "interrupted":
             # Stopped by a signal with its checkpoint saved. Leaving no result keeps the job unfinished
             # for the driver, so a job SLURM requeues after pre-emption picks the run up where it stopped.
@@ -177,6 +194,21 @@ def _vet_warnings(clock: JobClock) -> None:
 
 def _timing_path(sweep_dir: Path, cfg: RunConfig) -> Path:
     return sweep_dir / "slurm" / f"{cfg.run_id}.timing.json"
+
+
+def _fault_path(sweep_dir: Path, cfg: RunConfig) -> Path:
+    return sweep_dir / "slurm" / f"{cfg.run_id}.fault.json"
+
+
+def _fault_of(sweep_dir: Path, cfg: RunConfig) -> faults.MachineFault | None:
+    """The machine fault that stopped a job without a result: as the job left it, or as the driver meets
+    it now in the sweep folder (a disk too full for the job to say so)."""
+    path = _fault_path(sweep_dir, cfg)
+    said = storage.read_json(path)
+    if isinstance(said, dict) and set(said) == {"condition", "path", "fix"}:
+        path.unlink(missing_ok=True)
+        return faults.MachineFault(**{key: str(value) for key, value in said.items()})
+    return faults.probe(sweep_dir)
 
 
 @dataclass(frozen=True)
@@ -366,6 +398,8 @@ class SlurmExecutor:
         if state in ("completed", "diverged", "failed"):
             result = storage.read_json(run_dir / RESULT)
             return RunOutcome(cfg, state, result, message=str(result.get("error", "")) if state == "failed" else "")
+        if (fault := _fault_of(sweep_dir, cfg)) is not None:
+            return RunOutcome(cfg, "interrupted", message=f"stopped: {fault}; its last checkpoint is kept", fault=fault)
         log = _tail(Path(job.paths.stderr))
         done, total = checkpoint_step(run_dir), cfg.train.steps
         progress = f"{done} of {total} steps done, checkpoint kept" if done else "no step done"
