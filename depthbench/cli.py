@@ -369,7 +369,16 @@ def _vit_table(max_depth: int, image_size: int, num_classes: int, width: int, *,
 @command
 def bench(
     version: Annotated[str, typer.Option(help="v1 or v2.")] = "v2",
-    depth: Annotated[int, typer.Option(help="Depth of the net to time.")] = 56,
+    depth: Annotated[int, typer.Option(help="Depth of the net to time (a ViT's: its blocks).")] = 56,
+    family: Annotated[str, typer.Option(help=f"{' or '.join(FAMILIES)}.")] = "resnet",
+    unit: Annotated[str | None, typer.Option(help="Unit overriding the version's; " + "; ".join(
+        f"{name}: {', '.join(f.units)}" for name, f in FAMILIES.items()) + ".")] = None,
+    width: Annotated[int | None, typer.Option(
+        min=1, help="Base width of a ResNet, embedding width of a ViT (default: the family's).")] = None,
+    heads: Annotated[int | None, typer.Option(min=1, help="vit: attention heads (default: the family's).")] = None,
+    patch: Annotated[int | None, typer.Option(min=1, help="vit: patch side (default: the family's).")] = None,
+    mlp_ratio: Annotated[float | None, typer.Option(
+        help="vit: MLP hidden width over width (default: the family's).")] = None,
     depths: Annotated[str | None, typer.Option(
         help="Comma-separated depths, e.g. 20,56,110,164: a table of time and memory against depth, "
              "with and without checkpointing, instead of the comparison.")] = None,
@@ -395,8 +404,8 @@ def bench(
         "--cuda-graph/--no-cuda-graph", help="On CUDA, capture the trainer's step once as a CUDA graph and "
                                              "replay it (train.cuda_graph); no effect on a CPU.")] = True,
     data: Annotated[str, typer.Option(
-        help="auto (the shared CIFAR-10 tarball if present, else synthetic), synthetic, "
-             "or an image folder / .tar.gz.")] = "auto",
+        help="auto (the shared CIFAR-10 tarball if present, else synthetic), synthetic, digits (scikit-learn's "
+             "8x8 digits), or an image folder / .tar.gz.")] = "auto",
     train_subset: Annotated[int, typer.Option(min=1, help="Training images to load.")] = 5000,
     workers: Annotated[int | None, typer.Option(
         min=0, help="DataLoader workers of the usual pipeline; default min(4, cores).")] = None,
@@ -414,7 +423,8 @@ def bench(
 
     if depths and concurrent:
         raise DepthbenchError("--depths and --concurrent are two separate measurements; give one of them")
-    spec = BenchSpec(version=version, depth=depth, batch_size=batch_size, steps=steps, warmup=warmup,
+    spec = BenchSpec(version=version, depth=depth, family=family, unit=unit, width=width, heads=heads, patch=patch,
+                     mlp_ratio=mlp_ratio, batch_size=batch_size, steps=steps, warmup=warmup,
                      device=device or "auto", precision=precision, checkpointing=checkpointing, segments=segments,
                      compile=compile, cuda_graph=cuda_graph, data=data, train_subset=train_subset, workers=workers)
     if depths:

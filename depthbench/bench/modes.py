@@ -24,6 +24,7 @@ from depthbench.config import RunConfig, TrainConfig
 from depthbench.data import TensorData, load_dataset
 from depthbench.errors import DepthbenchError
 from depthbench.models import count_params, forward_flops, model_from_config
+from depthbench.transformer import VIT_VERSION_UNIT, vit_forward_flops, vit_param_count, vit_settings
 from depthbench.devices import resolve_device, resolve_precision
 
 # The CIFAR schedule of He et al., the config's default, for the extrapolated run time.
@@ -198,7 +199,16 @@ def _prepare(spec: BenchSpec, depths: Sequence[int], checkpointing: bool | None 
 
 
 def _net(cfg: RunConfig, data: TensorData) -> tuple[str, int, int, int]:
-    """Block, units per stage, parameters and training FLOPs per image (3x forward) of cfg's net."""
+    """Block, units per stage, parameters and training FLOPs per image (3x forward) of cfg's net; a ViT's
+    block is its unit, its one stage holds every block, and its FLOPs count attention's matmuls too."""
+    if cfg.model.family == "vit":
+        settings = vit_settings(cfg.model)
+        unit = settings.pop("unit") or VIT_VERSION_UNIT[cfg.version]
+        params = vit_param_count(cfg.depth, unit=unit, image_size=data.image_size, in_channels=data.in_channels,
+                                 num_classes=data.num_classes, **settings)
+        flops = vit_forward_flops(cfg.depth, image_size=data.image_size, in_channels=data.in_channels,
+                                  num_classes=data.num_classes, **settings)
+        return unit, cfg.depth, params, 3 * flops
     block, n = resolve_block(cfg.depth, cfg.model.block)
     with torch.device("meta"):  # shapes only: no memory or init cost, even for ResNet-1001
         net = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels, data.image_size)
@@ -209,7 +219,7 @@ def _context(spec: BenchSpec, cfg: RunConfig, described: str, load_s: float, sta
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_precision(cfg.train.precision, device)
     return {
-        "version": cfg.version, "batch_size": spec.batch_size, "steps": spec.steps, "warmup": spec.warmup,
+        "family": cfg.model.family, "version": cfg.version, "batch_size": spec.batch_size, "steps": spec.steps, "warmup": spec.warmup,
         "compile": spec.compile, "cuda_graph": cfg.train.cuda_graph, "channels_last": cfg.train.channels_last,
         "data": described,
         "device": str(device), "device_name": device_name(device),
