@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -128,6 +129,9 @@ def sweep(
     slurm_local: Annotated[bool, typer.Option(
         "--slurm-local", help="slurm: run the jobs with submitit's local executor on this machine, to try a sweep "
                               "before submitting it.")] = False,
+    no_estimate: Annotated[bool, typer.Option(
+        "--no-estimate", help="Skip timing a few steps of each distinct net to estimate the sweep's duration "
+                              "(local runs only; trials are cached).")] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", help="ray, slurm: also show the engine's own messages, which otherwise go to the sweep's "
                           "sweep.log.")] = False,
@@ -143,7 +147,7 @@ def sweep(
 
         resolve_device(device, "--device")
     if dry_run:
-        _show_plan(cfg, out, device, retry_failed)
+        _show_plan(cfg, out, device, retry_failed, estimate_jobs=None if no_estimate else jobs)
         return
     if tensorboard:
         from depthbench.tracking import require_tensorboard
@@ -168,6 +172,14 @@ def sweep(
         ])
 
     again = again_with(where)
+    estimate = None
+    if not no_estimate and executor == "local":  # elsewhere the runs train on machines this one cannot time
+        estimate = _estimate(cfg, out, device, retry_failed, jobs, checked=True)
+    if estimate is not None:
+        from depthbench.duration import estimate_line
+
+        console.print(estimate_line(estimate), markup=False, highlight=False)
+    started = time.perf_counter()
     try:
         with RichReporter(console) as reporter:
             flags = RunFlags(retry_failed=retry_failed, tensorboard=tensorboard,
@@ -182,6 +194,10 @@ def sweep(
     folder = sweep_dir_for(cfg, out)
     failed, busy = len(outcome.failed), outcome.count("busy")
     console.print(f"results: {folder / 'results.csv'}")
+    if estimate is not None and estimate.run_s:
+        from depthbench.duration import compare_line
+
+        console.print(compare_line(estimate, time.perf_counter() - started), markup=False, highlight=False)
     if busy:
         console.print(f"{busy} run(s) are being trained by another process; re-run later to pick up what is left")
     if outcome.interrupted:
@@ -205,7 +221,20 @@ def _interrupted(cfg: Any, out: Path, device: str | None, again: str) -> NoRetur
     raise typer.Exit(130)
 
 
-def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> None:
+def _estimate(cfg: Any, out: Path, device: str | None, retry_failed: bool, jobs: int, checked: bool = False) -> Any:
+    """The sweep's estimated duration (depthbench.duration) for the runs left to do; ``checked``: after the
+    sweep's preflight, so that its errors come first, before any trial reads data."""
+    from depthbench.duration import estimate_sweep
+    from depthbench.sweep import plan, preflight, sweep_dir_for
+
+    todo = plan(cfg, out, device=device, retry_failed=retry_failed)[1]
+    if checked:
+        preflight(todo)
+    return estimate_sweep(todo, sweep_dir_for(cfg, out), jobs)
+
+
+def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool, estimate_jobs: int | None = None,
+               ) -> None:
     from depthbench.estimate import format_bytes, plan_estimates
     from depthbench.layout import run_state
     from depthbench.sweep import plan, sweep_dir_for
@@ -216,7 +245,9 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> N
     rooms = ", ".join(f"{name} {'not on this machine' if b is None else format_bytes(b)}" for name, b in free.items())
     table = Table(title=f"{cfg.name}: {len(todo)} of {len(runs)} runs to do ({folder})",
                   caption=f"memory: estimated training peak on the run's device; free now: {rooms}")
-    for column in ("run id", "version", "depth", "block", "seed", "steps", "params", "memory", "state"):
+    timing = _estimate(cfg, out, device, retry_failed, estimate_jobs) if estimate_jobs else None
+    for column in ("run id", "version", "depth", "block", "seed", "steps", "params", "memory", "state",
+                   *(("step", "time") if timing else ())):
         table.add_column(column)
     pending = {r.run_id for r in todo}
     for run in runs:
@@ -226,9 +257,23 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool) -> N
         memory = "n/a" if est is None else format_bytes(est.total) + (" (too big)" if room and est.total > room else "")
         table.add_row(run.run_id, run.version, str(run.depth), f"{block} (n={n})", str(run.seed),
                       str(run.train.steps), "n/a" if est is None else f"{est.params:,}", memory,
-                      f"{state} -> to do" if run.run_id in pending else state)
+                      f"{state} -> to do" if run.run_id in pending else state,
+                      *(_run_timing(timing, run.run_id) if timing else ()))
     console.print(table)
+    if timing:
+        from depthbench.duration import estimate_line
+
+        console.print(estimate_line(timing), markup=False, highlight=False)
     console.print("grid: " + "; ".join(f"{key}: {', '.join(map(str, values))}" for key, values in cfg.axes().items()))
+
+
+def _run_timing(timing: Any, run_id: str) -> tuple[str, str]:
+    """A run's estimated step time and remaining duration, as the --dry-run table shows them."""
+    from depthbench.duration import format_duration
+
+    if run_id not in timing.run_s:
+        return "", ""
+    return format_duration(timing.step_s[run_id]), format_duration(timing.run_s[run_id])
 
 
 @command
