@@ -25,7 +25,7 @@ from depthbench.data import TensorData, load_dataset
 from depthbench.errors import DepthbenchError
 from depthbench.models import count_params, forward_flops, model_from_config
 from depthbench.transformer import VIT_VERSION_UNIT, vit_forward_flops, vit_param_count, vit_settings
-from depthbench.devices import resolve_device, resolve_precision
+from depthbench.devices import attention_name, resolve_device, resolve_precision
 
 # The CIFAR schedule of He et al., the config's default, for the extrapolated run time.
 PAPER_STEPS: int = TrainConfig.model_fields["steps"].default
@@ -225,6 +225,7 @@ def _context(spec: BenchSpec, cfg: RunConfig, described: str, load_s: float, sta
         "device": str(device), "device_name": device_name(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "precision": str(amp_dtype or torch.float32).removeprefix("torch."),
+        **({"attention": attention_name(device, amp_dtype)} if cfg.model.family == "vit" else {}),
         "load_1m": load_avg(), "startup_s": startup, "data_load_s": load_s,
     }
 
