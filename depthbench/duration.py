@@ -32,11 +32,11 @@ from filelock import FileLock
 
 from depthbench import storage
 from depthbench.bench.probes import device_name, sync, timed
-from depthbench.config import RunConfig
+from depthbench.config import DatasetConfig, RunConfig
 from depthbench.data import data_root, load_dataset
 from depthbench.devices import resolve_device
 from depthbench.errors import DepthbenchError
-from depthbench.estimate import check_fits, known_shape
+from depthbench.estimate import DataShape, check_fits, known_shape
 from depthbench.executors.local import threads_per_job
 from depthbench.layout import CHECKPOINT
 
@@ -99,10 +99,12 @@ def measure_shape(run: RunConfig, threads: int) -> ShapeTiming:
     from depthbench.bench.trainer import trainer_step
     from depthbench.train import TrainingSetup, evaluate
 
-    # Enough steps to time: more than the trial takes, within the paper's schedule checks.
-    trial = run.model_copy(update={"train": run.train.model_copy(update={"steps": 1000, "milestones": (0.5, 0.75)})})
-    if (shape := known_shape(run.dataset)) is not None:  # too big for the device: refused before any data is read
+    shape = known_shape(run.dataset)
+    if shape is not None:  # too big for the device: refused before any data is read
         check_fits(run, shape, resolve_device(run.train.device))
+    # Enough steps to time: more than the trial takes, within the paper's schedule checks.
+    trial = run.model_copy(update={"dataset": _trial_dataset(run, shape), "train": run.train.model_copy(
+        update={"steps": 1000, "milestones": (0.5, 0.75)})})
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -124,6 +126,18 @@ def measure_shape(run: RunConfig, threads: int) -> ShapeTiming:
     finally:
         torch.set_num_threads(before)
     return ShapeTiming(statistics.median(steps), eval_s, setup_s)
+
+
+def _trial_dataset(run: RunConfig, shape: DataShape | None) -> DatasetConfig:
+    """What a trial trains on: a step's time depends on the images' shape, not on what they show, so a
+    CIFAR run is timed on synthetic images of its shape (nothing downloaded for a dry-run); the bundled
+    digits (one channel) and image folders (shape known once read) are read as they are."""
+    if run.dataset.name not in ("cifar10", "cifar100") or shape is None:
+        return run.dataset
+    return DatasetConfig(name="synthetic", image_size=shape.image_size, num_classes=shape.num_classes,
+                         augment=run.dataset.augment, flip=run.dataset.flip,
+                         train_subset=run.train.batch_size * (TRIAL_WARMUP + TRIAL_STEPS + 1),
+                         test_subset=run.dataset.test_subset or shape.test_size)
 
 
 Measure = Callable[[RunConfig, int], ShapeTiming]

@@ -110,3 +110,12 @@ def test_a_real_sweep_takes_about_its_estimate(tmp_path: Path) -> None:
     assert re.search(r"estimated: 4 run\(s\), .* wall time with --jobs 1", result.output)
     off = int(re.search(r"took .*, estimated .* \(([+-]\d+)%\)", result.output).group(1))
     assert -67 <= off <= 200, result.output
+
+
+def test_a_cifar_run_is_timed_on_synthetic_images_of_its_shape() -> None:
+    run = tiny_run(dataset={"name": "cifar100", "train_subset": None, "test_subset": None, "image_size": None})
+    trial = duration._trial_dataset(run, duration.known_shape(run.dataset))
+    assert (trial.name, trial.image_size, trial.num_classes, trial.test_subset) == ("synthetic", 32, 100, 10_000)
+    assert trial.train_subset == 16 * (duration.TRIAL_WARMUP + duration.TRIAL_STEPS + 1)
+    digits = tiny_run(dataset={"name": "digits", "image_size": 8, "train_subset": None, "test_subset": None})
+    assert duration._trial_dataset(digits, duration.known_shape(digits.dataset)) == digits.dataset
