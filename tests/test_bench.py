@@ -268,3 +268,14 @@ def test_bench_times_a_vit_against_the_usual_loop_with_the_same_keys() -> None:
     table = invoke("--family", "vit", "--depth", "2", "--width", "16", "--heads", "2", "--patch", "2",
                    "--data", "digits", "--batch-size", "16", "--steps", "2", "--warmup", "1", "--workers", "1")
     assert table.exit_code == 0 and "v2 ViT-2 (pre_ln, 2 blocks, " in table.stdout
+
+
+def test_bench_scaling_of_a_vit_has_no_checkpointed_column_and_one_stage() -> None:
+    result = invoke("--family", "vit", "--depths", "2,4", "--width", "16", "--heads", "2", "--patch", "8",
+                    *TINY, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [(r["depth"], r["block"], r["step_s_ckpt"], r["peak_mem_mb_ckpt"]) for r in rows] == [
+        (2, "pre_ln", None, None), (4, "pre_ln", None, None)]
+    # Every block adds the same activations: two blocks' worth from depth 2 to 4, in one stage.
+    assert rows[1]["activation_mb_per_unit"] == pytest.approx((rows[1]["activation_mb"] - rows[0]["activation_mb"]) / 2)

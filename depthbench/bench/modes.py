@@ -107,12 +107,13 @@ def run_scaling(spec: BenchSpec, depths: Sequence[int]) -> dict[str, Any]:
         block, n, params, flops = _net(cfg, data)
         plain = measure_trainer(cfg, data, steps=spec.steps, warmup=spec.warmup)
         ckpt = None
-        if not spec.compile:  # checkpointing does not compile (run_config says why)
+        # Checkpointing does not compile (run_config says why), and a ViT never checkpoints.
+        if not spec.compile and spec.family == "resnet":
             ckpt_cfg = run_config(spec, cfg.dataset, depth=cfg.depth, checkpointing=True)
             ckpt = measure_trainer(ckpt_cfg, data, steps=spec.steps, warmup=spec.warmup)
         host = measure_host(cfg, data.num_classes)
         rows.append({
-            "depth": cfg.depth, "block": block, "units_per_stage": n, "params": params,
+            "family": cfg.model.family, "depth": cfg.depth, "block": block, "units_per_stage": n, "params": params,
             "train_flops_per_img": flops,
             "step_s": plain.timing.step_s, "img_per_s": plain.timing.img_per_s,
             "mfu": flops * plain.timing.img_per_s / peak,
@@ -247,7 +248,8 @@ def _add_linearity(rows: list[dict[str, Any]]) -> None:
     for block in {r["block"] for r in rows}:
         same = sorted((r for r in rows if r["block"] == block), key=lambda r: r["units_per_stage"])
         for prev, row in zip(same, same[1:]):
-            added = 3 * (row["units_per_stage"] - prev["units_per_stage"])
+            stages = 1 if row.get("family") == "vit" else 3  # a ViT's blocks are one stage
+            added = stages * (row["units_per_stage"] - prev["units_per_stage"])
             if added > 0:
                 row["activation_mb_per_unit"] = (row["activation_mb"] - prev["activation_mb"]) / added
 
