@@ -30,6 +30,7 @@ sweep, planning it and reading a runs/ folder answer fast. This map is the one l
       flow.py          per-unit gradient and signal measurements (train.diagnose_steps)
       step.py          the training step: eager, or one CUDA graph checked against eager (with fallback)
       train.py         the one trainer: setup, resume, the labelled step loop, result.json
+      duration.py      a sweep's time before it runs: a few timed steps per distinct shape, cached
       sweep.py         plan, claim, train and record each run; preflight; the executor contract; results.csv
       executors/       where runs train besides one after another in this process; make_executor
         base.py        the options that choose an executor, and what the engines share

@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -132,6 +133,9 @@ def sweep(
     slurm_local: Annotated[bool, typer.Option(
         "--slurm-local", help="slurm: run the jobs with submitit's local executor on this machine, to try a sweep "
                               "before submitting it.")] = False,
+    no_estimate: Annotated[bool, typer.Option(
+        "--no-estimate", help="Skip timing a few steps of each distinct net to estimate the sweep's duration "
+                              "(local runs only; trials are cached).")] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", help="ray, slurm: also show the engine's own messages, which otherwise go to the sweep's "
                           "sweep.log.")] = False,
@@ -147,7 +151,7 @@ def sweep(
 
         resolve_device(device, "--device")
     if dry_run:
-        _show_plan(cfg, out, device, retry_failed, show_all)
+        _show_plan(cfg, out, device, retry_failed, show_all, estimate_jobs=None if no_estimate else jobs)
         return
     if tensorboard:
         from depthbench.tracking import require_tensorboard
@@ -173,6 +177,14 @@ def sweep(
         ])
 
     again = again_with(where)
+    estimate = None
+    if not no_estimate and executor == "local":  # elsewhere the runs train on machines this one cannot time
+        estimate = _estimate(cfg, out, device, retry_failed, jobs, checked=True)
+    if estimate is not None:
+        from depthbench.duration import estimate_line
+
+        console.print(estimate_line(estimate), markup=False, highlight=False)
+    started = time.perf_counter()
     try:
         with RichReporter(console) as reporter:
             flags = RunFlags(retry_failed=retry_failed, tensorboard=tensorboard,
@@ -187,6 +199,10 @@ def sweep(
     folder = sweep_dir_for(cfg, out)
     failed, busy = len(outcome.failed), outcome.count("busy")
     console.print(f"results: {folder / 'results.csv'}")
+    if estimate is not None and estimate.run_s:
+        from depthbench.duration import compare_line
+
+        console.print(compare_line(estimate, time.perf_counter() - started), markup=False, highlight=False)
     if busy:
         console.print(f"{busy} run(s) are being trained by another process; re-run later to pick up what is left")
     if outcome.fault is not None:
@@ -217,11 +233,24 @@ def _interrupted(cfg: Any, out: Path, device: str | None, again: str) -> NoRetur
     raise typer.Exit(130)
 
 
+def _estimate(cfg: Any, out: Path, device: str | None, retry_failed: bool, jobs: int, checked: bool = False) -> Any:
+    """The sweep's estimated duration (depthbench.duration) for the runs left to do; ``checked``: after the
+    sweep's preflight, so that its errors come first, before any trial reads data."""
+    from depthbench.duration import estimate_sweep
+    from depthbench.sweep import plan, preflight, sweep_dir_for
+
+    todo = plan(cfg, out, device=device, retry_failed=retry_failed)[1]
+    if checked:
+        preflight(todo)
+    return estimate_sweep(todo, sweep_dir_for(cfg, out), jobs)
+
+
 # A --dry-run table longer than this shows its first and last rows and counts the rest (--all: every row).
 _PLAN_ROWS = 40
 
 
-def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool, show_all: bool = False) -> None:
+def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool, show_all: bool = False,
+               estimate_jobs: int | None = None) -> None:
     from depthbench.estimate import format_bytes, plan_estimates
     from depthbench.sweep import plan, run_states, sweep_dir_for
 
@@ -234,7 +263,9 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool, show
     rooms = ", ".join(f"{name} {'not on this machine' if b is None else format_bytes(b)}" for name, b in free.items())
     table = Table(title=f"{cfg.name}: {len(todo)} of {len(runs)} runs to do ({folder})",
                   caption=f"memory: estimated training peak on the run's device; free now: {rooms}")
-    for column in ("run id", "version", "depth", "block", "seed", "steps", "params", "memory", "state"):
+    timing = _estimate(cfg, out, device, retry_failed, estimate_jobs) if estimate_jobs else None
+    for column in ("run id", "version", "depth", "block", "seed", "steps", "params", "memory", "state",
+                   *(("step", "time") if timing else ())):
         table.add_column(column)
     for i, run in enumerate(shown):
         if len(shown) < len(runs) and i == len(shown) // 2:
@@ -245,8 +276,13 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool, show
         memory = "n/a" if est is None else format_bytes(est.total) + (" (too big)" if room and est.total > room else "")
         table.add_row(run.run_id, run.version, str(run.depth), f"{block} (n={n})", str(run.seed),
                       str(run.train.steps), "n/a" if est is None else f"{est.params:,}", memory,
-                      f"{state} -> to do" if run.run_id in pending else state)
+                      f"{state} -> to do" if run.run_id in pending else state,
+                      *(_run_timing(timing, run.run_id) if timing else ()))
     console.print(table)
+    if timing:
+        from depthbench.duration import estimate_line
+
+        console.print(estimate_line(timing), markup=False, highlight=False)
     if len(shown) < len(runs):
         from depthbench.sweep import plan_summary
 
@@ -254,6 +290,15 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool, show
             console.print(line)
         return
     console.print("grid: " + "; ".join(f"{key}: {', '.join(map(str, values))}" for key, values in cfg.axes().items()))
+
+
+def _run_timing(timing: Any, run_id: str) -> tuple[str, str]:
+    """A run's estimated step time and remaining duration, as the --dry-run table shows them."""
+    from depthbench.duration import format_duration
+
+    if run_id not in timing.run_s:
+        return "", ""
+    return format_duration(timing.step_s[run_id]), format_duration(timing.run_s[run_id])
 
 
 @command
@@ -394,7 +439,16 @@ def _vit_table(max_depth: int, image_size: int, num_classes: int, width: int, *,
 @command
 def bench(
     version: Annotated[str, typer.Option(help="v1 or v2.")] = "v2",
-    depth: Annotated[int, typer.Option(help="Depth of the net to time.")] = 56,
+    depth: Annotated[int, typer.Option(help="Depth of the net to time (a ViT's: its blocks).")] = 56,
+    family: Annotated[str, typer.Option(help=f"{' or '.join(FAMILIES)}.")] = "resnet",
+    unit: Annotated[str | None, typer.Option(help="Unit overriding the version's; " + "; ".join(
+        f"{name}: {', '.join(f.units)}" for name, f in FAMILIES.items()) + ".")] = None,
+    width: Annotated[int | None, typer.Option(
+        min=1, help="Base width of a ResNet, embedding width of a ViT (default: the family's).")] = None,
+    heads: Annotated[int | None, typer.Option(min=1, help="vit: attention heads (default: the family's).")] = None,
+    patch: Annotated[int | None, typer.Option(min=1, help="vit: patch side (default: the family's).")] = None,
+    mlp_ratio: Annotated[float | None, typer.Option(
+        help="vit: MLP hidden width over width (default: the family's).")] = None,
     depths: Annotated[str | None, typer.Option(
         help="Comma-separated depths, e.g. 20,56,110,164: a table of time and memory against depth, "
              "with and without checkpointing, instead of the comparison.")] = None,
@@ -420,8 +474,8 @@ def bench(
         "--cuda-graph/--no-cuda-graph", help="On CUDA, capture the trainer's step once as a CUDA graph and "
                                              "replay it (train.cuda_graph); no effect on a CPU.")] = True,
     data: Annotated[str, typer.Option(
-        help="auto (the shared CIFAR-10 tarball if present, else synthetic), synthetic, "
-             "or an image folder / .tar.gz.")] = "auto",
+        help="auto (the shared CIFAR-10 tarball if present, else synthetic), synthetic, digits (scikit-learn's "
+             "8x8 digits), or an image folder / .tar.gz.")] = "auto",
     train_subset: Annotated[int, typer.Option(min=1, help="Training images to load.")] = 5000,
     workers: Annotated[int | None, typer.Option(
         min=0, help="DataLoader workers of the usual pipeline; default min(4, cores).")] = None,
@@ -439,7 +493,8 @@ def bench(
 
     if depths and concurrent:
         raise DepthbenchError("--depths and --concurrent are two separate measurements; give one of them")
-    spec = BenchSpec(version=version, depth=depth, batch_size=batch_size, steps=steps, warmup=warmup,
+    spec = BenchSpec(version=version, depth=depth, family=family, unit=unit, width=width, heads=heads, patch=patch,
+                     mlp_ratio=mlp_ratio, batch_size=batch_size, steps=steps, warmup=warmup,
                      device=device or "auto", precision=precision, checkpointing=checkpointing, segments=segments,
                      compile=compile, cuda_graph=cuda_graph, data=data, train_subset=train_subset, workers=workers)
     if depths:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import platform
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from depthbench.config import DEVICE_NAME
 from depthbench.errors import DepthbenchError
@@ -52,6 +54,25 @@ def native_bf16(device: torch.device) -> bool:
         capabilities = getattr(torch.cpu, "get_capabilities", dict)()
         return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_tile"))
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # Arm: true only with the BF16 extension
+
+
+def attention_kernel(q: torch.Tensor) -> AbstractContextManager[None]:
+    """The scaled dot-product attention kernel for queries ``q``: one rule per device type and dtype.
+
+    On a CPU in bf16, PyTorch's fused (flash) attention has a backward far slower than the unfused math
+    path (two matmuls and a softmax, which oneDNN runs on the bf16 units), slow enough that a bf16 ViT
+    would train slower than in fp32; there the math path is used. Everywhere else PyTorch's own choice
+    stands: the fused kernels win on CUDA, and in fp32 on a CPU the two are level (BENCHMARKS.md).
+    Both compute softmax(q k^T / sqrt(d)) v, so the choice changes rounding only.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
+
+
+def attention_name(device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    """How a run's attention kernel is recorded (result.json): ``math`` or ``default`` (PyTorch's choice)."""
+    return "math" if device.type == "cpu" and amp_dtype == torch.bfloat16 else "default"
 
 
 def precision_name(amp_dtype: torch.dtype | None) -> str:

@@ -46,7 +46,10 @@ activation element (4, or 2 under bf16 autocast); on CPU this is exact::
     patch embedding      the image (e per pixel; under autocast also the bf16 copy of the conv weight)
     every linear         its input (e: under autocast a bf16 copy of the fp32 stream) and its weight, as above
     attention            q, k, v and the output (4Tw, e) and the logsumexp (HT, fp32); the fused kernel
-                         keeps no T x T scores (CUDA's kernels may pad the logsumexp and keep an RNG state)
+                         keeps no T x T scores (CUDA's kernels may pad the logsumexp and keep an RNG state).
+                         On a CPU in bf16 the math path runs (devices.attention_kernel): it keeps q and k
+                         scaled and k transposed as well (3Tw, e) and the attention weights (HT^2, fp32),
+                         and no logsumexp
     GELU                 its input, the MLP's hidden map (Th)
     LayerNorm            its input (Tw, fp32: autocast runs LayerNorm in fp32, and the residual stream stays
                          fp32 from the fp32 position embedding on), its mean and 1/std (2T, fp32)
@@ -55,7 +58,7 @@ activation element (4, or 2 under bf16 autocast); on CPU this is exact::
     head                 its input: without autocast and with a class token the view of all T tokens it is
                          selected from (Tw, fp32), else the w pooled values
 
-So a block saves e(6Tw + 2Th) + 4HT bytes (the qkv input, q, k, v, the attention output, the MLP's input
+So a block saves e(6Tw + 2Th) + 4HT bytes (e(9Tw + 2Th) + 4HT^2 on a CPU in bf16) (the qkv input, q, k, v, the attention output, the MLP's input
 and its hidden map before and after the GELU), plus 2(4Tw + 8T) for its two LayerNorms (post_ln, pre_ln,
 deepnorm) or 2eTw for ReZero's two gated products; pre_ln's final LayerNorm adds 4Tw + 8T. A ViT does not
 checkpoint.
@@ -407,7 +410,7 @@ def _run_footprint(cfg: RunConfig, shape: DataShape, device_type: str, bf16: boo
     elem = _precision_bytes(cfg, device_type, bf16)
     if cfg.model.family == "vit":
         return _vit_footprint(cfg.version, cfg.depth, cfg.model, shape.num_classes, shape.channels,
-                              shape.image_size, elem)
+                              shape.image_size, elem, math_attention=device_type == "cpu" and elem == 2)
     net = _net(cfg.version, cfg.depth, cfg.model, shape.num_classes, shape.channels, shape.image_size)
     return _footprint(net, cfg.model.checkpointing, elem, 1 if device_type == "cuda" else elem)
 
@@ -417,7 +420,7 @@ def _run_footprint(cfg: RunConfig, shape: DataShape, device_type: str, bf16: boo
 
 
 def _vit_footprint(version: str, depth: int, model: ModelConfig, num_classes: int, in_channels: int, side: int,
-                   elem: int) -> _Footprint:
+                   elem: int, math_attention: bool = False) -> _Footprint:
     """A ViT's parameters and saved bytes, as models.ViT runs it: the formula of the module docstring."""
     settings = vit_settings(model)
     unit = settings.pop("unit") or VIT_VERSION_UNIT[version]
@@ -427,7 +430,10 @@ def _vit_footprint(version: str, depth: int, model: ModelConfig, num_classes: in
     hidden = mlp_hidden(w, settings["mlp_ratio"])
     t = vit_tokens(patch=settings["patch"], image_size=side, pool=settings["pool"])
     layer_norm = 4 * t * w + 2 * 4 * t  # fp32 input, mean and 1/std
-    block = elem * (6 * t * w + 2 * t * hidden) + 4 * heads * t
+    if math_attention:  # scaled q and k, the transposed k, and the fp32 T x T weights; no logsumexp
+        block = elem * (9 * t * w + 2 * t * hidden) + 4 * heads * t * t
+    else:
+        block = elem * (6 * t * w + 2 * t * hidden) + 4 * heads * t
     block += 2 * elem * t * w if rule.gate else rule.norms_per_block * layer_norm
     head = layer_norm if rule.final_norm else 0
     # Without autocast the head's input is a view, and autograd keeps the storage it views: every token.

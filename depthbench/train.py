@@ -35,7 +35,7 @@ from depthbench import stopping, storage
 from depthbench.augment import apply_augmentation, draw_augmentation, normalize
 from depthbench.config import RunConfig, TrainConfig, dump_run_config
 from depthbench.data import TensorData, load_dataset
-from depthbench.devices import keep_freed_memory, precision_name, resolve_device, resolve_precision
+from depthbench.devices import attention_name, keep_freed_memory, precision_name, resolve_device, resolve_precision
 from depthbench.errors import DepthbenchError
 from depthbench.estimate import DataShape, check_fits
 from depthbench.flow import record_step
@@ -523,6 +523,8 @@ def train_run(
         "device": str(device),
         "precision": setup.precision,
         "cuda_graph": bool(train_step and train_step.graphed),  # the step was one replayed CUDA graph
+        # The attention kernel follows the device type and precision, which a resume keeps.
+        **({"attention": attention_name(device, setup.amp_dtype)} if cfg.model.family == "vit" else {}),
     }
     result["success"] = status == "completed" and cfg.success(result)
     storage.write_json(run_dir / RESULT, _json_safe(result))

@@ -9,7 +9,8 @@ dependencies are what it is about to install. In order:
    (NOT_ON_IMAGE), and fails if pydantic imports before the install.
 2. install: `pip install --no-index --find-links WHEELS pydantic pytest-timeout`, then
    `pip install --no-index --find-links WHEELS --no-deps -e .` (setuptools, to build it, comes from WHEELS).
-3. env; pytest -k cuda; bench of v2 ResNet-20/110/164/1001, graphed and eager step; loss agreement of
+3. env; pytest -k cuda; bench of v2 ResNet-20/110/164/1001 and of a 24-block ViT (precision auto, which
+   it records with the attention kernel), graphed and eager step; loss agreement of
    graphed vs eager and bf16 vs fp32 over 200 steps at 110 and 1001 layers (two generated sweeps, every
    run at once on the GPU); bench --concurrent 1,2,4; a sweep SIGKILLed mid-run and resumed, against an
    uninterrupted one trained beside it; a ResNet-20 run of 2,000 steps on the CIFAR-10 JPEGs.
@@ -58,13 +59,13 @@ NOT_ON_IMAGE = {"pydantic", "pydantic_core", "annotated_types", "typing_inspecti
 TIMEOUTS: dict[str, dict[str, float]] = {
     "gpu": {
         "venv": 5, "install": 25, "env": 15, "pytest": 40,
-        "bench 20": 15, "bench 110": 18, "bench 164": 18, "bench 1001": 32,  # each, graphed and eager
-        "agree": 80, "concurrent": 40, "resume": 45, "realdata": 50,
+        "bench 20": 15, "bench 110": 18, "bench 164": 18, "bench 1001": 28, "bench vit": 11,  # each, graphed and eager
+        "agree": 76, "concurrent": 40, "resume": 45, "realdata": 50,
     },
     # Two busy CPU cores: generous, since a rehearsal is about the plumbing, not the time.
     "rehearse": {
         "venv": 60, "wheels": 120, "install": 180, "env": 60, "pytest": 300,
-        "bench 8": 150,
+        "bench 8": 150, "bench vit": 150,
         "agree": 300, "concurrent": 300, "resume": 300, "realdata": 300,
     },
 }
@@ -80,6 +81,7 @@ class Sizes:
     bench_batch: int
     bench_precision: str  # bf16 on the GPU; the rehearsal's CPU may only emulate it, slowly
     bench_images: int  # synthetic training images: speed does not depend on what they show
+    bench_vit: tuple[str, ...]  # the ViT that bench --family vit times (32x32 synthetic images), in its options
     agree_depths: tuple[int, ...]
     agree_steps: int
     agree_batch: int
@@ -109,6 +111,8 @@ GPU = Sizes(
     bench_depths=(20, 110, 164, 1001),
     bench_steps={20: (20, 3), 110: (20, 3), 164: (20, 3), 1001: (5, 2)},
     bench_batch=128, bench_precision="bf16", bench_images=2048,
+    # 24 blocks of width 64 on 17 tokens (16 patches and a class token), as on 8x8 digits with patches of 2.
+    bench_vit=("--depth", "24", "--width", "64", "--heads", "4", "--patch", "8", "--steps", "20", "--warmup", "3"),
     agree_depths=(110, 1001), agree_steps=200, agree_batch=128, log_every=10, width=16,
     concurrent="1,2,4", concurrent_depth=20,
     resume_depth=56, resume_steps=600, resume_kill_at=300, resume_checkpoint_every=100,
@@ -120,6 +124,7 @@ REHEARSAL = Sizes(
     bench_depths=(8,),  # the agreement part trains a bottleneck net (11) too
     bench_steps={8: (2, 1)},
     bench_batch=8, bench_precision="fp32", bench_images=64,
+    bench_vit=("--depth", "2", "--width", "16", "--heads", "2", "--patch", "8", "--steps", "2", "--warmup", "1"),
     agree_depths=(8, 11), agree_steps=20, agree_batch=16, log_every=5, width=4,
     concurrent="1,2", concurrent_depth=8,
     resume_depth=8, resume_steps=120, resume_kill_at=40, resume_checkpoint_every=20,
@@ -441,6 +446,19 @@ class Check:
                     self.rec.part(name, "FAIL", ran.seconds, ran.why() if not ran.ok else "no JSON printed")
                     continue
                 self.rec.part(name, "ok", ran.seconds, bench_line(result), bench=result)
+        if "--family" not in self.bench_help:
+            self.rec.part("bench vit", "n/a", 0.0, "depthbench bench has no --family option yet")
+            return
+        for label, flags in variants:  # precision auto: the result records what it chose, and the attention kernel
+            name = f"bench vit {label}"
+            ran = self.run([self.depthbench, "bench", "--family", "vit", *s.bench_vit, "--device", s.device,
+                            "--batch-size", s.bench_batch, "--data", "synthetic", "--train-subset", s.bench_images,
+                            *flags, "--json"], self.t["bench vit"])
+            result = last_json(ran.out)
+            if not ran.ok or result is None:
+                self.rec.part(name, "FAIL", ran.seconds, ran.why() if not ran.ok else "no JSON printed")
+                continue
+            self.rec.part(name, "ok", ran.seconds, bench_line(result), bench=result)
 
     def agreement(self) -> None:
         """Same runs, same seed: graphed vs eager step, bf16 vs fp32, compared on the logged train loss."""
@@ -759,6 +777,7 @@ def bench_line(r: dict[str, Any]) -> str:
             f"peak {number(r.get('peak_mem_mb'), '{:.0f}')} MB, 64k steps {number(r.get('paper_run_h'), '{:.2f}')} h, "
             f"host {number(r.get('host_ms_per_step'), '{:.2f}')} ms/step, "
             f"{number(r.get('kernels_per_step'), '{:.0f}')} kernels/step ({r.get('precision')}, "
+            + (f"attention {r['attention']}, " if r.get("attention") else "") +
             f"batch {r.get('batch_size')})")
 
 

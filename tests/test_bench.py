@@ -24,7 +24,7 @@ from depthbench.cli import app
 from depthbench.config import DatasetConfig
 from depthbench.data import load_dataset
 from depthbench.devices import precision_name
-from depthbench.models import build_model, count_params, forward_flops
+from depthbench.models import build_model, count_params, forward_flops, vit_forward_flops, vit_param_count
 from depthbench.step import update_step
 from depthbench.train import TrainingSetup, resolve_precision
 
@@ -225,7 +225,7 @@ def test_peak_memory_sees_an_allocation_and_not_what_came_before() -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (("--depth", "57"), "error: depth 57 fits no block type: depth must be 6n+2 (basic) or 9n+2 (bottleneck)"),
     (("--depths", "20,x"), "error: --depths '20,x' must be comma-separated whole numbers"),
-    (("--data", "/no/such/folder"), "error: --data '/no/such/folder' is neither auto, synthetic nor an existing"),
+    (("--data", "/no/such/folder"), "error: --data '/no/such/folder' is neither auto, synthetic, digits nor an existing"),
     (("--precision", "fp16"), "error: --precision 'fp16' is unknown; auto, fp32 or bf16"),
     (("--checkpointing", "--compile"), "error: --checkpointing and --compile do not combine"),
     (("--segments", "4"), "error: --segments says how --checkpointing splits each stage; add --checkpointing"),
@@ -237,9 +237,45 @@ def test_peak_memory_sees_an_allocation_and_not_what_came_before() -> None:
     (("--concurrent", "1,x"), "error: --concurrent '1,x' must be comma-separated whole numbers, e.g. 1,2,4"),
     (("--concurrent", "0,2"), "error: --concurrent '0,2': each count of runs at once must be at least 1"),
     (("--concurrent", "2", "--depths", "8,14"), "error: --depths and --concurrent are two separate measurements"),
+    (("--family", "vits"), "error: --family 'vits' is unknown (did you mean 'vit'?); resnet or vit"),
+    (("--family", "vit", "--width", "30", "--heads", "4"),
+     "error: model.heads: width 30 is not divisible by 4 heads; nearest head counts that divide it: 3 or 5"),
 ])
 def test_bench_user_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
     result = runner.invoke(app, ["bench", *args])
     assert result.exit_code == 2
     assert result.output.strip().startswith(message), result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_times_a_vit_against_the_usual_loop_with_the_same_keys() -> None:
+    result = invoke("--family", "vit", "--depth", "2", "--width", "16", "--heads", "2", "--patch", "2",
+                    "--unit", "deepnorm", "--data", "digits", "--batch-size", "16", "--steps", "2", "--warmup", "1",
+                    "--workers", "1", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    # 8x8 digits in patches of 2: 16 patches and a class token; parameters and FLOPs by formula.
+    shape = {"width": 16, "heads": 2, "mlp_ratio": 4.0, "patch": 2, "pool": "cls", "image_size": 8,
+             "in_channels": 1, "num_classes": 10}
+    assert (out["family"], out["block"], out["units_per_stage"]) == ("vit", "deepnorm", 2)
+    assert out["params"] == vit_param_count(2, unit="deepnorm", **shape)
+    assert out["train_flops_per_img"] == 3 * vit_forward_flops(2, **shape)
+    assert out["data"] == "scikit-learn's digits, 8x8, unaugmented, 1437 train images"
+    assert out["speedup"] == pytest.approx(out["img_per_s"] / out["baseline_img_per_s"])
+    for key in ("mfu", "peak_mem_mb", "activation_mb", "host_ms_per_step", "kernels_per_step"):
+        assert out[key] > 0, key
+    assert out["kernels_by_phase"]["optimizer"] > 0
+    table = invoke("--family", "vit", "--depth", "2", "--width", "16", "--heads", "2", "--patch", "2",
+                   "--data", "digits", "--batch-size", "16", "--steps", "2", "--warmup", "1", "--workers", "1")
+    assert table.exit_code == 0 and "v2 ViT-2 (pre_ln, 2 blocks, " in table.stdout
+
+
+def test_bench_scaling_of_a_vit_has_no_checkpointed_column_and_one_stage() -> None:
+    result = invoke("--family", "vit", "--depths", "2,4", "--width", "16", "--heads", "2", "--patch", "8",
+                    *TINY, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [(r["depth"], r["block"], r["step_s_ckpt"], r["peak_mem_mb_ckpt"]) for r in rows] == [
+        (2, "pre_ln", None, None), (4, "pre_ln", None, None)]
+    # Every block adds the same activations: two blocks' worth from depth 2 to 4, in one stage.
+    assert rows[1]["activation_mb_per_unit"] == pytest.approx((rows[1]["activation_mb"] - rows[0]["activation_mb"]) / 2)

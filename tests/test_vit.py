@@ -6,16 +6,20 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 from depthbench.bench import activation_mb
 from depthbench.cli import app
 from depthbench.config import DatasetConfig, ModelConfig, RunConfig
+from depthbench.devices import attention_name
 from depthbench.errors import DepthbenchError
 from depthbench.estimate import DataShape, activation_bytes, estimate_memory, parameter_count
 from depthbench.models import (
@@ -390,3 +394,50 @@ def test_models_errors_are_one_line(args: list[str], message: str) -> None:
     result = runner.invoke(app, ["models", *args])
     assert result.exit_code == 2
     assert result.output == message
+
+
+class _AtenOps(TorchDispatchMode):
+    """The aten ops a block of code runs, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.names.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_ops(amp: bool) -> set[str]:
+    torch.manual_seed(0)
+    net = tiny("pre_ln")
+    with _AtenOps() as ops, torch.autocast("cpu", dtype=torch.bfloat16) if amp else nullcontext():
+        net(torch.randn(4, 3, 16, 16)).float().sum().backward()
+    return ops.names
+
+
+def test_cpu_bf16_attention_takes_the_math_path_and_fp32_the_fused_kernel() -> None:
+    # The fused CPU kernel's bf16 backward is slower than the math path's matmuls (BENCHMARKS.md).
+    fused = "_scaled_dot_product_flash_attention_for_cpu"
+    assert fused in _attention_ops(amp=False)
+    bf16 = _attention_ops(amp=True)
+    assert fused not in bf16 and f"{fused}_backward" not in bf16 and "_safe_softmax" in bf16
+    assert attention_name(torch.device("cpu"), torch.bfloat16) == "math"
+    assert attention_name(torch.device("cpu"), None) == attention_name(torch.device("cuda"), torch.bfloat16) == "default"
+
+
+def test_math_and_fused_attention_agree_in_bf16() -> None:
+    torch.manual_seed(0)
+    net = tiny("post_ln")
+    images = torch.randn(8, 3, 16, 16)
+    results = []
+    for backend in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        net.zero_grad()
+        with patch("depthbench.models.vit.attention_kernel", lambda q, b=backend: sdpa_kernel(b)), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(images).float(), torch.arange(8) % 10)
+        loss.backward()
+        results.append((loss.detach(), net.stages[0][0].attn.qkv.weight.grad.clone()))
+    (loss_math, grad_math), (loss_fused, grad_fused) = results
+    torch.testing.assert_close(loss_math, loss_fused, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(grad_math, grad_fused, atol=2e-3, rtol=0.1)

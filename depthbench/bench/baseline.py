@@ -62,7 +62,8 @@ def _forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def measure_usual(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int, workers: int) -> StepTiming:
     """Time the usual CIFAR training script on the same model and images: per-image PIL transforms in
-    DataLoader workers, NCHW fp32, eager, a ``loss.item()`` per step for its running average."""
+    DataLoader workers, NCHW fp32, eager, the run's optimizer (SGD, or AdamW for a ViT), a ``loss.item()``
+    per step for its running average."""
     tc = cfg.train
     device = resolve_device(tc.device)
     if device.type == "cuda":
@@ -76,8 +77,13 @@ def measure_usual(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int, 
     torch.manual_seed(seed_for(cfg.seed, Stream.INIT))  # the trainer's init
     model = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels,
                               data.image_size).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
-                                nesterov=tc.nesterov and tc.momentum > 0)
+    optimizer: torch.optim.Optimizer
+    if tc.optimizer == "adamw":  # the usual ViT script: AdamW on every parameter, PyTorch's default kernel
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas or (0.9, 0.999),
+                                      eps=tc.eps or 1e-8, weight_decay=tc.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
+                                    nesterov=tc.nesterov and tc.momentum > 0)
     model.train()
     batches = _forever(loader)
     running = 0.0

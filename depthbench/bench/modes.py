@@ -24,7 +24,8 @@ from depthbench.config import RunConfig, TrainConfig
 from depthbench.data import TensorData, load_dataset
 from depthbench.errors import DepthbenchError
 from depthbench.models import count_params, forward_flops, model_from_config
-from depthbench.devices import resolve_device, resolve_precision
+from depthbench.transformer import VIT_VERSION_UNIT, vit_forward_flops, vit_param_count, vit_settings
+from depthbench.devices import attention_name, resolve_device, resolve_precision
 
 # The CIFAR schedule of He et al., the config's default, for the extrapolated run time.
 PAPER_STEPS: int = TrainConfig.model_fields["steps"].default
@@ -106,12 +107,13 @@ def run_scaling(spec: BenchSpec, depths: Sequence[int]) -> dict[str, Any]:
         block, n, params, flops = _net(cfg, data)
         plain = measure_trainer(cfg, data, steps=spec.steps, warmup=spec.warmup)
         ckpt = None
-        if not spec.compile:  # checkpointing does not compile (run_config says why)
+        # Checkpointing does not compile (run_config says why), and a ViT never checkpoints.
+        if not spec.compile and spec.family == "resnet":
             ckpt_cfg = run_config(spec, cfg.dataset, depth=cfg.depth, checkpointing=True)
             ckpt = measure_trainer(ckpt_cfg, data, steps=spec.steps, warmup=spec.warmup)
         host = measure_host(cfg, data.num_classes)
         rows.append({
-            "depth": cfg.depth, "block": block, "units_per_stage": n, "params": params,
+            "family": cfg.model.family, "depth": cfg.depth, "block": block, "units_per_stage": n, "params": params,
             "train_flops_per_img": flops,
             "step_s": plain.timing.step_s, "img_per_s": plain.timing.img_per_s,
             "mfu": flops * plain.timing.img_per_s / peak,
@@ -198,7 +200,16 @@ def _prepare(spec: BenchSpec, depths: Sequence[int], checkpointing: bool | None 
 
 
 def _net(cfg: RunConfig, data: TensorData) -> tuple[str, int, int, int]:
-    """Block, units per stage, parameters and training FLOPs per image (3x forward) of cfg's net."""
+    """Block, units per stage, parameters and training FLOPs per image (3x forward) of cfg's net; a ViT's
+    block is its unit, its one stage holds every block, and its FLOPs count attention's matmuls too."""
+    if cfg.model.family == "vit":
+        settings = vit_settings(cfg.model)
+        unit = settings.pop("unit") or VIT_VERSION_UNIT[cfg.version]
+        params = vit_param_count(cfg.depth, unit=unit, image_size=data.image_size, in_channels=data.in_channels,
+                                 num_classes=data.num_classes, **settings)
+        flops = vit_forward_flops(cfg.depth, image_size=data.image_size, in_channels=data.in_channels,
+                                  num_classes=data.num_classes, **settings)
+        return unit, cfg.depth, params, 3 * flops
     block, n = resolve_block(cfg.depth, cfg.model.block)
     with torch.device("meta"):  # shapes only: no memory or init cost, even for ResNet-1001
         net = model_from_config(cfg.version, cfg.depth, cfg.model, data.num_classes, data.in_channels, data.image_size)
@@ -209,12 +220,13 @@ def _context(spec: BenchSpec, cfg: RunConfig, described: str, load_s: float, sta
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_precision(cfg.train.precision, device)
     return {
-        "version": cfg.version, "batch_size": spec.batch_size, "steps": spec.steps, "warmup": spec.warmup,
+        "family": cfg.model.family, "version": cfg.version, "batch_size": spec.batch_size, "steps": spec.steps, "warmup": spec.warmup,
         "compile": spec.compile, "cuda_graph": cfg.train.cuda_graph, "channels_last": cfg.train.channels_last,
         "data": described,
         "device": str(device), "device_name": device_name(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "precision": str(amp_dtype or torch.float32).removeprefix("torch."),
+        **({"attention": attention_name(device, amp_dtype)} if cfg.model.family == "vit" else {}),
         "load_1m": load_avg(), "startup_s": startup, "data_load_s": load_s,
     }
 
@@ -236,7 +248,8 @@ def _add_linearity(rows: list[dict[str, Any]]) -> None:
     for block in {r["block"] for r in rows}:
         same = sorted((r for r in rows if r["block"] == block), key=lambda r: r["units_per_stage"])
         for prev, row in zip(same, same[1:]):
-            added = 3 * (row["units_per_stage"] - prev["units_per_stage"])
+            stages = 1 if row.get("family") == "vit" else 3  # a ViT's blocks are one stage
+            added = stages * (row["units_per_stage"] - prev["units_per_stage"])
             if added > 0:
                 row["activation_mb_per_unit"] = (row["activation_mb"] - prev["activation_mb"]) / added
 

@@ -15,7 +15,7 @@ from depthbench.bench.spec import HOST_BATCH, HOST_IMAGE_SIZE, HOST_STEPS
 def render_bench(result: dict[str, Any]) -> Group:
     """The single-net measurement as a few lines and a table, for the terminal."""
     r = result
-    header = (f"{r['version']} ResNet-{r['depth']} ({r['block']}, n={r['units_per_stage']}, {r['params']:,} params), "
+    header = (f"{_net_title(r)}, {r['params']:,} params), "
               f"batch {r['batch_size']}, {r['steps']} timed steps after {r['warmup']}"
               + (f", checkpointing ({_segments(r['checkpoint_segments'])})" if r["checkpointing"] else "")
               + (", compiled" if r["compile"] else "") + _graph(r))
@@ -75,7 +75,7 @@ def render_scaling(result: dict[str, Any]) -> Group:
 def render_concurrent(result: dict[str, Any]) -> Group:
     """Total and per-run images/s of 1, 2, ... runs sharing the device, then whether sharing pays."""
     r = result
-    header = (f"{r['version']} ResNet-{r['depth']} ({r['block']}, n={r['units_per_stage']}, {r['params']:,} params), "
+    header = (f"{_net_title(r)}, {r['params']:,} params), "
               f"batch {r['batch_size']}, {r['steps']} timed steps after {r['warmup']}, "
               "each run in its own process, timed together" + _graph(r))
     table = Table()
@@ -128,3 +128,10 @@ def _where(result: dict[str, Any]) -> str:
     load = f", 1-min load {result['load_1m']} -> {result['load_1m_end']}" if result.get("load_1m") is not None else ""
     return (f"{result['device']} ({result['device_name']}, {result['cpu_capability']}, {result['threads']} threads), "
             f"{result['precision']}{load}; data: {result['data']}")
+
+
+def _net_title(r: dict[str, Any]) -> str:
+    """``v2 ResNet-56 (basic, n=9`` or ``v2 ViT-24 (pre_ln, 24 blocks``, closed by the caller."""
+    if r.get("family") == "vit":
+        return f"{r['version']} ViT-{r['depth']} ({r['block']}, {r['depth']} blocks"
+    return f"{r['version']} ResNet-{r['depth']} ({r['block']}, n={r['units_per_stage']}"

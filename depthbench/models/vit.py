@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthbench.architecture import choice
+from depthbench.devices import attention_kernel
 from depthbench.transformer import (
     UNITS,
     VIT_VERSION_UNIT,
@@ -52,7 +53,8 @@ class PatchEmbedding(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention: one fused query/key/value projection, scaled dot-product attention
-    (PyTorch's fused kernel, which does not keep the tokens x tokens scores), an output projection."""
+    (the kernel for the device and dtype that :func:`depthbench.devices.attention_kernel` picks), an output
+    projection."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -64,7 +66,8 @@ class Attention(nn.Module):
         batch, tokens, width = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, tokens, width / heads)
-        x = F.scaled_dot_product_attention(q, k, v)
+        with attention_kernel(q):
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, width))
 
 

@@ -1,0 +1,230 @@
+"""How long a sweep will take, before it trains: a few timed steps of each distinct shape, cached.
+
+A run's time is its steps times a step's, plus its evaluations and its setup. Runs of one shape (the same
+net, data shape, batch, optimizer, precision and device) take the same time per step, so one trial per shape
+times all of them: :data:`TRIAL_WARMUP` steps, then the median of :data:`TRIAL_STEPS` single steps of the
+trainer's own step (:func:`depthbench.bench.trainer.trainer_step`), one evaluation and the setup. Trials are
+cached in the user's cache folder (``timings.json`` beside the data cache) keyed by the device's name, the
+torch version, the torch threads a run gets and the shape, so a second dry-run, a resumed sweep and the
+real sweep's start line measure nothing again.
+
+Under ``--jobs N`` (N > 1) each run trains in its own process with its share of the cores
+(:func:`depthbench.executors.local.threads_per_job`), so trials run with that many threads (with one job,
+this process's), and the wall
+time is the runs laid out in order on N slots, each starting when a slot frees (as the pool takes them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from depthbench import storage
+from depthbench.bench.probes import device_name, sync, timed
+from depthbench.config import DatasetConfig, RunConfig
+from depthbench.data import data_root, load_dataset
+from depthbench.devices import resolve_device
+from depthbench.errors import DepthbenchError
+from depthbench.estimate import DataShape, check_fits, known_shape
+from depthbench.executors.local import threads_per_job
+from depthbench.layout import CHECKPOINT
+
+TRIAL_WARMUP, TRIAL_STEPS = 2, 3
+CACHE_FILE = "timings.json"
+_CACHE_FORMAT = 1  # bump when what a trial measures changes
+
+
+@dataclass(frozen=True)
+class ShapeTiming:
+    """What one shape's trial measured, in seconds."""
+
+    step_s: float  # the median of the timed steps
+    eval_s: float  # one evaluation of the whole test split
+    setup_s: float  # model built and moved, optimizer, data to the device
+
+
+@dataclass(frozen=True)
+class SweepEstimate:
+    """Each run's step time and duration (seconds), their sum, and the wall time on ``jobs`` slots."""
+
+    step_s: dict[str, float]  # run id -> seconds per step
+    run_s: dict[str, float]  # run id -> seconds for the steps it has left
+    jobs: int
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.run_s.values())
+
+    @property
+    def wall_s(self) -> float:
+        return wall_time(list(self.run_s.values()), self.jobs)
+
+
+def shape_key(run: RunConfig, device: torch.device, threads: int) -> dict[str, Any]:
+    """Everything a step's time depends on, and nothing it does not (seed, rates, schedule, step counts)."""
+    tc, ds = run.train, run.dataset
+    return {
+        "format": _CACHE_FORMAT, "device": device_name(device), "torch": torch.__version__, "threads": threads,
+        "version": run.version, "depth": run.depth, "model": run.model.model_dump(mode="json"),
+        "dataset": {"name": ds.name, "image_size": ds.image_size, "augment": ds.augment, "flip": ds.flip,
+                    "test_subset": ds.test_subset},
+        "train": {key: getattr(tc, key) for key in (
+            "batch_size", "optimizer", "precision", "channels_last", "compile", "cuda_graph", "clip_grad_norm",
+            "decay_all", "scalar_lr", "eval_batch_size")},
+    }
+
+
+def _key_id(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_path() -> Path:
+    return data_root() / CACHE_FILE
+
+
+def measure_shape(run: RunConfig, threads: int) -> ShapeTiming:
+    """A trial of ``run``'s shape: the trainer's setup, :data:`TRIAL_WARMUP` steps, the median of
+    :data:`TRIAL_STEPS` single steps, one evaluation; with ``threads`` torch threads, as the run will have."""
+    from depthbench.bench.trainer import trainer_step
+    from depthbench.train import TrainingSetup, evaluate
+
+    shape = known_shape(run.dataset)
+    if shape is not None:  # too big for the device: refused before any data is read
+        check_fits(run, shape, resolve_device(run.train.device))
+    # Enough steps to time: more than the trial takes, within the paper's schedule checks.
+    trial = run.model_copy(update={"dataset": _trial_dataset(run, shape), "train": run.train.model_copy(
+        update={"steps": 1000, "milestones": (0.5, 0.75)})})
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        data = load_dataset(trial.dataset)
+        start = time.perf_counter()
+        setup = TrainingSetup.create(trial, data)
+        sync(setup.device)
+        setup_s = time.perf_counter() - start
+        step = trainer_step(setup)
+        setup.model.train()
+        for index in range(TRIAL_WARMUP):
+            step(index)
+        steps = [timed(setup.device, lambda i=index: step(i))
+                 for index in range(TRIAL_WARMUP, TRIAL_WARMUP + TRIAL_STEPS)]
+        test_x, test_y = data.test_x.to(setup.device), data.test_y.to(setup.device)
+        eval_s = timed(setup.device, lambda: evaluate(setup.model, test_x, test_y, setup.mean, setup.std,
+                                                      trial.train.eval_batch_size, setup.autocast,
+                                                      trial.train.channels_last))
+    finally:
+        torch.set_num_threads(before)
+    return ShapeTiming(statistics.median(steps), eval_s, setup_s)
+
+
+def _trial_dataset(run: RunConfig, shape: DataShape | None) -> DatasetConfig:
+    """What a trial trains on: a step's time depends on the images' shape, not on what they show, so a
+    CIFAR run is timed on synthetic images of its shape (nothing downloaded for a dry-run); the bundled
+    digits (one channel) and image folders (shape known once read) are read as they are."""
+    if run.dataset.name not in ("cifar10", "cifar100") or shape is None:
+        return run.dataset
+    return DatasetConfig(name="synthetic", image_size=shape.image_size, num_classes=shape.num_classes,
+                         augment=run.dataset.augment, flip=run.dataset.flip,
+                         train_subset=run.train.batch_size * (TRIAL_WARMUP + TRIAL_STEPS + 1),
+                         test_subset=run.dataset.test_subset or shape.test_size)
+
+
+Measure = Callable[[RunConfig, int], ShapeTiming]
+
+
+def shape_timings(runs: Sequence[RunConfig], jobs: int, measure: Measure | None = None,
+                  ) -> dict[str, ShapeTiming]:
+    """run id -> its shape's timing: from the cache, or measured once per shape missing there and cached; a run
+    whose trial cannot run (it would not fit its device, its data is missing) is left out."""
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    by_run: dict[str, ShapeTiming] = {}
+    failed: set[str] = set()
+    with FileLock(f"{path}.lock"):
+        cached = storage.read_json(path) or {}
+        for run in runs:
+            device = resolve_device(run.train.device)
+            # One job trains in this process, with its threads; N jobs each in a process with a share of the cores.
+            threads = threads_per_job(jobs) if device.type == "cpu" and jobs > 1 else torch.get_num_threads()
+            key_id = _key_id(shape_key(run, device, threads))
+            if key_id in failed:
+                continue
+            if key_id not in cached:
+                try:
+                    cached[key_id] = asdict((measure or measure_shape)(run, threads))
+                except DepthbenchError:  # too big, data missing: the sweep's own checks say so; no estimate
+                    failed.add(key_id)
+                    continue
+                storage.write_json(path, cached)
+            by_run[run.run_id] = ShapeTiming(**cached[key_id])
+    return by_run
+
+
+def run_seconds(run: RunConfig, timing: ShapeTiming, done_steps: int = 0) -> float:
+    """The time ``run`` needs for its steps after ``done_steps``: the steps, the evaluations among them
+    (every ``eval_every`` steps and at the last), and its setup."""
+    tc = run.train
+    left = max(tc.steps - done_steps, 0)
+    if left == 0:
+        return 0.0
+    evals = tc.steps // tc.eval_every - done_steps // tc.eval_every + (tc.steps % tc.eval_every != 0)
+    return left * timing.step_s + evals * timing.eval_s + timing.setup_s
+
+
+def wall_time(durations: Sequence[float], jobs: int) -> float:
+    """The time ``durations`` take in order on ``jobs`` slots, each run starting when a slot frees."""
+    slots = [0.0] * max(1, min(jobs, len(durations)))
+    for seconds in durations:
+        heapq.heapreplace(slots, slots[0] + seconds)
+    return max(slots) if durations else 0.0
+
+
+def estimate_sweep(todo: Sequence[RunConfig], folder: Path, jobs: int, measure: Measure | None = None,
+                   ) -> SweepEstimate:
+    """Each run of ``todo``'s step time and remaining duration (from its checkpoint on), on ``jobs`` slots."""
+    from depthbench.train import checkpoint_step
+
+    timings = shape_timings(todo, jobs, measure)
+    run_s = {}
+    for run in (r for r in todo if r.run_id in timings):
+        done = checkpoint_step(folder / run.run_id) if (folder / run.run_id / CHECKPOINT).exists() else 0
+        run_s[run.run_id] = run_seconds(run, timings[run.run_id], done)
+    return SweepEstimate({run_id: timings[run_id].step_s for run_id in run_s}, run_s, jobs)
+
+
+def format_duration(seconds: float) -> str:
+    """``850 ms``, ``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    if seconds < 1:
+        return f"{1000 * seconds:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        minutes, rest = divmod(round(seconds), 60)
+        return f"{minutes} min {rest:02d} s"
+    hours, rest = divmod(round(seconds / 60), 60)
+    return f"{hours} h {rest:02d} min"
+
+
+def estimate_line(estimate: SweepEstimate) -> str:
+    """One line: the runs' total and the wall time on the sweep's slots."""
+    runs = len(estimate.run_s)
+    return (f"estimated: {runs} run(s), {format_duration(estimate.total_s)} of training in all, "
+            f"{format_duration(estimate.wall_s)} wall time with --jobs {estimate.jobs} "
+            f"({TRIAL_STEPS} timed steps per shape on this machine; --no-estimate skips)")
+
+
+def compare_line(estimate: SweepEstimate, took_s: float) -> str:
+    """How the wall time that passed compares with the estimate."""
+    off = took_s / estimate.wall_s - 1 if estimate.wall_s > 0 else math.nan
+    return f"took {format_duration(took_s)}, estimated {format_duration(estimate.wall_s)} ({100 * off:+.0f}%)"

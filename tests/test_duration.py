@@ -1,0 +1,121 @@
+"""A sweep's duration before it runs (depthbench.duration): the arithmetic and the cache on injected timings,
+the --dry-run columns and lines, and one real short sweep whose estimate meets what happened."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from depthbench import duration, storage
+from depthbench.cli import app
+from depthbench.config import load_sweep
+from depthbench.duration import ShapeTiming, SweepEstimate, format_duration, run_seconds, wall_time
+from tests.conftest import ROOT, tiny_run
+
+runner = CliRunner()
+
+SMOKE = ROOT / "configs" / "smoke.yaml"  # 8 runs, 4 shapes (v1, v2 x depth 8, 11), 12 steps, eval every 6
+TIMING = ShapeTiming(step_s=0.5, eval_s=2.0, setup_s=1.0)
+
+
+@pytest.fixture(autouse=True)
+def _own_timings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each test its own timings cache: injected timings must not stand in for a later test's real ones.
+    monkeypatch.setattr(duration, "cache_path", lambda: tmp_path / "cache" / duration.CACHE_FILE)
+
+
+def fixed(calls: list[str]) -> duration.Measure:
+    def measure(run, threads: int) -> ShapeTiming:
+        calls.append(f"{run.version}-d{run.depth}/{threads}")
+        return TIMING
+
+    return measure
+
+
+def test_a_run_is_its_steps_evaluations_and_setup() -> None:
+    run = tiny_run(train={"steps": 10, "eval_every": 4})  # evaluations at 4, 8 and the last step, 10
+    assert run_seconds(run, TIMING) == 10 * 0.5 + 3 * 2.0 + 1.0
+    assert run_seconds(run, TIMING, done_steps=4) == 6 * 0.5 + 2 * 2.0 + 1.0  # resumed: 8 and 10 left
+    assert run_seconds(run, TIMING, done_steps=10) == 0.0
+    assert run_seconds(tiny_run(train={"steps": 8, "eval_every": 4}), TIMING) == 8 * 0.5 + 2 * 2.0 + 1.0
+
+
+def test_wall_time_lays_runs_out_in_order_on_the_slots() -> None:
+    assert wall_time([3, 1, 1, 1], 2) == 3  # one slot takes the 3, the other the three 1s
+    assert wall_time([1, 2, 3], 2) == 4  # the 3 starts when the 1 ends
+    assert wall_time([1, 2, 3], 1) == 6
+    assert wall_time([5], 4) == 5
+    assert wall_time([], 2) == 0
+    estimate = SweepEstimate({"a": 0.1, "b": 0.1}, {"a": 30.0, "b": 90.0}, jobs=2)
+    assert (estimate.total_s, estimate.wall_s) == (120.0, 90.0)
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [
+    (0.0123, "12 ms"), (42.4, "42 s"), (185, "3 min 05 s"), (7620, "2 h 07 min")])
+def test_durations_read_plainly(seconds: float, shown: str) -> None:
+    assert format_duration(seconds) == shown
+
+
+def test_each_shape_is_measured_once_and_cached(tmp_path: Path) -> None:
+    runs = load_sweep(SMOKE).runs()
+    calls: list[str] = []
+    threads = torch.get_num_threads()  # one job: this process's threads
+    first = duration.estimate_sweep(runs, tmp_path, jobs=1, measure=fixed(calls))
+    assert sorted(calls) == sorted(f"{v}-d{d}/{threads}" for v in ("v1", "v2") for d in (8, 11))
+    assert first.run_s == {r.run_id: 12 * 0.5 + 2 * 2.0 + 1.0 for r in runs}
+    assert len(storage.read_json(duration.cache_path())) == 4
+
+    again: list[str] = []  # a second dry-run, the sweep's own start line, a resume: nothing measured
+    assert duration.estimate_sweep(runs, tmp_path, jobs=1, measure=fixed(again)).run_s == first.run_s
+    assert again == []
+
+
+def test_the_cache_key_is_device_torch_threads_and_shape() -> None:
+    run = tiny_run()
+    key = duration.shape_key(run, torch.device("cpu"), threads=1)
+    assert key["torch"] == torch.__version__ and key["threads"] == 1 and key["device"].endswith("cores")
+    # Seeds, rates and step counts change no step's time; the batch and the precision do.
+    same = [tiny_run(train={"lr": 0.2, "steps": 50}), tiny_run(grid={"version": ["v2"], "depth": [8], "seed": [3]})]
+    assert all(duration.shape_key(r, torch.device("cpu"), 1) == key for r in same)
+    other = [tiny_run(train={"batch_size": 32}), tiny_run(train={"precision": "bf16"})]
+    assert all(duration.shape_key(r, torch.device("cpu"), 1) != key for r in other)
+    assert duration.shape_key(run, torch.device("cpu"), 2) != key
+
+
+def test_dry_run_shows_each_runs_time_and_the_total(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(duration, "measure_shape", fixed([]))
+    result = runner.invoke(app, ["sweep", str(SMOKE), "--out", str(tmp_path), "--dry-run", "--jobs", "2"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    # Each run: 12 steps x 0.5 s, 2 evaluations x 2 s, 1 s setup = 11 s; 8 runs on 2 slots.
+    assert result.output.count("│ 500 ms │ 11 s │") == 8
+    assert ("estimated: 8 run(s), 1 min 28 s of training in all, 44 s wall time with --jobs 2 "
+            "(3 timed steps per shape on this machine; --no-estimate skips)") in result.output
+
+    skipped = runner.invoke(app, ["sweep", str(SMOKE), "--out", str(tmp_path), "--dry-run", "--no-estimate"],
+                            catch_exceptions=False)
+    assert "estimated: " not in skipped.output and "500 ms" not in skipped.output
+
+
+def test_a_real_sweep_takes_about_its_estimate(tmp_path: Path) -> None:
+    # Real trials and a real sweep (4 runs of 12 steps). Timings on a shared machine are noisy, so the bound
+    # is generous: the test is that the estimate is of the right size, not its precision.
+    result = runner.invoke(app, ["sweep", str(SMOKE), "--out", str(tmp_path), "--set", "grid.seed=[0]"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"estimated: 4 run\(s\), .* wall time with --jobs 1", result.output)
+    off = int(re.search(r"took .*, estimated .* \(([+-]\d+)%\)", result.output).group(1))
+    assert -67 <= off <= 200, result.output
+
+
+def test_a_cifar_run_is_timed_on_synthetic_images_of_its_shape() -> None:
+    run = tiny_run(dataset={"name": "cifar100", "train_subset": None, "test_subset": None, "image_size": None})
+    trial = duration._trial_dataset(run, duration.known_shape(run.dataset))
+    assert (trial.name, trial.image_size, trial.num_classes, trial.test_subset) == ("synthetic", 32, 100, 10_000)
+    assert trial.train_subset == 16 * (duration.TRIAL_WARMUP + duration.TRIAL_STEPS + 1)
+    digits = tiny_run(dataset={"name": "digits", "image_size": 8, "train_subset": None, "test_subset": None})
+    assert duration._trial_dataset(digits, duration.known_shape(digits.dataset)) == digits.dataset
