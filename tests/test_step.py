@@ -243,6 +243,29 @@ def test_precision_auto_resumes_in_the_precision_the_run_started_in(
     assert any(f"continues in {name}, the precision it started in" in note for note in notes), notes
 
 
+@pytest.mark.parametrize(("started", "now"), [(torch.bfloat16, None), (None, torch.bfloat16)])
+def test_a_vit_resumes_with_the_attention_kernel_it_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: torch.dtype | None, now: torch.dtype | None,
+) -> None:
+    """The attention kernel follows the precision (math on a CPU in bf16), which a resumed run keeps: the
+    resumed run records the same kernel and learns exactly what the uninterrupted one did."""
+    import depthbench.train as train_module
+    from depthbench.train import RunInterrupted
+
+    cfg = tiny_run(model={"family": "vit", "width": 16, "heads": 2, "patch": 4}, train={
+        "steps": 8, "checkpoint_every": 100, "lr": 0.003})
+    monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: started)
+    whole = train_run(cfg, tmp_path / "whole")
+    calls = iter(range(100))
+    with pytest.raises(RunInterrupted):
+        train_run(cfg, tmp_path / "split", should_stop=lambda: next(calls) >= 5)
+    monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: now)
+    resumed = train_run(cfg, tmp_path / "split")
+    kernel = "math" if started else "default"
+    assert resumed["attention"] == whole["attention"] == kernel
+    assert resumed["train_loss"] == whole["train_loss"] and resumed["test_acc"] == whole["test_acc"]
+
+
 @pytest.mark.parametrize(("machine", "capabilities", "onednn", "expected"), [
     ("x86_64", {"avx512_f": True}, True, None),  # AVX-512 alone: oneDNN emulates bf16, slower than fp32
     ("x86_64", {"avx512_f": True, "avx512_bf16": True}, True, torch.bfloat16),  # e.g. AMD Zen 4
