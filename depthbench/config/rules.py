@@ -3,7 +3,7 @@ run builds would read. Each rule answers one line naming the key and the fix, or
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from depthbench.architecture import PLACEMENTS, SHORTCUT_GATE_SETTINGS
 from depthbench.config.schema import DatasetConfig, ModelConfig, TrainConfig, WarmupConfig, same_value
@@ -12,8 +12,20 @@ from depthbench.families import FAMILIES, family_of_unit
 from depthbench.transformer import UNITS as VIT_UNITS
 from depthbench.transformer import check_heads, check_patch
 
-if TYPE_CHECKING:
-    from depthbench.config.run import RunConfig
+
+class Run(Protocol):
+    """What the rules read of a run (a :class:`depthbench.config.RunConfig`, which calls them while it is
+    validated, so this module cannot import it)."""
+
+    @property
+    def dataset(self) -> DatasetConfig: ...
+    @property
+    def model(self) -> ModelConfig: ...
+    @property
+    def train(self) -> TrainConfig: ...
+    @property
+    def unit(self) -> str: ...
+
 
 # Which units hold learnable scalars (what train.scalar_lr scales), as each family's tables say.
 _HAS_SCALARS = {**{name: p.has_scalars for name, p in PLACEMENTS.items()},
@@ -31,7 +43,7 @@ def conflict(model: ModelConfig, train: TrainConfig) -> str | None:
     return None
 
 
-def family_problem(run: RunConfig) -> str | None:
+def family_problem(run: Run) -> str | None:
     """A setting that the run's family, optimizer or schedule does not read, set to something that would
     mean a change; or a unit of another family. One line, naming the key and the fix."""
     model, train, family = run.model, run.train, FAMILIES[run.model.family]
@@ -73,7 +85,7 @@ def family_problem(run: RunConfig) -> str | None:
     return None
 
 
-def unread_setting(run: RunConfig) -> str | None:
+def unread_setting(run: Run) -> str | None:
     """A setting given a value other than its default where nothing the run builds reads it: it would
     change the run id and nothing else. One line naming the key and what would read it."""
     model, train, dataset = run.model, run.train, run.dataset
@@ -96,7 +108,7 @@ def unread_setting(run: RunConfig) -> str | None:
     return None
 
 
-def _vit_shape_problem(run: RunConfig) -> str | None:
+def _vit_shape_problem(run: Run) -> str | None:
     """Patch and heads that cannot fit the image and the width, where the config alone tells the image
     side (every dataset but imagefolder, which the model checks when it is built)."""
     model = run.model
