@@ -4,6 +4,7 @@ and the per-step host work kept out of the loop (CPU augmentation draws, fused S
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -218,25 +219,34 @@ def test_every_relu_backward_gets_a_channels_last_gradient(version: str) -> None
     assert all(grad_cl and out_cl for grad_cl, out_cl in formats), formats
 
 
-@pytest.mark.parametrize(("started", "now"), [(torch.bfloat16, None), (None, torch.bfloat16)])
-def test_precision_auto_resumes_in_the_precision_the_run_started_in(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: torch.dtype | None, now: torch.dtype | None,
-) -> None:
-    """`auto` changed its CPU pick (bf16 where the CPU has it natively): a run started under the old pick
-    finishes in it, and says so, instead of being refused or mixing two precisions."""
+def _resumed_under_another_pick(
+    cfg: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: torch.dtype | None,
+    now: torch.dtype | None, notes: list[str] | None = None,
+) -> tuple[dict, dict]:
+    """``cfg`` trained whole with ``auto`` picking ``started``, and again stopped after 5 steps and resumed
+    once ``auto`` picks ``now``: the two result.json dicts."""
     import depthbench.train as train_module
     from depthbench.train import RunInterrupted
 
-    cfg = tiny_run(train={"steps": 8, "checkpoint_every": 100})
-    assert cfg.train.precision == "auto"
     monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: started)
     whole = train_run(cfg, tmp_path / "whole")
     calls = iter(range(100))
     with pytest.raises(RunInterrupted):
         train_run(cfg, tmp_path / "split", should_stop=lambda: next(calls) >= 5)
     monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: now)
+    return whole, train_run(cfg, tmp_path / "split", notes=notes)
+
+
+@pytest.mark.parametrize(("started", "now"), [(torch.bfloat16, None), (None, torch.bfloat16)])
+def test_precision_auto_resumes_in_the_precision_the_run_started_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: torch.dtype | None, now: torch.dtype | None,
+) -> None:
+    """`auto` changed its CPU pick (bf16 where the CPU has it natively): a run started under the old pick
+    finishes in it, and says so, instead of being refused or mixing two precisions."""
+    cfg = tiny_run(train={"steps": 8, "checkpoint_every": 100})
+    assert cfg.train.precision == "auto"
     notes: list[str] = []
-    resumed = train_run(cfg, tmp_path / "split", notes=notes)
+    whole, resumed = _resumed_under_another_pick(cfg, tmp_path, monkeypatch, started, now, notes)
     name = "bfloat16" if started else "float32"
     assert resumed["precision"] == whole["precision"] == name
     assert resumed["train_loss"] == whole["train_loss"] and resumed["test_acc"] == whole["test_acc"]
@@ -249,18 +259,9 @@ def test_a_vit_resumes_with_the_attention_kernel_it_started_with(
 ) -> None:
     """The attention kernel follows the precision (math on a CPU in bf16), which a resumed run keeps: the
     resumed run records the same kernel and learns exactly what the uninterrupted one did."""
-    import depthbench.train as train_module
-    from depthbench.train import RunInterrupted
-
     cfg = tiny_run(model={"family": "vit", "width": 16, "heads": 2, "patch": 4}, train={
         "steps": 8, "checkpoint_every": 100, "lr": 0.003})
-    monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: started)
-    whole = train_run(cfg, tmp_path / "whole")
-    calls = iter(range(100))
-    with pytest.raises(RunInterrupted):
-        train_run(cfg, tmp_path / "split", should_stop=lambda: next(calls) >= 5)
-    monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: now)
-    resumed = train_run(cfg, tmp_path / "split")
+    whole, resumed = _resumed_under_another_pick(cfg, tmp_path, monkeypatch, started, now)
     kernel = "math" if started else "default"
     assert resumed["attention"] == whole["attention"] == kernel
     assert resumed["train_loss"] == whole["train_loss"] and resumed["test_acc"] == whole["test_acc"]
