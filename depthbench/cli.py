@@ -178,19 +178,24 @@ def sweep(
 
     again = again_with(where)
     estimate = None
-    if not no_estimate and executor == "local":  # elsewhere the runs train on machines this one cannot time
-        estimate = _estimate(cfg, out, device, retry_failed, jobs, checked=True)
-    if estimate is not None:
-        from depthbench.duration import estimate_line
 
+    def say_estimate(todo: list[Any]) -> None:
+        # Called by run_sweep once its checks have passed (their errors come first), under its stop signals.
+        nonlocal estimate, started
+        from depthbench.duration import estimate_line, estimate_sweep
+
+        estimate = estimate_sweep(todo, sweep_dir_for(cfg, out), jobs)
         console.print(estimate_line(estimate), markup=False, highlight=False)
+        started = time.perf_counter()  # what is compared with the estimate is the training, not the trial
+
+    timed = not no_estimate and executor == "local"  # elsewhere the runs train on machines this one cannot time
     started = time.perf_counter()
     try:
         with RichReporter(console) as reporter:
             flags = RunFlags(retry_failed=retry_failed, tensorboard=tensorboard,
                              allow_device_change=allow_device_change)
             outcome = run_sweep(cfg, out, device=device, flags=flags, fail_fast=fail_fast,
-                                reporter=reporter, executor=runner)
+                                reporter=reporter, executor=runner, before_training=say_estimate if timed else None)
     except StopRequested:  # a first Ctrl-C or SIGTERM outside the step loops (decoding, building, starting up)
         _interrupted(cfg, out, device, again)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without waiting for checkpoints
@@ -233,15 +238,12 @@ def _interrupted(cfg: Any, out: Path, device: str | None, again: str) -> NoRetur
     raise typer.Exit(130)
 
 
-def _estimate(cfg: Any, out: Path, device: str | None, retry_failed: bool, jobs: int, checked: bool = False) -> Any:
-    """The sweep's estimated duration (depthbench.duration) for the runs left to do; ``checked``: after the
-    sweep's preflight, so that its errors come first, before any trial reads data."""
+def _estimate(cfg: Any, out: Path, device: str | None, retry_failed: bool, jobs: int) -> Any:
+    """The sweep's estimated duration (depthbench.duration) for the runs left to do."""
     from depthbench.duration import estimate_sweep
-    from depthbench.sweep import plan, preflight, sweep_dir_for
+    from depthbench.sweep import plan, sweep_dir_for
 
     todo = plan(cfg, out, device=device, retry_failed=retry_failed)[1]
-    if checked:
-        preflight(todo)
     return estimate_sweep(todo, sweep_dir_for(cfg, out), jobs)
 
 

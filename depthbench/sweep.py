@@ -316,8 +316,12 @@ def run_sweep(
     executor: Executor | None = None,
     reporter: Reporter | None = None,
     handle_signals: bool = True,
+    before_training: Callable[[list[RunConfig]], None] | None = None,
 ) -> SweepOutcome:
     """Train every run of the sweep that is not finished yet, then rebuild ``results.csv``.
+
+    ``before_training`` is called with the runs to do once every check has passed, just before they train
+    (the CLI times a few steps there to estimate the sweep's duration).
 
     With ``handle_signals``, Ctrl-C and SIGTERM stop the sweep from its first instruction on: data
     decoding and model building included (see :mod:`depthbench.stopping`).
@@ -325,7 +329,7 @@ def run_sweep(
     signals = stopping.stop_signals() if handle_signals else contextlib.nullcontext(threading.Event())
     with signals as stop:
         return _run_sweep(sweep, out, stop, device=device, flags=flags, fail_fast=fail_fast,
-                          executor=executor, reporter=reporter)
+                          executor=executor, reporter=reporter, before_training=before_training)
 
 
 def _run_sweep(
@@ -338,6 +342,7 @@ def _run_sweep(
     fail_fast: bool,
     executor: Executor | None,
     reporter: Reporter | None,
+    before_training: Callable[[list[RunConfig]], None] | None,
 ) -> SweepOutcome:
     folder = sweep_dir_for(sweep, out)
     runs, todo = plan(sweep, out, device=device, retry_failed=flags.retry_failed)
@@ -356,6 +361,8 @@ def _run_sweep(
     storage.remove_stale_temps(folder, older_than_s=600)
     if reporter:
         reporter.plan(todo, len(runs) - len(todo), len(runs))
+    if before_training and todo:
+        before_training(todo)
 
     context = SweepContext(flags=flags, reporter=reporter, stop=stop)
     outcomes: list[RunOutcome] = []
