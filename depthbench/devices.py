@@ -65,14 +65,16 @@ def attention_kernel(q: torch.Tensor) -> AbstractContextManager[None]:
     stands: the fused kernels win on CUDA, and in fp32 on a CPU the two are level (BENCHMARKS.md).
     Both compute softmax(q k^T / sqrt(d)) v, so the choice changes rounding only.
     """
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return sdpa_kernel(SDPBackend.MATH)
-    return nullcontext()
+    return sdpa_kernel(SDPBackend.MATH) if _math_attention(q.device.type, q.dtype) else nullcontext()
 
 
 def attention_name(device: torch.device, amp_dtype: torch.dtype | None) -> str:
     """How a run's attention kernel is recorded (result.json): ``math`` or ``default`` (PyTorch's choice)."""
-    return "math" if device.type == "cpu" and amp_dtype == torch.bfloat16 else "default"
+    return "math" if _math_attention(device.type, amp_dtype) else "default"
+
+
+def _math_attention(device_type: str, dtype: torch.dtype | None) -> bool:
+    return device_type == "cpu" and dtype == torch.bfloat16
 
 
 def precision_name(amp_dtype: torch.dtype | None) -> str:
