@@ -24,6 +24,7 @@ from filelock import FileLock, Timeout
 
 from depthbench import stopping, storage
 from depthbench.config import RunConfig, SweepConfig, dump_run_config
+from depthbench.config.grid import axis_value
 from depthbench.errors import DepthbenchError
 from depthbench.data import load_dataset
 from depthbench.devices import precision_name, resolve_device, resolve_precision
@@ -280,14 +281,6 @@ def plan_summary(runs: list[RunConfig], states: dict[str, RunState], todo: set[s
             runs_each = f"{each[0]:,}" if len(each) == 1 else f"{each[0]:,} to {each[-1]:,}"
             lines.append(f"{axis}: {len(values):,} values, {values[0]} to {values[-1]}, {runs_each} run(s) each")
     return lines
-
-
-def axis_value(run: RunConfig, axis: str) -> Any:
-    """A run's value of a grid axis: ``version``, ``depth``, ``seed`` or a dotted setting (``train.lr``)."""
-    value: Any = run
-    for part in axis.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _check_writable(folder: Path) -> None:

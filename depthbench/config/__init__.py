@@ -15,6 +15,7 @@ Each module imports only those above it::
     rules.py      rules across fields: settings that cannot work together, or that nothing would read
     run.py        one resolved run, and the run id that names it by content
     reference.py  published results reported beside a sweep's own
+    tune.py       a tuned sweep: the axes tried per arm, the metric that chooses, successive halving
     sweep.py      the sweep: shared sections, grid and reference; its runs
     overrides.py  ``--set KEY=VALUE`` merged into a file's data
     loading.py    load_sweep, load_run_config, dump_run_config
@@ -40,6 +41,7 @@ from depthbench.config.schema import (
     WarmupConfig,
 )
 from depthbench.config.sweep import SweepConfig
+from depthbench.config.tune import HIGHER_IS_BETTER, HalvingConfig, TuneConfig
 from depthbench.config.yamlfile import read_yaml
 from depthbench.errors import ConfigError
 
@@ -48,6 +50,8 @@ __all__ = [
     "DEVICE_NAME",
     "EXECUTION_KEYS",
     "GRID_RUN_KEYS",
+    "HIGHER_IS_BETTER",
+    "HalvingConfig",
     "METRICS",
     "ConfigError",
     "DatasetConfig",
@@ -61,6 +65,7 @@ __all__ = [
     "ShortcutGate",
     "SuccessConfig",
     "SweepConfig",
+    "TuneConfig",
     "TrainConfig",
     "Unit",
     "Version",

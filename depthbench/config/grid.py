@@ -65,3 +65,11 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         data = data.setdefault(part, {})
     data[last] = value
+
+
+def axis_value(run: Any, axis: str) -> Any:
+    """A run's value of a grid axis: ``version``, ``depth``, ``seed`` or a dotted setting (``train.lr``)."""
+    value: Any = run
+    for part in axis.split("."):
+        value = getattr(value, part)
+    return value

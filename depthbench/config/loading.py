@@ -15,6 +15,7 @@ from depthbench.config.overrides import apply_overrides
 from depthbench.config.reference import check_reference
 from depthbench.config.run import RunConfig
 from depthbench.config.sweep import SweepConfig
+from depthbench.config.tune import check_tune
 from depthbench.config.yamlfile import read_yaml
 from depthbench.errors import ConfigError
 
@@ -61,6 +62,8 @@ def parse_sweep(data: Any, source: str = "config", booleans: Mapping[str, str] |
     try:
         _check_grid_booleans(sweep, booleans)
         check_reference(sweep.reference, sweep.runs())
+        if sweep.tune is not None:
+            check_tune(sweep.tune, list(sweep.axes()), sweep.runs())
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return sweep

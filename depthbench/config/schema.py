@@ -118,6 +118,8 @@ class DatasetConfig(Section):
     root: str | None = Field(None, description="data folder; None means the cache folder")
     train_subset: int | None = Field(None, gt=0, description="class-balanced training subset size")
     test_subset: int | None = Field(None, gt=0, description="class-balanced test subset size")
+    val_split: int | float | None = Field(None, description="validation images held out of the training split: "
+                                                          "a count, or a fraction below 1")
     augment: bool = Field(True, description="random crops of the image padded by 4 pixels, and the flips of flip")
     flip: bool = Field(True, description="with augment, mirror each image left to right with probability 1/2")
     image_size: int | None = Field(None, ge=8, le=512, description="resize to this square size")

@@ -16,6 +16,7 @@ from depthbench.config.messages import first_error
 from depthbench.config.reference import ReferenceRow
 from depthbench.config.rules import conflict, unread_setting
 from depthbench.config.run import RunConfig
+from depthbench.config.tune import TuneConfig
 from depthbench.config.schema import (
     DatasetConfig, ModelConfig, ResourcesConfig, Section, SuccessConfig, TrainConfig,
 )
@@ -33,6 +34,7 @@ class SweepConfig(Section):
     # rows are not one cartesian product is a list of products. Runs shared by sub-grids train once.
     grid: Grid | list[Grid]
     reference: tuple[ReferenceRow, ...] = Field((), description="published results to report beside ours")
+    tune: TuneConfig | None = Field(None, description="grid axes tried per arm, chosen on the validation split")
     # runs() as last expanded, with the fields it was expanded from (a copy with another grid expands again).
     _expanded: tuple[tuple[Any, ...], list[RunConfig]] | None = PrivateAttr(None)
 
@@ -118,7 +120,7 @@ class SweepConfig(Section):
         if self._expanded is not None and all(a is b for a, b in zip(self._expanded[0], source, strict=True)):
             return list(self._expanded[1])
         # Only what the sweep wrote: what it left out is each run's to resolve (a ViT's defaults differ).
-        base = self.model_dump(exclude={"grid", "resources", "reference"}, exclude_unset=True)
+        base = self.model_dump(exclude={"grid", "resources", "reference", "tune"}, exclude_unset=True)
         grids = self.grids()
         runs: dict[str, RunConfig] = {}
         for i, axes in enumerate(grids):
