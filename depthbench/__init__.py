@@ -40,6 +40,7 @@ sweep, planning it and reading a runs/ folder answer fast. This map is the one l
         timelimit.py   how early a SLURM job is told to stop, and the job's own watch on its time limit
       results.py       results.csv: one row per run, rebuilt from the run folders (no torch)
       tuning.py        a tuned sweep's arms and candidates, ranked on validation metrics only (no torch)
+      halving.py       successive halving: each arm's rungs decided from the run folders, pruned runs (no torch)
       statistics.py    a report's numbers: rows by depth or any axis, statistics over seeds, Welch tests (no torch)
       report.py        tables by family and unit, paper values beside ours, report.md (no torch)
       plots.py         the report's figures (no torch)

@@ -185,7 +185,7 @@ def sweep(
         from depthbench.duration import estimate_line, estimate_sweep
 
         estimate = estimate_sweep(todo, sweep_dir_for(cfg, out), jobs)
-        console.print(estimate_line(estimate), markup=False, highlight=False)
+        console.print(estimate_line(estimate, at_most=_halving(cfg)), markup=False, highlight=False)
         started = time.perf_counter()  # what is compared with the estimate is the training, not the trial
 
     timed = not no_estimate and executor == "local"  # elsewhere the runs train on machines this one cannot time
@@ -204,6 +204,9 @@ def sweep(
     folder = sweep_dir_for(cfg, out)
     failed, busy = len(outcome.failed), outcome.count("busy")
     console.print(f"results: {folder / 'results.csv'}")
+    if outcome.pruned:
+        console.print(f"{len(outcome.pruned)} run(s) pruned by successive halving (tune.halving), each with its "
+                      "checkpoint kept")
     if estimate is not None and estimate.run_s:
         from depthbench.duration import compare_line
 
@@ -228,6 +231,11 @@ def sweep(
                           f"then `{again} --retry-failed`")
         raise typer.Exit(1)
     console.print(f"next: depthbench report {folder}")
+
+
+def _halving(cfg: Any) -> bool:
+    """Whether the sweep prunes runs on the way, so that its estimate, counting every run to its end, is at most."""
+    return cfg.tune is not None and cfg.tune.halving is not None
 
 
 def _interrupted(cfg: Any, out: Path, device: str | None, again: str) -> NoReturn:
@@ -284,7 +292,7 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool, show
     if timing:
         from depthbench.duration import estimate_line
 
-        console.print(estimate_line(timing), markup=False, highlight=False)
+        console.print(estimate_line(timing, at_most=_halving(cfg)), markup=False, highlight=False)
     if len(shown) < len(runs):
         from depthbench.sweep import plan_summary
 
@@ -330,7 +338,8 @@ def report(
             console.print(f"{folder.name}: no runs yet")
             continue
         done = int(rep.table.status.isin(("completed", "diverged", "failed")).sum())
-        console.print(f"{rep.title} ({done}/{len(rep.table)} runs finished)")
+        pruned = f"; {rep.pruned} pruned by successive halving, left out" if rep.pruned else ""
+        console.print(f"{rep.title} ({done}/{len(rep.table)} runs finished{pruned})")
         for section in rep.sections:
             named = f"{family_title(section.family)} " if len(rep.sections) > 1 else ""
             names = section.names

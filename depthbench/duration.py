@@ -216,10 +216,12 @@ def format_duration(seconds: float) -> str:
     return f"{hours} h {rest:02d} min"
 
 
-def estimate_line(estimate: SweepEstimate) -> str:
-    """One line: the runs' total and the wall time on the sweep's slots."""
+def estimate_line(estimate: SweepEstimate, *, at_most: bool = False) -> str:
+    """One line: the runs' total and the wall time on the sweep's slots; ``at_most`` where some runs may stop
+    early (successive halving), as the estimate counts every run to its last step."""
     runs = len(estimate.run_s)
-    return (f"estimated: {runs} run(s), {format_duration(estimate.total_s)} of training in all, "
+    bound = "at most " if at_most else ""
+    return (f"estimated: {runs} run(s), {bound}{format_duration(estimate.total_s)} of training in all, "
             f"{format_duration(estimate.wall_s)} wall time with --jobs {estimate.jobs} "
             f"({TRIAL_STEPS} timed steps per shape on this machine; --no-estimate skips)")
 

@@ -11,7 +11,7 @@ No torch, no pandas: reading where a sweep stands is fast.
             config.yaml       the run's resolved config (written first)
             metrics.jsonl     a row per log point
             checkpoint.pt     the latest checkpoint while the run is unfinished
-            result.json       written last: its presence marks the run as done
+            result.json       written last: its presence marks the run as done (or pruned)
             final.pt          the final weights (train.keep_checkpoint: weights)
             error.log         the traceback of a failed run
             diagnostics.jsonl per-unit gradient and signal flow (train.diagnose_steps)
@@ -40,8 +40,10 @@ DIAGNOSTICS = "diagnostics.jsonl"
 LOCK = ".lock"
 DIAGNOSE_JSON = "diagnose.json"  # marks the output folder of `depthbench diagnose`, which is not a sweep
 
-RunState = Literal["completed", "diverged", "failed", "partial", "pending"]
-FINISHED: tuple[RunState, ...] = ("completed", "diverged", "failed")
+RunState = Literal["completed", "diverged", "failed", "pruned", "partial", "pending"]
+# "pruned": stopped at a rung by successive halving (depthbench.halving), its checkpoint kept. Finished for the
+# sweep that pruned it; a sweep whose halving keeps it resumes it.
+FINISHED: tuple[RunState, ...] = ("completed", "diverged", "failed", "pruned")
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,8 @@ class RunFolder:
         return result if isinstance(result, dict) and result.get("status") in FINISHED else None
 
     def state(self) -> RunState:
-        """'completed', 'diverged' or 'failed' from result.json; 'partial' with only a checkpoint; else 'pending'."""
+        """'completed', 'diverged', 'failed' or 'pruned' from result.json; 'partial' with only a checkpoint; else
+        'pending'."""
         result = self.result()
         if result is not None:
             return result["status"]

@@ -12,8 +12,8 @@ from depthbench.config import RunConfig
 from depthbench.sweep import RunOutcome
 from depthbench.train import TrainingProgress
 
-_MARK = {"completed": "[green]✓[/]", "diverged": "[yellow]≈[/]", "failed": "[red]✗[/]",
-         "interrupted": "[yellow]‖[/]", "busy": "[blue]…[/]", "skipped": "[dim]-[/]"}
+_MARK = {"completed": "[green]✓[/]", "diverged": "[yellow]≈[/]", "failed": "[red]✗[/]", "pruned": "[dim]✂[/]",
+         "paused": "[cyan]|[/]", "interrupted": "[yellow]‖[/]", "busy": "[blue]…[/]", "skipped": "[dim]-[/]"}
 
 
 def _pct(value: float | None) -> str:
@@ -71,7 +71,7 @@ class RichReporter:
 
     def run_finished(self, outcome: RunOutcome) -> None:
         self.live.update(self.run_task, visible=False)
-        if outcome.status not in ("busy", "interrupted"):  # neither run is done
+        if outcome.status not in ("busy", "interrupted", "paused"):  # none of these runs is done
             self.live.advance(self.sweep_task)
         for note in outcome.notes:
             self.console.print(f"[yellow]note:[/] {note}")
@@ -81,6 +81,10 @@ class RichReporter:
                       f"{result.get('wall_s', 0):.1f} s")
             if outcome.status == "diverged":
                 detail = f"diverged (non-finite loss) at step {result.get('steps')}"
+        elif outcome.status == "paused" and result.get("step"):
+            # A rung of successive halving: the validation metric the sweep compares there, when the row has it.
+            detail = f"paused at step {result['step']}" + (f", val acc {_pct(result['val_acc'])}" if "val_acc" in result
+                                                           else "")
         else:
             detail = outcome.message or outcome.status
         self.console.print(f"{_MARK.get(outcome.status, '?')} {run_id}  {detail}", highlight=False)

@@ -519,6 +519,7 @@ class Report:
     sections: list[Section] = field(default_factory=list)
     unit_summary: pd.DataFrame | None = None
     unit_comparisons: list[Comparison] = field(default_factory=list)
+    pruned: int = 0  # runs pruned by successive halving: in results.csv, left out of ``table`` and every statistic
 
     @property
     def by(self) -> str:
@@ -577,7 +578,9 @@ def markdown(rep: Report) -> str:
         "95% CI a t-interval of the mean, cut at 0 and 100); success rate is over finished runs, "
         + ("a success being any completed run." if rep.success == "completed" else
            f"a success being a completed run with {rep.success}.")
-        + (f" Rows pool the runs of every {', '.join(pooled)}." if pooled else ""),
+        + (f" Rows pool the runs of every {', '.join(pooled)}." if pooled else "")
+        + (f" {rep.pruned} run(s) pruned by successive halving (tune.halving) are left out of every table and "
+           "figure; results.csv lists them." if rep.pruned else ""),
     ]
     for section in rep.sections:
         lines += _section_markdown(section, mixed=len(rep.sections) > 1)
@@ -605,6 +608,10 @@ def build_report(
     records = read_runs(sweep_dir, sweep.runs() if sweep else ())
     table = table_of(records, sweep.success if sweep else None)
     storage.write_text(sweep_dir / RESULTS_CSV, table.to_csv(index=False))
+    # A pruned run stopped early by design: neither a success nor a failure, and no final accuracy.
+    pruned = int((table.status == "pruned").sum())
+    table = table[table.status != "pruned"].reset_index(drop=True)
+    records = [record for record in records if record.status != "pruned"]
     if not len(table):
         text = f"# {sweep_dir.name}\n\nNo runs yet.\n"
         storage.write_text(sweep_dir / SUMMARY_CSV, pd.DataFrame().to_csv(index=False))
@@ -626,6 +633,7 @@ def build_report(
                  [family_section(table, f, _family_keys(table, f, keys, group_by), sort) for f in present])
     if with_units:
         rep.unit_summary, rep.unit_comparisons = summarize_units(table, keys), compare_units(table, keys)
+    rep.pruned = pruned
     rep.markdown = markdown(rep)
     # One row per (configuration, unit) where units vary, which holds the version rows too; else per version.
     storage.write_text(sweep_dir / SUMMARY_CSV, (rep.unit_summary if with_units else summary).to_csv(index=False))

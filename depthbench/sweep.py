@@ -5,6 +5,10 @@ sweep skips finished runs, resumes interrupted ones from their checkpoint, and a
 gets a new folder instead of overwriting an old result. :func:`execute_run` is the unit of work
 every executor calls, in this process or on a cluster worker. A fault of the machine (a full disk, see
 :mod:`depthbench.faults`) interrupts its run and stops the sweep; it never fails the run.
+
+A sweep with ``tune.halving`` trains in rungs (:mod:`depthbench.halving`): the runs still in the race train
+up to a rung's step and pause there, then each arm's worst candidates are pruned, and the next rung
+begins; the survivors finish as usual. Each rung is one pass of the same executor.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import os
 import threading
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -30,12 +34,17 @@ from depthbench.data import load_dataset
 from depthbench.devices import precision_name, resolve_device, resolve_precision
 from depthbench.estimate import DataShape, best_segments, check_fits, known_shape
 from depthbench.faults import MachineFault, machine_fault
-from depthbench.layout import CONFIG, ERROR_LOG, FINISHED, LOCK, RESULT, SWEEP_FILE, RunState, run_state
+from depthbench.halving import Halving, decide, pruned_result, read_rows, reached
+from depthbench.layout import CONFIG, ERROR_LOG, LOCK, RESULT, SWEEP_FILE, RunState, run_state
 from depthbench.results import LiveResults
 from depthbench.tracking import TensorBoardLogger
-from depthbench.train import RunInterrupted, TrainingProgress, check_resume_origin, checkpoint_origin, train_run
+from depthbench.train import (
+    RunInterrupted, RunPaused, TrainingProgress, check_resume_origin, checkpoint_origin, checkpoint_step, train_run,
+)
 
-Status = Literal["completed", "diverged", "failed", "interrupted", "skipped", "busy"]
+# "paused": stopped at a rung of successive halving, its checkpoint kept, until the sweep decides (not a result);
+# "pruned": stopped there for good by that decision.
+Status = Literal["completed", "diverged", "failed", "pruned", "paused", "interrupted", "skipped", "busy"]
 
 
 @dataclass
@@ -125,6 +134,9 @@ class RunFlags:
     retry_failed: bool = False  # re-run runs recorded as failed
     tensorboard: bool = False  # also write TensorBoard event files
     allow_device_change: bool = False  # resume checkpoints made on another device type or precision
+    # Successive halving, set by run_sweep: evaluate at every rung step, and stop at this pass's rung.
+    eval_at: tuple[int, ...] = ()
+    pause_at: int | None = None
 
 
 def execute_run(
@@ -136,7 +148,10 @@ def execute_run(
     should_stop: Callable[[], bool] | None = None,
 ) -> RunOutcome:
     """Claim, train and record one run; never raises for a failure inside the run itself, nor for a fault
-    of the machine (the run is then interrupted, with ``fault`` set)."""
+    of the machine (the run is then interrupted, with ``fault`` set).
+
+    A run recorded as pruned is resumed: it is handed over only when the sweep's halving now keeps it.
+    With ``flags.pause_at`` a run whose checkpoint is already at that step is paused without being built."""
     retry_failed, tensorboard = flags.retry_failed, flags.tensorboard
     run_dir = sweep_dir / cfg.run_id
     try:
@@ -156,13 +171,21 @@ def execute_run(
             notes.append(f"{cfg.run_id}: result.json is unreadable, redoing the run")
         if state == "failed":
             (run_dir / RESULT).unlink()
+        if state == "pruned":
+            (run_dir / RESULT).unlink()
+            notes.append(f"{cfg.run_id}: was pruned; the sweep's successive halving now keeps it, so it resumes")
+        if flags.pause_at is not None and (done := checkpoint_step(run_dir)) >= flags.pause_at:
+            return RunOutcome(cfg, "paused", message=f"paused at step {done}, checkpoint kept", notes=notes)
         if tensorboard:
             on_progress = TensorBoardLogger(run_dir, forward=on_progress)
         try:
             result = train_run(cfg, run_dir, on_progress=on_progress, should_stop=should_stop, notes=notes,
-                               allow_device_change=flags.allow_device_change)
+                               allow_device_change=flags.allow_device_change, pause_at=flags.pause_at,
+                               eval_at=flags.eval_at)
         except RunInterrupted as stop:
             return RunOutcome(cfg, "interrupted", message=str(stop), notes=notes)
+        except RunPaused as pause:
+            return RunOutcome(cfg, "paused", pause.row, message=str(pause), notes=notes)
         except Exception as err:  # noqa: BLE001 - any failure of one run is recorded, and the sweep goes on
             if (fault := machine_fault(err, run_dir)) is not None:
                 return _stopped_by(cfg, fault, notes)
@@ -230,6 +253,7 @@ class SweepOutcome:
     outcomes: list[RunOutcome]
     interrupted: bool = False
     failed: list[str] = field(default_factory=list)  # every failed run of the sweep, this time or before
+    pruned: list[str] = field(default_factory=list)  # every run successive halving pruned, this time or before
     fault: MachineFault | None = None  # the machine's fault that stopped the sweep
 
     def count(self, status: str) -> int:
@@ -242,7 +266,11 @@ def sweep_dir_for(sweep: SweepConfig, out: Path) -> Path:
 
 def plan(sweep: SweepConfig, out: Path, *, device: str | None = None, retry_failed: bool = False
          ) -> tuple[list[RunConfig], list[RunConfig]]:
-    """(all runs, runs still to do) for a sweep, with an optional device override applied."""
+    """(all runs, runs still to do) for a sweep, with an optional device override applied.
+
+    A run is to do until it completed, diverged, failed (unless ``retry_failed``) or was pruned by the sweep's
+    successive halving as it decides now: a run recorded as pruned that the halving now keeps is to do again.
+    """
     runs = sweep.runs()
     if device:
         # One new train section for each the runs share, so that they still share it (and its hash).
@@ -251,9 +279,23 @@ def plan(sweep: SweepConfig, out: Path, *, device: str | None = None, retry_fail
             if id(r.train) not in moved:
                 moved[id(r.train)] = r.train.model_copy(update={"device": device})
         runs = [r.model_copy(update={"train": moved[id(r.train)]}) for r in runs]
-    finished = ("completed", "diverged") if retry_failed else FINISHED
-    states = run_states(sweep_dir_for(sweep, out), runs)
-    return runs, [r for r in runs if states[r.run_id] not in finished]
+    folder = sweep_dir_for(sweep, out)
+    states = run_states(folder, runs)
+    retry = [run_id for run_id, state in states.items() if state == "failed"] if retry_failed else []
+    pruned = halving_now(sweep, folder, runs, states, retry).pruned
+    finished = ("completed", "diverged") if retry_failed else ("completed", "diverged", "failed")
+    return runs, [r for r in runs if states[r.run_id] not in finished and r.run_id not in pruned]
+
+
+def halving_now(sweep: SweepConfig, folder: Path, runs: list[RunConfig], states: dict[str, RunState],
+                retry: Collection[str] = ()) -> Halving:
+    """The sweep's successive halving as its run folders decide it now; runs in ``retry`` (failed, to be tried
+    again) count as unfinished. Nothing is pruned in a sweep without ``tune.halving``."""
+    if sweep.tune is None or sweep.tune.halving is None:
+        return Halving({}, {run.run_id: None for run in runs}, {})
+    finished = {run_id for run_id, state in states.items()
+                if state in ("completed", "diverged", "failed") and run_id not in retry}
+    return decide(runs, sweep.tune, list(sweep.axes()), read_rows(folder, runs), finished)
 
 
 def run_states(folder: Path, runs: list[RunConfig]) -> dict[str, RunState]:
@@ -357,26 +399,117 @@ def _run_sweep(
     if before_training and todo:
         before_training(todo)
 
-    context = SweepContext(flags=flags, reporter=reporter, stop=stop)
-    outcomes: list[RunOutcome] = []
-    fault: MachineFault | None = None
-    table = _live_results(folder, sweep, runs)
-    # Closed at once when this loop ends early (--fail-fast, a stop), so the executor winds down its runs now.
-    with contextlib.closing((executor or SerialExecutor()).execute(todo, folder, context)) as finished:
-        for outcome in finished:
-            outcomes.append(outcome)
-            _refresh_results(table, outcome)
-            if reporter:
-                reporter.run_finished(outcome)
-            if outcome.fault is not None and fault is None:
-                # Every run would meet it: start no more, and let those training stop as on Ctrl-C.
-                fault = outcome.fault
-                context.stop.set()
-            if outcome.status == "failed" and fail_fast:
-                break
-    _refresh_results(table)
-    failed = [run_id for run_id, state in run_states(folder, runs).items() if state == "failed"]
-    return SweepOutcome(folder, outcomes, interrupted=context.stop.is_set(), failed=failed, fault=fault)
+    halving = sweep.tune.halving if sweep.tune else None
+    if halving is not None:  # every run is evaluated at every rung, however its passes fall
+        flags = replace(flags, eval_at=halving.rungs)
+    passes = _Passes(executor or SerialExecutor(), folder, SweepContext(flags=flags, reporter=reporter, stop=stop),
+                     _live_results(folder, sweep, runs), fail_fast)
+    if halving is None:
+        passes.run(todo)
+    else:
+        _halve(sweep, folder, runs, todo, passes)
+    _refresh_results(passes.table)
+    states = run_states(folder, runs)
+    return SweepOutcome(folder, passes.outcomes, interrupted=stop.is_set(),
+                        failed=[run_id for run_id, state in states.items() if state == "failed"],
+                        pruned=[run_id for run_id, state in states.items() if state == "pruned"], fault=passes.fault)
+
+
+@dataclass
+class _Passes:
+    """The executor's passes over a sweep's runs (one, or one per rung of successive halving); each outcome is
+    kept, put in results.csv and shown as it comes. After a stop, a fault or --fail-fast no pass starts."""
+
+    executor: Executor
+    folder: Path
+    context: SweepContext
+    table: LiveResults | None
+    fail_fast: bool
+    outcomes: list[RunOutcome] = field(default_factory=list)
+    fault: MachineFault | None = None  # the machine's fault that stopped the sweep
+    ended: bool = False
+
+    def run(self, runs: list[RunConfig], pause_at: int | None = None) -> None:
+        """Train ``runs`` to their end, or to step ``pause_at`` where they pause."""
+        if self.ended or self.context.stop.is_set() or not runs:
+            self.ended = self.ended or self.context.stop.is_set()
+            return
+        context = replace(self.context, flags=replace(self.context.flags, pause_at=pause_at))
+        # Closed at once when this loop ends early (--fail-fast, a stop), so the executor winds down its runs now.
+        with contextlib.closing(self.executor.execute(runs, self.folder, context)) as finished:
+            for outcome in finished:
+                self.record(outcome)
+                if outcome.status == "failed" and self.fail_fast:
+                    self.ended = True
+                    break
+        self.ended = self.ended or self.context.stop.is_set()
+
+    def record(self, outcome: RunOutcome) -> None:
+        self.outcomes.append(outcome)
+        _refresh_results(self.table, outcome)
+        if self.context.reporter:
+            self.context.reporter.run_finished(outcome)
+        if outcome.fault is not None and self.fault is None:
+            # Every run would meet it: start no more, and let those training stop as on Ctrl-C.
+            self.fault = outcome.fault
+            self.context.stop.set()
+
+
+def _halve(sweep: SweepConfig, folder: Path, runs: list[RunConfig], todo: list[RunConfig], passes: _Passes) -> None:
+    """Successive halving: a pass per rung, in which the runs still in the race that have not reached its step
+    train up to it and pause; before each pass (and after the last) the rungs every run of an arm has reached
+    are decided, and the runs of the candidates they drop are recorded as pruned. Then the survivors finish.
+
+    An arm whose rung cannot be decided (a run busy in another process, or failed with --retry-failed and
+    failing again) waits there for the next sweep; the other arms go on.
+    """
+    assert sweep.tune is not None and sweep.tune.halving is not None
+    states = run_states(folder, runs)
+    retry = {run.run_id for run in todo if states[run.run_id] == "failed"}  # to try again once, in this sweep
+    for rung in (*sweep.tune.halving.rungs, None):
+        states = run_states(folder, runs)
+        now = halving_now(sweep, folder, runs, states, retry)
+        for run in runs:
+            if run.run_id in now.pruned and (states[run.run_id] in ("partial", "pending") or run.run_id in retry):
+                passes.record(_record_pruned(run, folder, now, sweep.tune.metric))
+                if passes.fault is not None:
+                    return
+
+        def trains(run: RunConfig, rung: int | None = rung) -> bool:
+            state, run_id = states[run.run_id], run.run_id
+            finished = state in ("completed", "diverged") or (state == "failed" and run_id not in retry)
+            return (run_id not in now.pruned and not finished and now.open_rung[run_id] == rung
+                    and (rung is None or not reached(now.rows[run_id], rung)))
+
+        batch = [run for run in todo if trains(run)]
+        retry -= {run.run_id for run in batch}
+        passes.run(batch, pause_at=rung)
+        if passes.ended:
+            return
+
+
+def _record_pruned(cfg: RunConfig, folder: Path, now: Halving, metric: str) -> RunOutcome:
+    """Write the pruned result.json of a run the halving dropped, under the run's lock."""
+    run_dir = folder / cfg.run_id
+    rung = now.pruned[cfg.run_id]
+    try:
+        lock = claim(run_dir)
+        if lock is None:
+            return RunOutcome(cfg, "busy", message=BUSY)
+        try:
+            if (state := run_state(run_dir)) in ("completed", "diverged", "pruned"):  # by another sweep, meanwhile
+                return RunOutcome(cfg, "skipped", storage.read_json(run_dir / RESULT), message=state)
+            result = pruned_result(cfg, now.rows[cfg.run_id], rung, metric)
+            storage.write_json(run_dir / RESULT, result)
+        finally:
+            lock.release()
+    except OSError as err:
+        if (fault := machine_fault(err, run_dir)) is None:
+            raise
+        return _stopped_by(cfg, fault)
+    value = result[metric]
+    measured = f"{metric} {value:.4g}" if value is not None else f"no {metric} there"
+    return RunOutcome(cfg, "pruned", result, message=f"pruned at step {rung} ({measured}); checkpoint kept")
 
 
 def preflight(runs: list[RunConfig], *, devices: bool = True, share: Callable[[Any], int] | None = None) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +47,16 @@ from depthbench.step import Step, choose_step, set_lr
 
 class RunInterrupted(Exception):
     """A stop was requested (Ctrl-C, SIGTERM); the run saved a checkpoint and can be resumed."""
+
+
+class RunPaused(Exception):
+    """The run reached the step it was asked to pause at (a rung of successive halving): it evaluated there,
+    saved a checkpoint, and waits for the sweep to decide whether it goes on. ``row`` is that step's log row,
+    or None when the checkpoint was already at or past the step."""
+
+    def __init__(self, step: int, row: dict[str, Any] | None = None) -> None:
+        super().__init__(f"paused at step {step}, checkpoint saved")
+        self.step, self.row = step, row
 
 
 @dataclass(frozen=True)
@@ -390,6 +400,8 @@ def train_run(
     should_stop: StopFn | None = None,
     notes: list[str] | None = None,
     allow_device_change: bool = False,
+    pause_at: int | None = None,
+    eval_at: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Train one run into ``run_dir`` (resuming from its checkpoint if any) and return its result.
 
@@ -398,6 +410,10 @@ def train_run(
     ``diverged``. When ``should_stop()`` turns true the run checkpoints and raises :class:`RunInterrupted`.
     Messages worth showing the user (a corrupt checkpoint discarded, say) are appended to ``notes``.
     A checkpoint made on another device type or in another precision is refused unless ``allow_device_change``.
+
+    ``eval_at`` adds evaluations at those steps (successive halving's rungs, compared there whatever the
+    run's schedule). With ``pause_at`` the run evaluates at that step, checkpoints and raises
+    :class:`RunPaused` without writing result.json; one whose checkpoint is already there pauses at once.
     """
     t_start = time.perf_counter()
     tc = cfg.train
@@ -419,6 +435,7 @@ def train_run(
     compile_s = 0.0
     t_resume = t_window = time.perf_counter()
     status = "completed"
+    extra_evals = {*eval_at, *((pause_at,) if pause_at is not None else ())}
 
     def checkpoint(open_window_s: float = 0.0) -> None:
         state.window = LogWindow(loss_sum.item(), correct.item(), images, open_window_s)
@@ -433,6 +450,8 @@ def train_run(
     # data, building the model) it stops the run at once, as there is no progress to save.
     with stopping.deferred():
         while state.final is None and state.step < tc.steps:
+            if pause_at is not None and state.step >= pause_at:  # resumed at or past it: nothing to train
+                raise RunPaused(state.step)
             # Stop: honoured between steps, where the checkpoint is exact.
             if should_stop and should_stop():
                 checkpoint(window_s + time.perf_counter() - t_window)
@@ -459,7 +478,7 @@ def train_run(
                 on_progress(TrainingProgress(step, tc.steps))
 
             # Log point: running train metrics, evaluation when due, divergence check.
-            evaluate_now = step % tc.eval_every == 0 or step == tc.steps
+            evaluate_now = step % tc.eval_every == 0 or step == tc.steps or step in extra_evals
             if not (step % tc.log_every == 0 or evaluate_now):
                 continue
             train_loss = loss_sum.item() / images
@@ -486,11 +505,13 @@ def train_run(
             if status == "diverged":
                 break
 
-            # Checkpoint: at log points, every checkpoint_every steps and after the last step.
+            # Checkpoint: at log points, every checkpoint_every steps, at a pause and after the last step.
             if step == tc.steps:
                 state.final = {**row}
-            if step % tc.checkpoint_every == 0 or state.final is not None:
+            if step % tc.checkpoint_every == 0 or state.final is not None or step == pause_at:
                 checkpoint()
+            if step == pause_at and state.final is None:
+                raise RunPaused(step, row)
             t_window = time.perf_counter()
 
     # Finish: the weights to keep, then result.json, which marks the run as done.

@@ -291,12 +291,14 @@ class _LiveRuns:
                 self.reporter.progress(self.by_id[self.focus], self.focus_progress)
 
     def counts(self) -> str:
-        done = sum(n for status, n in self.finished.items() if status != "failed")
+        done = sum(n for status, n in self.finished.items() if status not in ("failed", "paused"))
+        # Runs paused at a rung of successive halving: their work in this pass is done, the run is not.
+        paused = f"{self.finished['paused']} paused, " if self.finished["paused"] else ""
         # A run that stopped training but whose outcome is still on its way is in none of the counts.
         waiting = len(self.by_id) - len(self.running) - len(self.over)
         requeued = len(self.requeued.keys() - self.finished_ids)
         queued = f"{waiting - requeued} queued, {requeued} requeued" if requeued else f"{waiting} waiting"
-        return f"[{len(self.running)} running, {done} done, {self.finished['failed']} failed, {queued}]"
+        return f"[{len(self.running)} running, {done} done, {paused}{self.finished['failed']} failed, {queued}]"
 
     def say(self, text: str) -> None:
         """A line for the terminal and the sweep log."""

@@ -310,7 +310,8 @@ class SlurmExecutor:
                         del pending[job_id]
                         if cfg.run_id not in live.places and seen.where:  # it ran between two looks at the queue
                             live.started(cfg.run_id, seen.where)
-                        yield from live.deliver([self._outcome(job, cfg, sweep_dir, seen.final)])
+                        yield from live.deliver([self._outcome(job, cfg, sweep_dir, seen.final,
+                                                               context.flags.pause_at)])
                     elif seen.running and (cfg.run_id not in live.running or again):
                         live.started(cfg.run_id, seen.where, _has_checkpoint(sweep_dir, cfg))
                     elif seen.waiting and cfg.run_id in live.running:
@@ -391,13 +392,16 @@ class SlurmExecutor:
             raise DepthbenchError(f"submitting the jobs failed: {lines[-1] if lines else type(err).__name__}") from None
         return jobs
 
-    def _outcome(self, job: Any, cfg: RunConfig, sweep_dir: Path, final: str) -> RunOutcome:
-        """The run's outcome, read from its folder; a job that ended without one is recorded as failed."""
+    def _outcome(self, job: Any, cfg: RunConfig, sweep_dir: Path, final: str, pause_at: int | None) -> RunOutcome:
+        """The run's outcome, read from its folder; a job that ended without one is recorded as failed. A job
+        asked to pause at a rung (``pause_at``) leaves no result there, only its checkpoint at that step."""
         run_dir = sweep_dir / cfg.run_id
         state = run_state(run_dir)
         if state in ("completed", "diverged", "failed"):
             result = storage.read_json(run_dir / RESULT)
             return RunOutcome(cfg, state, result, message=str(result.get("error", "")) if state == "failed" else "")
+        if pause_at is not None and state == "partial" and (done := checkpoint_step(run_dir)) >= pause_at:
+            return RunOutcome(cfg, "paused", message=f"paused at step {done}, checkpoint kept")
         if (fault := _fault_of(sweep_dir, cfg)) is not None:
             return RunOutcome(cfg, "interrupted", message=f"stopped: {fault}; its last checkpoint is kept", fault=fault)
         log = _tail(Path(job.paths.stderr))
