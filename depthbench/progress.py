@@ -81,10 +81,11 @@ class RichReporter:
                       f"{result.get('wall_s', 0):.1f} s")
             if outcome.status == "diverged":
                 detail = f"diverged (non-finite loss) at step {result.get('steps')}"
-        elif outcome.status == "paused" and result.get("step"):
-            # A rung of successive halving: the validation metric the sweep compares there, when the row has it.
-            detail = f"paused at step {result['step']}" + (f", val acc {_pct(result['val_acc'])}" if "val_acc" in result
-                                                           else "")
+        elif outcome.status in ("paused", "pruned") and result.get("steps", result.get("step")):
+            # At a rung of successive halving, with the validation accuracy the sweep compares there.
+            step = result.get("steps", result.get("step"))
+            detail = f"{outcome.status} at step {step}" + (f", val acc {_pct(result['val_acc'])}"
+                                                           if result.get("val_acc") is not None else "")
         else:
             detail = outcome.message or outcome.status
         self.console.print(f"{_MARK.get(outcome.status, '?')} {run_id}  {detail}", highlight=False)

@@ -460,12 +460,13 @@ def _halve(sweep: SweepConfig, folder: Path, runs: list[RunConfig], todo: list[R
     train up to it and pause; before each pass (and after the last) the rungs every run of an arm has reached
     are decided, and the runs of the candidates they drop are recorded as pruned. Then the survivors finish.
 
-    An arm whose rung cannot be decided (a run busy in another process, or failed with --retry-failed and
-    failing again) waits there for the next sweep; the other arms go on.
+    An arm whose rung cannot be decided (a run busy in another process) waits there for the next sweep; the
+    other arms go on.
     """
     assert sweep.tune is not None and sweep.tune.halving is not None
     states = run_states(folder, runs)
-    retry = {run.run_id for run in todo if states[run.run_id] == "failed"}  # to try again once, in this sweep
+    # Failed runs to try again (once, in this sweep); one whose candidate is dropped at a rung it reached is pruned.
+    retry = {run_id for run_id, state in states.items() if state == "failed" and passes.context.flags.retry_failed}
     for rung in (*sweep.tune.halving.rungs, None):
         states = run_states(folder, runs)
         now = halving_now(sweep, folder, runs, states, retry)

@@ -108,3 +108,15 @@ def test_a_setting_that_is_a_grid_axis_is_set_as_the_axis(tmp_path: Path) -> Non
         "--set model.width=16: model.width is an axis of the file's grid; set the axis instead, "
         "e.g. --set grid.model.width=[16]")
     assert {r.model.width for r in load_sweep(path, ["grid.model.width=[16]"]).runs()} == {16}
+
+
+def test_the_keys_of_an_optional_section_can_be_set(tmp_path: Path) -> None:
+    data = yaml.safe_load(SMOKE.read_text())
+    data["dataset"]["val_split"] = 32
+    data["grid"]["train.lr"] = [0.05, 0.1]
+    data["tune"] = {"axes": ["train.lr"], "halving": {"rungs": [2]}}
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert load_sweep(path, ["tune.halving.eta=2"]).tune.halving.eta == 2
+    assert error_of(path, "tune.halving.etta=2") == ("--set tune.halving.etta=2: unknown key 'tune.halving.etta' "
+                                                     "(did you mean 'tune.halving.eta'?)")

@@ -4,9 +4,11 @@ resume a pruned run once the halving keeps it."""
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import depthbench.sweep
 from depthbench import storage
 from depthbench.cli import app
 from depthbench.config import SweepConfig
-from depthbench.executors import ParallelExecutor, SlurmExecutor
+from depthbench.executors import ParallelExecutor, RayExecutor, SlurmExecutor
 from depthbench.executors.local import _cores
 from depthbench.halving import decide
 from depthbench.report import build_report
@@ -235,6 +238,31 @@ def test_a_tuned_sweep_prunes_each_arm_at_its_rung_and_finishes_the_rest(validat
     assert "8 run(s) pruned by successive halving (tune.halving) are left out" in report.markdown
 
 
+def test_a_failed_run_counts_as_failed_and_its_candidate_ranks_on_its_other_seeds(
+        validation: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = depthbench.sweep.train_run
+
+    def flaky(cfg: Any, run_dir: Path, **kwargs: Any) -> Any:
+        if (cfg.version, cfg.train.lr, cfg.seed) == ("v1", 0.1, 0):
+            raise RuntimeError("boom in the data pipeline")
+        return real(cfg, run_dir, **kwargs)
+
+    monkeypatch.setattr(depthbench.sweep, "train_run", flaky)
+    cfg = halving_sweep()
+    outcome = run_sweep(cfg, tmp_path, handle_signals=False)
+    folder = tmp_path / "halving"
+    broken = next(run.run_id for run in cfg.runs() if (run.version, run.train.lr, run.seed) == ("v1", 0.1, 0))
+    assert outcome.failed == [broken] and broken not in outcome.pruned
+    table = pd.read_csv(folder / "results.csv")
+    at_4 = {run.run_id: next((r["val_acc"] for r in storage.read_jsonl(folder / run.run_id / "metrics.jsonl")
+                              if r["step"] == 4), None) for run in cfg.runs()}
+    v1 = table[(table.version == "v1") & (table.run_id != broken)].assign(val_acc=lambda t: t.run_id.map(at_4))
+    means = v1.groupby("train.lr", sort=False).val_acc.mean()  # 0.1 on its seed 1 alone
+    assert set(v1[v1.status == "completed"]["train.lr"]) == {means.idxmax()}
+    assert set(v1[v1.status != "completed"].status) == {"pruned"}
+    assert (table[table.version == "v2"].status == "completed").sum() == 2
+
+
 SHARE = max(1, _cores() // 2)  # the torch threads of each of 2 workers
 
 
@@ -266,6 +294,33 @@ def test_slurm_jobs_prune_the_same_runs_and_learn_the_same_numbers(validation: N
     assert len(outcome.pruned) == 2
     assert pruned_runs(tmp_path / "slurm" / "slurm") == pruned_runs(tmp_path / "serial" / "slurm")
     pd.testing.assert_frame_equal(learned(tmp_path / "slurm" / "slurm"), learned(tmp_path / "serial" / "slurm"))
+
+
+@pytest.fixture(scope="module")
+def ray_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A private Ray instance on loopback with 2 CPUs, as test_executors.py starts one."""
+    ray = pytest.importorskip("ray")
+    with pytest.MonkeyPatch.context() as mp:
+        # Ray binds to loopback only when it believes multi-node clusters are off (read at import).
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setattr("ray._private.ray_constants.ENABLE_RAY_CLUSTER", False)
+        mp.setenv("DEPTHBENCH_DATA", str(tmp_path_factory.mktemp("ray-data")))
+        ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+def test_ray_tasks_prune_the_same_runs_and_learn_the_same_numbers(validation: None, ray_instance: None,
+                                                                  tmp_path: Path) -> None:
+    cfg = halving_sweep("ray", grid={"version": ["v2"], "seed": [0]})
+    reference_sweep(tmp_path / "serial", cfg, 1)
+    outcome = run_sweep(cfg, tmp_path / "ray", executor=RayExecutor(cfg.resources), handle_signals=False)
+    assert [o.status for o in outcome.outcomes].count("paused") == 3 and len(outcome.pruned) == 2
+    assert pruned_runs(tmp_path / "ray" / "ray") == pruned_runs(tmp_path / "serial" / "ray")
+    pd.testing.assert_frame_equal(learned(tmp_path / "ray" / "ray"), learned(tmp_path / "serial" / "ray"))
 
 
 class StopAfter:

@@ -100,6 +100,9 @@ def check_key(model: type[BaseModel], key: str, prefix: str = "") -> None:
             raise ValueError(f"unknown key '{full}'{did_you_mean(full, choices)}")
         known = f"{known}.{part}" if known else part
         annotation = model.model_fields[part].annotation
+        if get_origin(annotation) in (Union, types.UnionType):  # an optional section (tune, tune.halving): its keys
+            annotation = next((arg for arg in get_args(annotation) if isinstance(arg, type)
+                               and issubclass(arg, BaseModel)), annotation)
         if get_origin(annotation) is dict:
             return
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else BaseModel
