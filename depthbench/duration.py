@@ -10,8 +10,13 @@ real sweep's start line measure nothing again.
 
 Under ``--jobs N`` (N > 1) each run trains in its own process with its share of the cores
 (:func:`depthbench.executors.local.threads_per_job`), so trials run with that many threads (with one job,
-this process's), and the wall
-time is the runs laid out in order on N slots, each starting when a slot frees (as the pool takes them).
+this process's), and the wall time is the runs laid out in order on N slots, each starting when a slot
+frees (as the pool takes them). On a CPU those N runs also share caches and memory bandwidth, and a step
+of one is slower than alone (by 8% for a 200-layer to 45% for a 1001-layer ResNet of the depth challenge,
+BENCHMARKS.md), so there each shape is timed as N copies at once in N processes, as the pool trains them.
+
+A CPU trial that begins while other work keeps the cores busy says so in the estimate and is not cached, so
+the next estimate on a quieter machine measures again.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ import hashlib
 import heapq
 import json
 import math
+import multiprocessing
+import os
+import signal
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +50,7 @@ from depthbench.layout import CHECKPOINT
 
 TRIAL_WARMUP, TRIAL_STEPS = 2, 3
 CACHE_FILE = "timings.json"
-_CACHE_FORMAT = 1  # bump when what a trial measures changes
+_CACHE_FORMAT = 2  # bump when what a trial measures changes
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class ShapeTiming:
     step_s: float  # the median of the timed steps
     eval_s: float  # one evaluation of the whole test split
     setup_s: float  # model built and moved, optimizer, data to the device
+    diagnose_s: float = 0.0  # one gradient and signal flow measurement (train.diagnose_steps), when the run has any
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class SweepEstimate:
     step_s: dict[str, float]  # run id -> seconds per step
     run_s: dict[str, float]  # run id -> seconds for the steps it has left
     jobs: int
+    busy: float | None = None  # cores other work kept busy when a trial began, where that made it unrepresentative
 
     @property
     def total_s(self) -> float:
@@ -82,6 +92,7 @@ def shape_key(run: RunConfig, device: torch.device, threads: int) -> dict[str, A
         "train": {key: getattr(tc, key) for key in (
             "batch_size", "optimizer", "precision", "channels_last", "compile", "cuda_graph", "clip_grad_norm",
             "decay_all", "scalar_lr", "eval_batch_size")},
+        "diagnose": bool(tc.diagnose_steps),
     }
 
 
@@ -123,9 +134,15 @@ def measure_shape(run: RunConfig, threads: int) -> ShapeTiming:
         eval_s = timed(setup.device, lambda: evaluate(setup.model, test_x, test_y, setup.mean, setup.std,
                                                       trial.train.eval_batch_size, setup.autocast,
                                                       trial.train.channels_last))
+        diagnose_s = 0.0
+        if run.train.diagnose_steps:
+            from depthbench.flow import measure
+
+            xb, yb = setup.batch(0)
+            diagnose_s = timed(setup.device, lambda: measure(setup.model, xb, yb))
     finally:
         torch.set_num_threads(before)
-    return ShapeTiming(statistics.median(steps), eval_s, setup_s)
+    return ShapeTiming(statistics.median(steps), eval_s, setup_s, diagnose_s)
 
 
 def _trial_dataset(run: RunConfig, shape: DataShape | None) -> DatasetConfig:
@@ -143,15 +160,43 @@ def _trial_dataset(run: RunConfig, shape: DataShape | None) -> DatasetConfig:
 Measure = Callable[[RunConfig, int], ShapeTiming]
 
 
+def busy_cores(window_s: float = 0.25) -> float | None:
+    """How many of this machine's cores other work keeps busy, sampled over ``window_s`` while this process
+    waits (from /proc/stat); None where there is no /proc/stat."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            ticks = [int(t) for t in stat.readline().split()[1:]]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle and iowait
+        return sum(ticks), idle
+
+    try:
+        total, idle = sample()
+        time.sleep(window_s)
+        total2, idle2 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total2 <= total:
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (idle2 - idle) / (total2 - total))
+
+
+# Other work on more than this many cores makes a trial's time unrepresentative of a quiet machine.
+BUSY_CORES = 0.5
+
+
 def shape_timings(runs: Sequence[RunConfig], jobs: int, measure: Measure | None = None,
-                  ) -> dict[str, ShapeTiming]:
+                  ) -> tuple[dict[str, ShapeTiming], float | None]:
     """run id -> its shape's timing: from the cache, or measured once per shape missing there and cached; a run
-    whose trial cannot run (it would not fit its device, its data is missing) is left out."""
+    whose trial cannot run (it would not fit its device, its data is missing) is left out. Also the most cores
+    that other work kept busy when a CPU trial began, if it was more than :data:`BUSY_CORES` (such a trial is
+    used but not cached), else None."""
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     by_run: dict[str, ShapeTiming] = {}
     failed: set[str] = set()
-    with FileLock(f"{path}.lock"):
+    measured: dict[str, ShapeTiming] = {}
+    busy: float | None = None
+    with FileLock(f"{path}.lock"), _Trials(jobs, measure) as trials:
         cached = storage.read_json(path) or {}
         for run in runs:
             device = resolve_device(run.train.device)
@@ -160,15 +205,52 @@ def shape_timings(runs: Sequence[RunConfig], jobs: int, measure: Measure | None 
             key_id = _key_id(shape_key(run, device, threads))
             if key_id in failed:
                 continue
-            if key_id not in cached:
+            if key_id not in cached and key_id not in measured:
+                others = busy_cores() if device.type == "cpu" else None
                 try:
-                    cached[key_id] = asdict((measure or measure_shape)(run, threads))
+                    timing = trials.measure(run, threads, alongside=device.type == "cpu")
                 except DepthbenchError:  # too big, data missing: the sweep's own checks say so; no estimate
                     failed.add(key_id)
                     continue
-                storage.write_json(path, cached)
-            by_run[run.run_id] = ShapeTiming(**cached[key_id])
-    return by_run
+                if others is not None and others > BUSY_CORES:
+                    busy = max(busy or 0.0, others)
+                else:
+                    cached[key_id] = asdict(timing)
+                    storage.write_json(path, cached)
+                measured[key_id] = timing
+            by_run[run.run_id] = measured.get(key_id) or ShapeTiming(**cached[key_id])
+    return by_run, busy
+
+
+class _Trials:
+    """Where trials run: in this process, or, for N jobs on a CPU, as N copies at once in N processes, so that
+    a step is timed sharing the cores as the sweep's runs will share them."""
+
+    def __init__(self, jobs: int, measure: Measure | None) -> None:
+        self.jobs, self.injected = jobs, measure
+        self.pool: Any = None
+
+    def __enter__(self) -> _Trials:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()  # also on a stop signal mid-trial: the copies end with the estimate
+            self.pool.join()
+
+    def measure(self, run: RunConfig, threads: int, *, alongside: bool) -> ShapeTiming:
+        if self.injected is not None or self.jobs == 1 or not alongside:
+            return (self.injected or measure_shape)(run, threads)
+        if self.pool is None:
+            self.pool = multiprocessing.get_context("spawn").Pool(self.jobs, initializer=_trial_worker)
+        copies = [self.pool.apply_async(measure_shape, (run, threads)) for _ in range(self.jobs)]
+        timings = [copy.get() for copy in copies]
+        return ShapeTiming(*(statistics.fmean(values) for values in zip(*(astuple(t) for t in timings), strict=True)))
+
+
+def _trial_worker() -> None:
+    # The sweep's process answers Ctrl-C and SIGTERM and ends the copies; they must not die mid-message first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_seconds(run: RunConfig, timing: ShapeTiming, done_steps: int = 0) -> float:
@@ -179,7 +261,8 @@ def run_seconds(run: RunConfig, timing: ShapeTiming, done_steps: int = 0) -> flo
     if left == 0:
         return 0.0
     evals = tc.steps // tc.eval_every - done_steps // tc.eval_every + (tc.steps % tc.eval_every != 0)
-    return left * timing.step_s + evals * timing.eval_s + timing.setup_s
+    diagnosed = sum(done_steps <= step < tc.steps for step in tc.diagnose_steps)
+    return left * timing.step_s + evals * timing.eval_s + diagnosed * timing.diagnose_s + timing.setup_s
 
 
 def wall_time(durations: Sequence[float], jobs: int) -> float:
@@ -195,12 +278,12 @@ def estimate_sweep(todo: Sequence[RunConfig], folder: Path, jobs: int, measure: 
     """Each run of ``todo``'s step time and remaining duration (from its checkpoint on), on ``jobs`` slots."""
     from depthbench.train import checkpoint_step
 
-    timings = shape_timings(todo, jobs, measure)
+    timings, busy = shape_timings(todo, jobs, measure)
     run_s = {}
     for run in (r for r in todo if r.run_id in timings):
         done = checkpoint_step(folder / run.run_id) if (folder / run.run_id / CHECKPOINT).exists() else 0
         run_s[run.run_id] = run_seconds(run, timings[run.run_id], done)
-    return SweepEstimate({run_id: timings[run_id].step_s for run_id in run_s}, run_s, jobs)
+    return SweepEstimate({run_id: timings[run_id].step_s for run_id in run_s}, run_s, jobs, busy)
 
 
 def format_duration(seconds: float) -> str:
@@ -219,9 +302,11 @@ def format_duration(seconds: float) -> str:
 def estimate_line(estimate: SweepEstimate) -> str:
     """One line: the runs' total and the wall time on the sweep's slots."""
     runs = len(estimate.run_s)
+    busy = (f"; timed while other work kept {estimate.busy:.1f} of {os.cpu_count()} cores busy, so likely long, "
+            "and not cached" if estimate.busy is not None else "")
     return (f"estimated: {runs} run(s), {format_duration(estimate.total_s)} of training in all, "
             f"{format_duration(estimate.wall_s)} wall time with --jobs {estimate.jobs} "
-            f"({TRIAL_STEPS} timed steps per shape on this machine; --no-estimate skips)")
+            f"({TRIAL_STEPS} timed steps per shape on this machine{busy}; --no-estimate skips)")
 
 
 def compare_line(estimate: SweepEstimate, took_s: float) -> str:
