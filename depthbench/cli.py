@@ -339,6 +339,13 @@ def report(
             if section.units is not None:
                 reference = FAMILIES[section.family].version_unit["v2"]
                 _print_table(f"{named}units, each against {reference}", section.units)
+        if rep.tuned is not None:
+            axes = ", ".join(rep.tuned.outcome.tune.axes)
+            _print_table(f"tuned: each arm at its selected {axes} (chosen on {rep.tuned.outcome.tune.metric})",
+                         rep.tuned.arms, caption="acc = final test accuracy % at the selected value, mean ± std")
+            if rep.tuned.pairs.cells:
+                _print_table("tuned: compared at each arm's own selected value", rep.tuned.pairs,
+                             caption="difference of mean test accuracy, points")
         if rep.reference:
             ref = Table(title=f"{folder.name}: paper vs measured (test error %, fail = above 20%)")
             for column in rep.reference[0]:
@@ -350,11 +357,11 @@ def report(
         console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
-def _print_table(title: str, table: Any) -> None:
+def _print_table(title: str, table: Any, caption: str = "acc = final test accuracy %, mean ± std over seeds") -> None:
     """One of report.md's tables on the terminal, with the columns a reader compares at a glance (report.md
     keeps the best values and the 95% intervals), then its notes."""
     shown = [i for i, name in enumerate(table.header) if not name.endswith(("best", "95% CI"))]
-    out = Table(title=title, caption="acc = final test accuracy %, mean ± std over seeds")
+    out = Table(title=title, caption=caption)
     for i in shown:  # the row keys stay whole; statistics wrap if space is short
         out.add_column(table.header[i], justify="right", no_wrap=i < len(table.keys))
     for row in table.cells:

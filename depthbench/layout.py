@@ -40,8 +40,8 @@ DIAGNOSTICS = "diagnostics.jsonl"
 LOCK = ".lock"
 DIAGNOSE_JSON = "diagnose.json"  # marks the output folder of `depthbench diagnose`, which is not a sweep
 
-RunState = Literal["completed", "diverged", "failed", "partial", "pending"]
-FINISHED: tuple[RunState, ...] = ("completed", "diverged", "failed")
+RunState = Literal["completed", "diverged", "failed", "pruned", "partial", "pending"]
+FINISHED: tuple[RunState, ...] = ("completed", "diverged", "failed", "pruned")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ class RunFolder:
         return result if isinstance(result, dict) and result.get("status") in FINISHED else None
 
     def state(self) -> RunState:
-        """'completed', 'diverged' or 'failed' from result.json; 'partial' with only a checkpoint; else 'pending'."""
+        """'completed', 'diverged', 'failed' or 'pruned' from result.json; 'partial' with only a checkpoint;
+        else 'pending'."""
         result = self.result()
         if result is not None:
             return result["status"]
