@@ -202,7 +202,8 @@ def _edges(candidates: Sequence[Candidate], selected: Candidate | None, axes: Se
     for i, axis in enumerate(axes):
         tried = {c.values[i] for c in candidates}
         value = selected.values[i]
-        if len(tried) < 2 or not all(_numeric(v) for v in tried):
+        # Of two values every choice is an end: the flag tells something only where a value lies between.
+        if len(tried) < 3 or not all(_numeric(v) for v in tried):
             continue
         end = "smallest" if value == min(tried) else "largest" if value == max(tried) else ""
         if end:
