@@ -149,10 +149,10 @@ def _numeric_fields() -> list[tuple[str, str]]:
 
 def test_every_numeric_setting_is_found() -> None:
     keys = {key for key, _ in _numeric_fields()}
-    assert len(keys) == 36
+    assert len(keys) == 37
     assert {"train.lr", "train.warmup.lr", "train.milestones", "model.width", "dataset.train_subset", "success.min",
             "resources.time_min", "model.patch", "model.heads", "model.mlp_ratio", "train.eps",
-            "train.clip_grad_norm", "train.scalar_lr"} <= keys
+            "train.clip_grad_norm", "train.scalar_lr", "dataset.val_split"} <= keys
 
 
 @pytest.mark.parametrize(("key", "value"), _numeric_fields(), ids=lambda v: v)

@@ -121,5 +121,5 @@ ADDED_SETTINGS: dict[str, Any] = {
     "model.family": "resnet", "model.patch": None, "model.heads": None, "model.mlp_ratio": None,
     "model.pool": None, "train.optimizer": "sgd", "train.betas": None, "train.eps": None,
     "train.decay_all": True, "train.clip_grad_norm": None, "train.scalar_lr": 1.0, "train.schedule": "multistep",
-    "train.warmup.shape": "constant", "dataset.flip": True,
+    "train.warmup.shape": "constant", "dataset.flip": True, "dataset.val_split": None,
 }
