@@ -58,7 +58,7 @@ class ShapeTiming:
     """What one shape's trial measured, in seconds."""
 
     step_s: float  # the median of the timed steps
-    eval_s: float  # one evaluation of the whole test split
+    eval_s: float  # one evaluation: the whole test split, and the validation split where the run holds one out
     setup_s: float  # model built and moved, optimizer, data to the device
     diagnose_s: float = 0.0  # one gradient and signal flow measurement (train.diagnose_steps), when the run has any
 
@@ -88,7 +88,9 @@ def shape_key(run: RunConfig, device: torch.device, threads: int) -> dict[str, A
         "format": _CACHE_FORMAT, "device": device_name(device), "torch": torch.__version__, "threads": threads,
         "version": run.version, "depth": run.depth, "model": run.model.model_dump(mode="json"),
         "dataset": {"name": ds.name, "image_size": ds.image_size, "augment": ds.augment, "flip": ds.flip,
-                    "test_subset": ds.test_subset},
+                    "test_subset": ds.test_subset,
+                    # only where set: the cached timings of runs without a split keep their keys
+                    **({"val_split": ds.val_split} if ds.val_split is not None else {})},
         "train": {key: getattr(tc, key) for key in (
             "batch_size", "optimizer", "precision", "channels_last", "compile", "cuda_graph", "clip_grad_norm",
             "decay_all", "scalar_lr", "eval_batch_size")},
@@ -130,10 +132,11 @@ def measure_shape(run: RunConfig, threads: int) -> ShapeTiming:
             step(index)
         steps = [timed(setup.device, lambda i=index: step(i))
                  for index in range(TRIAL_WARMUP, TRIAL_WARMUP + TRIAL_STEPS)]
-        test_x, test_y = data.test_x.to(setup.device), data.test_y.to(setup.device)
-        eval_s = timed(setup.device, lambda: evaluate(setup.model, test_x, test_y, setup.mean, setup.std,
-                                                      trial.train.eval_batch_size, setup.autocast,
-                                                      trial.train.channels_last))
+        splits = [(x.to(setup.device), y.to(setup.device)) for x, y in
+                  ((data.test_x, data.test_y), (data.val_x, data.val_y)) if len(y)]
+        eval_s = timed(setup.device, lambda: [evaluate(setup.model, x, y, setup.mean, setup.std,
+                                                       trial.train.eval_batch_size, setup.autocast,
+                                                       trial.train.channels_last) for x, y in splits])
         diagnose_s = 0.0
         if run.train.diagnose_steps:
             from depthbench.flow import measure
@@ -147,14 +150,16 @@ def measure_shape(run: RunConfig, threads: int) -> ShapeTiming:
 
 def _trial_dataset(run: RunConfig, shape: DataShape | None) -> DatasetConfig:
     """What a trial trains on: a step's time depends on the images' shape, not on what they show, so a
-    CIFAR run is timed on synthetic images of its shape (nothing downloaded for a dry-run); the bundled
-    digits (one channel) and image folders (shape known once read) are read as they are."""
+    CIFAR run is timed on synthetic images of its shape and split sizes (nothing downloaded for a dry-run);
+    the bundled digits (one channel) and image folders (shape known once read) are read as they are."""
     if run.dataset.name not in ("cifar10", "cifar100") or shape is None:
         return run.dataset
+    trained = run.train.batch_size * (TRIAL_WARMUP + TRIAL_STEPS + 1)
+    if shape.val_size:  # a validation split of the run's size, held out of enough that every class keeps one
+        trained = max(trained, shape.num_classes) + shape.val_size
     return DatasetConfig(name="synthetic", image_size=shape.image_size, num_classes=shape.num_classes,
-                         augment=run.dataset.augment, flip=run.dataset.flip,
-                         train_subset=run.train.batch_size * (TRIAL_WARMUP + TRIAL_STEPS + 1),
-                         test_subset=run.dataset.test_subset or shape.test_size)
+                         augment=run.dataset.augment, flip=run.dataset.flip, train_subset=trained,
+                         test_subset=run.dataset.test_subset or shape.test_size, val_split=shape.val_size or None)
 
 
 Measure = Callable[[RunConfig, int], ShapeTiming]
