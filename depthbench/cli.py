@@ -6,6 +6,7 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -182,10 +183,12 @@ def sweep(
     def say_estimate(todo: list[Any]) -> None:
         # Called by run_sweep once its checks have passed (their errors come first), under its stop signals.
         nonlocal estimate, started
-        from depthbench.duration import estimate_line, estimate_sweep
+        from depthbench.duration import estimate_line, estimate_sweep, save_estimate
 
         estimate = estimate_sweep(todo, sweep_dir_for(cfg, out), jobs)
         console.print(estimate_line(estimate), markup=False, highlight=False)
+        with contextlib.suppress(OSError):  # the report's comparison is a nicety; a full disk is the sweep's to meet
+            save_estimate(sweep_dir_for(cfg, out), estimate)
         started = time.perf_counter()  # what is compared with the estimate is the training, not the trial
 
     timed = not no_estimate and executor == "local"  # elsewhere the runs train on machines this one cannot time

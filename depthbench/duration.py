@@ -46,7 +46,7 @@ from depthbench.devices import resolve_device
 from depthbench.errors import DepthbenchError
 from depthbench.estimate import DataShape, check_fits, known_shape
 from depthbench.executors.local import threads_per_job
-from depthbench.layout import CHECKPOINT
+from depthbench.layout import CHECKPOINT, ESTIMATE
 
 TRIAL_WARMUP, TRIAL_STEPS = 2, 3
 CACHE_FILE = "timings.json"
@@ -289,6 +289,12 @@ def estimate_sweep(todo: Sequence[RunConfig], folder: Path, jobs: int, measure: 
         done = checkpoint_step(folder / run.run_id) if (folder / run.run_id / CHECKPOINT).exists() else 0
         run_s[run.run_id] = run_seconds(run, timings[run.run_id], done)
     return SweepEstimate({run_id: timings[run_id].step_s for run_id in run_s}, run_s, jobs, busy)
+
+
+def save_estimate(folder: Path, estimate: SweepEstimate) -> None:
+    """Keep ``estimate`` in the sweep folder, so that the report can set it beside what the runs took."""
+    storage.write_json(folder / ESTIMATE, {"jobs": estimate.jobs, "wall_s": round(estimate.wall_s, 3),
+                                           "run_s": {run_id: round(s, 3) for run_id, s in estimate.run_s.items()}})
 
 
 def format_duration(seconds: float) -> str:

@@ -46,7 +46,7 @@ from depthbench import storage
 from depthbench.config import SweepConfig
 from depthbench.errors import DepthbenchError, did_you_mean
 from depthbench.families import FAMILIES, version_label
-from depthbench.layout import DIAGNOSE_JSON, RESULTS_CSV, SWEEP_FILE, RunFolder
+from depthbench.layout import DIAGNOSE_JSON, ESTIMATE, RESULTS_CSV, SWEEP_FILE, RunFolder
 from depthbench.plots import error_vs_depth, sensitivity, series_labels, training_curves, unit_flow
 from depthbench.results import RunRecord, read_runs, saved_sweep, table_of
 from depthbench.statistics import (
@@ -654,6 +654,7 @@ class Report:
     unit_summary: pd.DataFrame | None = None
     unit_comparisons: list[Comparison] = field(default_factory=list)
     tuned: TunedSection | None = None
+    duration: str | None = None  # the sweep's estimated duration beside what its runs took
 
     @property
     def by(self) -> str:
@@ -716,6 +717,8 @@ def markdown(rep: Report) -> str:
     ]
     for section in rep.sections:
         lines += _section_markdown(section, mixed=len(rep.sections) > 1)
+    if rep.duration:
+        lines += ["", rep.duration]
     if rep.tuned:
         lines += _tuned_markdown(rep.tuned, rep.success)
     if rep.reference:
@@ -769,11 +772,31 @@ def build_report(
         rep.unit_summary, rep.unit_comparisons = summarize_units(table, keys), compare_units(table, keys)
     if tuned is not None:
         rep.tuned = tuned_section(tuned)
+    rep.duration = duration_note(sweep_dir, table)
     rep.markdown = markdown(rep)
     # One row per (configuration, unit) where units vary, which holds the version rows too; else per version.
     storage.write_text(sweep_dir / SUMMARY_CSV, (rep.unit_summary if with_units else summary).to_csv(index=False))
     storage.write_text(sweep_dir / REPORT_MD, rep.markdown)
     return rep
+
+
+def duration_note(sweep_dir: Path, table: pd.DataFrame) -> str | None:
+    """The duration estimated when the sweep last started (estimate.json) beside what the runs it estimated
+    took to train (their wall_s), over those that have finished; None without an estimate or a finished run."""
+    saved = storage.read_json(sweep_dir / ESTIMATE)
+    if not isinstance(saved, dict) or not isinstance(saved.get("run_s"), dict) or "wall_s" not in table:
+        return None
+    took = table.set_index("run_id").wall_s.dropna()
+    finished = [run_id for run_id in saved["run_s"] if run_id in took.index]
+    if not finished:
+        return None
+    total = sum(float(s) for s in saved["run_s"].values())
+    estimated, actual = sum(float(saved["run_s"][r]) for r in finished), float(took[finished].sum())
+    off = f" ({100 * (actual / estimated - 1):+.0f}%)" if estimated > 0 else ""
+    return (f"Duration: when the sweep last started, a trial of each distinct net estimated its {len(saved['run_s'])} "
+            f"run(s) at {total:,.0f} s of training ({float(saved['wall_s']):,.0f} s of wall time with "
+            f"--jobs {saved.get('jobs', 1)}); the {len(finished)} of them that finished were estimated at "
+            f"{estimated:,.0f} s and took {actual:,.0f} s{off}.")
 
 
 def find_sweeps(root: Path) -> list[Path]:

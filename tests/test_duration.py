@@ -145,6 +145,16 @@ def test_a_real_sweep_takes_about_its_estimate(tmp_path: Path) -> None:
     off = int(re.search(r"took .*, estimated .* \(([+-]\d+)%\)", result.output).group(1))
     assert -67 <= off <= 200, result.output
 
+    # The report sets the estimate kept in the sweep folder beside what the runs took.
+    saved = storage.read_json(tmp_path / "smoke" / "estimate.json")
+    assert saved["jobs"] == 1 and len(saved["run_s"]) == 4 and saved["wall_s"] == pytest.approx(sum(saved["run_s"].values()), abs=0.01)
+    report = runner.invoke(app, ["report", str(tmp_path / "smoke")], catch_exceptions=False)
+    assert report.exit_code == 0, report.output
+    line = next(x for x in (tmp_path / "smoke" / "report.md").read_text().splitlines() if x.startswith("Duration: "))
+    assert re.fullmatch(r"Duration: when the sweep last started, a trial of each distinct net estimated its 4 run\(s\) "
+                        r"at [\d,]+ s of training \([\d,]+ s of wall time with --jobs 1\); the 4 of them that "
+                        r"finished were estimated at [\d,]+ s and took [\d,]+ s \([+-]\d+%\)\.", line), line
+
 
 def test_a_cifar_run_is_timed_on_synthetic_images_of_its_shape() -> None:
     run = tiny_run(dataset={"name": "cifar100", "train_subset": None, "test_subset": None, "image_size": None})
