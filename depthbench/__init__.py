@@ -42,6 +42,7 @@ sweep, planning it and reading a runs/ folder answer fast. This map is the one l
       tuning.py        a tuned sweep's arms and candidates, ranked on validation metrics only (no torch)
       halving.py       successive halving: each arm's rungs decided from the run folders, pruned runs (no torch)
       statistics.py    a report's numbers: rows by depth or any axis, statistics over seeds, Welch tests (no torch)
+      tuned.py         each arm at its selected value: verdict, edge of the range, V2 − V1 there (no torch)
       report.py        tables by family and unit, paper values beside ours, report.md (no torch)
       plots.py         the report's figures (no torch)
       diagnose.py      the `depthbench diagnose` command's driver

@@ -6,6 +6,7 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -182,10 +183,12 @@ def sweep(
     def say_estimate(todo: list[Any]) -> None:
         # Called by run_sweep once its checks have passed (their errors come first), under its stop signals.
         nonlocal estimate, started
-        from depthbench.duration import estimate_line, estimate_sweep
+        from depthbench.duration import estimate_line, estimate_sweep, save_estimate
 
         estimate = estimate_sweep(todo, sweep_dir_for(cfg, out), jobs)
         console.print(estimate_line(estimate, at_most=_halving(cfg)), markup=False, highlight=False)
+        with contextlib.suppress(OSError):  # the report's comparison is a nicety; a full disk is the sweep's to meet
+            save_estimate(sweep_dir_for(cfg, out), estimate)
         started = time.perf_counter()  # what is compared with the estimate is the training, not the trial
 
     timed = not no_estimate and executor == "local"  # elsewhere the runs train on machines this one cannot time
@@ -348,6 +351,13 @@ def report(
             if section.units is not None:
                 reference = FAMILIES[section.family].version_unit["v2"]
                 _print_table(f"{named}units, each against {reference}", section.units)
+        if rep.tuned is not None:
+            axes = ", ".join(rep.tuned.outcome.tune.axes)
+            _print_table(f"tuned: each arm at its selected {axes} (chosen on {rep.tuned.outcome.tune.metric})",
+                         rep.tuned.arms, caption="acc = final test accuracy % at the selected value, mean ± std")
+            if rep.tuned.pairs.cells:
+                _print_table("tuned: compared at each arm's own selected value", rep.tuned.pairs,
+                             caption="difference of mean test accuracy, points")
         if rep.reference:
             ref = Table(title=f"{folder.name}: paper vs measured (test error %, fail = above 20%)")
             for column in rep.reference[0]:
@@ -359,11 +369,11 @@ def report(
         console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
-def _print_table(title: str, table: Any) -> None:
+def _print_table(title: str, table: Any, caption: str = "acc = final test accuracy %, mean ± std over seeds") -> None:
     """One of report.md's tables on the terminal, with the columns a reader compares at a glance (report.md
     keeps the best values and the 95% intervals), then its notes."""
     shown = [i for i, name in enumerate(table.header) if not name.endswith(("best", "95% CI"))]
-    out = Table(title=title, caption="acc = final test accuracy %, mean ± std over seeds")
+    out = Table(title=title, caption=caption)
     for i in shown:  # the row keys stay whole; statistics wrap if space is short
         out.add_column(table.header[i], justify="right", no_wrap=i < len(table.keys))
     for row in table.cells:

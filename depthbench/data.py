@@ -1,7 +1,7 @@
 """Datasets as whole uint8 tensors, decoded once and cached.
 
-Every dataset becomes a :class:`TensorData`: the train and test images as one contiguous uint8
-``N x C x H x W`` tensor each, integer labels, class names and the per-channel mean/std of the
+Every dataset becomes a :class:`TensorData`: the train, validation and test images as one contiguous
+uint8 ``N x C x H x W`` tensor each, integer labels, class names and the per-channel mean/std of the
 training split. Keeping the whole set as uint8 tensors lets the trainer move it to the device once
 and augment and normalise per batch, as airbench does (Jordan 2024, arXiv:2404.00498); no per-image
 Python runs while training.
@@ -23,9 +23,16 @@ Subsets (``train_subset`` / ``test_subset``) are class-balanced and drawn with a
 the run seed, so every run of a sweep trains and tests on the same images; a smaller subset is
 contained in a larger one.
 
+A validation split (``val_split``: a count of images, or a fraction of the training split) is held out
+of the training split after its subset, class-balanced in the same way but drawn with a generator of
+its own (:data:`_VAL_SPLIT_SEED`), so that it is not simply the first images of every subset. Every
+run of a sweep validates on the same images, and the mean/std are those of the images left to train
+on. Without a split the validation tensors are empty.
+
 Two caches make a sweep decode only once: an in-process memo, and for cifar and imagefolder a tensor
 file ``data_root()/cache/<hash>.pt`` keyed by everything that changes the data (for imagefolder the
 names, sizes and mtimes of the files, or the archive's size and mtime, so an edit invalidates it).
+Both hold the dataset before any validation split, which is cut from it in memory (and memoised too).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import sys
 import tarfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +64,10 @@ from depthbench.errors import DepthbenchError
 
 @dataclass(frozen=True, repr=False)
 class TensorData:
-    """A whole dataset in memory: uint8 images ``N x C x H x W`` (contiguous, CPU) and int64 labels."""
+    """A whole dataset in memory: uint8 images ``N x C x H x W`` (contiguous, CPU) and int64 labels.
+
+    The validation split is empty (``0 x C x H x W``) unless ``dataset.val_split`` holds one out.
+    """
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -66,6 +76,12 @@ class TensorData:
     classes: tuple[str, ...]
     mean: tuple[float, ...]  # per channel, over the training split, in [0, 1] pixel units
     std: tuple[float, ...]
+    val_x: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+    val_y: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+
+    def __post_init__(self) -> None:
+        if len(self.val_y) == 0:  # no split: empty images of the training images' shape, batched like any other
+            object.__setattr__(self, "val_x", self.train_x.new_empty((0, *self.train_x.shape[1:])))
 
     @property
     def num_classes(self) -> int:
@@ -81,8 +97,9 @@ class TensorData:
         return self.train_x.shape[-1]
 
     def __repr__(self) -> str:
+        val = f"{len(self.val_y)} val, " if len(self.val_y) else ""
         return (
-            f"TensorData({len(self.train_y)} train, {len(self.test_y)} test, "
+            f"TensorData({len(self.train_y)} train, {val}{len(self.test_y)} test, "
             f"{self.in_channels}x{self.image_size}x{self.image_size}, {self.num_classes} classes)"
         )
 
@@ -107,7 +124,12 @@ def load_dataset(cfg: DatasetConfig) -> TensorData:
     key = _memo_key(cfg)
     if key not in _MEMO:
         _MEMO[key] = _LOADERS[cfg.name](cfg)
-    return _MEMO[key]
+    if cfg.val_split is None:
+        return _MEMO[key]
+    split_key = (*key, cfg.val_split)
+    if split_key not in _MEMO:
+        _MEMO[split_key] = _hold_out_validation(_MEMO[key], cfg)
+    return _MEMO[split_key]
 
 
 _MEMO: dict[tuple[Any, ...], TensorData] = {}
@@ -116,43 +138,109 @@ _MEMO: dict[tuple[Any, ...], TensorData] = {}
 _SUBSET_SEED = 0
 _DIGITS_SPLIT_SEED = 0
 _SYNTHETIC_SEED = 0
+# Another seed than the subsets': with theirs, the split of a full training set would be exactly the
+# images that every one of its subsets starts with.
+_VAL_SPLIT_SEED = 1
 
 _CACHE_FORMAT = 1  # bump when the cached tensors would change for the same inputs
 
 
 def _memo_key(cfg: DatasetConfig) -> tuple[Any, ...]:
+    """What the dataset before any validation split depends on."""
     reads_files = cfg.name in ("cifar10", "cifar100") or (cfg.name == "imagefolder" and cfg.root is not None)
     root = str(data_root(cfg).resolve()) if reads_files else None
     return (cfg.name, root, cfg.train_subset, cfg.test_subset, cfg.image_size, cfg.num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared steps: class-balanced subsets, resizing, statistics
+# Shared steps: class-balanced subsets and validation splits, resizing, statistics
+
+
+def _class_orders(labels: torch.Tensor, num_classes: int, seed: int) -> list[torch.Tensor]:
+    """Each class's indices into ``labels``, in an order drawn by a generator seeded with ``seed``.
+
+    A class-balanced pick of any size takes the first indices of each class, so it is the same in
+    every run and a smaller pick is contained in a larger one. Every class's order is drawn, whatever
+    it contributes, so that later classes do not depend on the size picked.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    orders = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        orders.append(members[torch.randperm(len(members), generator=generator)])
+    return orders
+
+
+def _per_class(k: int, num_classes: int) -> list[int]:
+    """A class-balanced share of ``k`` items: ``k // C`` per class, the remainder one each to the first classes."""
+    return [k // num_classes + (c < k % num_classes) for c in range(num_classes)]
 
 
 def _balanced_subset(labels: torch.Tensor, k: int | None, classes: tuple[str, ...], split: str) -> torch.Tensor:
-    """Indices (ascending) of a class-balanced subset of ``k`` items: ``k // C`` per class, the remainder
-    one each to the first classes. A fixed generator picks them, so the subset is the same in every run
-    and a smaller subset is contained in a larger one."""
+    """Indices (ascending) of a class-balanced subset of ``k`` items (:func:`_per_class`), drawn with
+    :data:`_SUBSET_SEED` (:func:`_class_orders`)."""
     if k is None:
         return torch.arange(len(labels))
     if k > len(labels):
         raise DepthbenchError(f"dataset.{split}_subset={k} is more than the {len(labels)} images of the {split} split")
-    generator = torch.Generator().manual_seed(_SUBSET_SEED)
-    num_classes = len(classes)
-    picked = []
-    for c in range(num_classes):
-        members = (labels == c).nonzero().flatten()
-        # Draw the permutation even for classes that get nothing, so later classes do not depend on k.
-        order = torch.randperm(len(members), generator=generator)
-        want = k // num_classes + (c < k % num_classes)
-        if want > len(members):
+    orders = _class_orders(labels, len(classes), _SUBSET_SEED)
+    wants = _per_class(k, len(classes))
+    for name, order, want in zip(classes, orders, wants, strict=True):
+        if want > len(order):
             raise DepthbenchError(
-                f"dataset.{split}_subset={k} needs {want} images of class '{classes[c]}' "
-                f"but the {split} split has only {len(members)}"
+                f"dataset.{split}_subset={k} needs {want} images of class '{name}' "
+                f"but the {split} split has only {len(order)}"
             )
-        picked.append(members[order[:want]])
-    return torch.cat(picked).sort().values
+    return torch.cat([order[:want] for order, want in zip(orders, wants, strict=True)]).sort().values
+
+
+def _hold_out_validation(base: TensorData, cfg: DatasetConfig) -> TensorData:
+    """``base`` with ``cfg.val_split`` images of its training split moved to the validation split, and the
+    mean/std measured again on the images left to train on."""
+    held = _validation_indices(base.train_y, cfg, base.classes)
+    train = torch.ones(len(base.train_y), dtype=torch.bool)
+    train[held] = False
+    train_x = base.train_x[train]
+    mean, std = _channel_stats(train_x)
+    return TensorData(
+        train_x=train_x, train_y=base.train_y[train], test_x=base.test_x, test_y=base.test_y,
+        classes=base.classes, mean=mean, std=std, val_x=base.train_x[held], val_y=base.train_y[held],
+    )
+
+
+def _validation_indices(labels: torch.Tensor, cfg: DatasetConfig, classes: tuple[str, ...]) -> torch.Tensor:
+    """Indices (ascending) of the training images that ``cfg.val_split`` holds out: class-balanced
+    (:func:`_per_class`), drawn with :data:`_VAL_SPLIT_SEED`; every class keeps an image to train on."""
+    n, k = len(labels), cfg.val_size(len(labels))
+    images = f"{k} image{'s' * (k != 1)}"
+    written = f"dataset.val_split={cfg.val_split}" + (f" ({images})" if isinstance(cfg.val_split, float) else "")
+    if k == 0:
+        raise DepthbenchError(f"{written} holds out nothing of the training split's {n} images; raise it, "
+                              "or give a count of images")
+    orders = _class_orders(labels, len(classes), _VAL_SPLIT_SEED)
+    wants = _per_class(k, len(classes))
+    # Every class keeps one image to train on. The largest split holds out of every class what the class
+    # with the fewest images can spare, and one more of each class before it (the remainder's classes).
+    spare = [max(len(order) - 1, 0) for order in orders]
+    poorest = spare.index(min(spare))
+    largest = spare[poorest] * len(classes) + poorest
+    if k > largest:
+        name, have, want = next((name, len(order), want) for name, order, want, most in
+                                zip(classes, orders, wants, spare, strict=True) if want > most)
+        if k > n:
+            problem = f"is more than the training split's {n} images"
+        elif want > have:
+            problem = f"needs {want} images of class '{name}', which has {have} in the training split of {n}"
+        else:
+            problem = f"holds out every training image of class '{name}' ({have} of the training split's {n})"
+        if largest:
+            fix = f"lower it to at most {largest} images, so that every class keeps one to train on"
+        else:
+            has = "only one training image" if len(orders[poorest]) else "no training image"
+            fix = (f"none fits, as class '{classes[poorest]}' has {has} and must keep it: leave dataset.val_split out"
+                   + (", or raise dataset.train_subset" if cfg.train_subset else ""))
+        raise DepthbenchError(f"{written} {problem}; {fix}")
+    return torch.cat([order[:want] for order, want in zip(orders, wants, strict=True)]).sort().values
 
 
 def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:

@@ -10,8 +10,13 @@ real sweep's start line measure nothing again.
 
 Under ``--jobs N`` (N > 1) each run trains in its own process with its share of the cores
 (:func:`depthbench.executors.local.threads_per_job`), so trials run with that many threads (with one job,
-this process's), and the wall
-time is the runs laid out in order on N slots, each starting when a slot frees (as the pool takes them).
+this process's), and the wall time is the runs laid out in order on N slots, each starting when a slot
+frees (as the pool takes them). On a CPU those N runs also share caches and memory bandwidth, and a step
+of one is slower than alone (by 8% for a 200-layer to 45% for a 1001-layer ResNet of the depth challenge,
+BENCHMARKS.md), so there each shape is timed as N copies at once in N processes, as the pool trains them.
+
+A CPU trial that begins while other work keeps the cores busy says so in the estimate and is not cached, so
+the next estimate on a quieter machine measures again.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ import hashlib
 import heapq
 import json
 import math
+import multiprocessing
+import os
+import signal
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +46,11 @@ from depthbench.devices import resolve_device
 from depthbench.errors import DepthbenchError
 from depthbench.estimate import DataShape, check_fits, known_shape
 from depthbench.executors.local import threads_per_job
-from depthbench.layout import CHECKPOINT
+from depthbench.layout import CHECKPOINT, ESTIMATE
 
 TRIAL_WARMUP, TRIAL_STEPS = 2, 3
 CACHE_FILE = "timings.json"
-_CACHE_FORMAT = 1  # bump when what a trial measures changes
+_CACHE_FORMAT = 2  # bump when what a trial measures changes
 
 
 @dataclass(frozen=True)
@@ -50,8 +58,9 @@ class ShapeTiming:
     """What one shape's trial measured, in seconds."""
 
     step_s: float  # the median of the timed steps
-    eval_s: float  # one evaluation of the whole test split
+    eval_s: float  # one evaluation: the whole test split, and the validation split where the run holds one out
     setup_s: float  # model built and moved, optimizer, data to the device
+    diagnose_s: float = 0.0  # one gradient and signal flow measurement (train.diagnose_steps), when the run has any
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class SweepEstimate:
     step_s: dict[str, float]  # run id -> seconds per step
     run_s: dict[str, float]  # run id -> seconds for the steps it has left
     jobs: int
+    busy: float | None = None  # cores other work kept busy when a trial began, where that made it unrepresentative
 
     @property
     def total_s(self) -> float:
@@ -78,10 +88,13 @@ def shape_key(run: RunConfig, device: torch.device, threads: int) -> dict[str, A
         "format": _CACHE_FORMAT, "device": device_name(device), "torch": torch.__version__, "threads": threads,
         "version": run.version, "depth": run.depth, "model": run.model.model_dump(mode="json"),
         "dataset": {"name": ds.name, "image_size": ds.image_size, "augment": ds.augment, "flip": ds.flip,
-                    "test_subset": ds.test_subset},
+                    "test_subset": ds.test_subset,
+                    # only where set: the cached timings of runs without a split keep their keys
+                    **({"val_split": ds.val_split} if ds.val_split is not None else {})},
         "train": {key: getattr(tc, key) for key in (
             "batch_size", "optimizer", "precision", "channels_last", "compile", "cuda_graph", "clip_grad_norm",
             "decay_all", "scalar_lr", "eval_batch_size")},
+        "diagnose": bool(tc.diagnose_steps),
     }
 
 
@@ -119,39 +132,76 @@ def measure_shape(run: RunConfig, threads: int) -> ShapeTiming:
             step(index)
         steps = [timed(setup.device, lambda i=index: step(i))
                  for index in range(TRIAL_WARMUP, TRIAL_WARMUP + TRIAL_STEPS)]
-        test_x, test_y = data.test_x.to(setup.device), data.test_y.to(setup.device)
-        eval_s = timed(setup.device, lambda: evaluate(setup.model, test_x, test_y, setup.mean, setup.std,
-                                                      trial.train.eval_batch_size, setup.autocast,
-                                                      trial.train.channels_last))
+        splits = [(x.to(setup.device), y.to(setup.device)) for x, y in
+                  ((data.test_x, data.test_y), (data.val_x, data.val_y)) if len(y)]
+        eval_s = timed(setup.device, lambda: [evaluate(setup.model, x, y, setup.mean, setup.std,
+                                                       trial.train.eval_batch_size, setup.autocast,
+                                                       trial.train.channels_last) for x, y in splits])
+        diagnose_s = 0.0
+        if run.train.diagnose_steps:
+            from depthbench.flow import measure
+
+            xb, yb = setup.batch(0)
+            diagnose_s = timed(setup.device, lambda: measure(setup.model, xb, yb))
     finally:
         torch.set_num_threads(before)
-    return ShapeTiming(statistics.median(steps), eval_s, setup_s)
+    return ShapeTiming(statistics.median(steps), eval_s, setup_s, diagnose_s)
 
 
 def _trial_dataset(run: RunConfig, shape: DataShape | None) -> DatasetConfig:
     """What a trial trains on: a step's time depends on the images' shape, not on what they show, so a
-    CIFAR run is timed on synthetic images of its shape (nothing downloaded for a dry-run); the bundled
-    digits (one channel) and image folders (shape known once read) are read as they are."""
+    CIFAR run is timed on synthetic images of its shape and split sizes (nothing downloaded for a dry-run);
+    the bundled digits (one channel) and image folders (shape known once read) are read as they are."""
     if run.dataset.name not in ("cifar10", "cifar100") or shape is None:
         return run.dataset
+    trained = run.train.batch_size * (TRIAL_WARMUP + TRIAL_STEPS + 1)
+    if shape.val_size:  # a validation split of the run's size, held out of enough that every class keeps one
+        trained = max(trained, shape.num_classes) + shape.val_size
     return DatasetConfig(name="synthetic", image_size=shape.image_size, num_classes=shape.num_classes,
-                         augment=run.dataset.augment, flip=run.dataset.flip,
-                         train_subset=run.train.batch_size * (TRIAL_WARMUP + TRIAL_STEPS + 1),
-                         test_subset=run.dataset.test_subset or shape.test_size)
+                         augment=run.dataset.augment, flip=run.dataset.flip, train_subset=trained,
+                         test_subset=run.dataset.test_subset or shape.test_size, val_split=shape.val_size or None)
 
 
 Measure = Callable[[RunConfig, int], ShapeTiming]
 
 
+def busy_cores(window_s: float = 0.25) -> float | None:
+    """How many of this machine's cores other work keeps busy, sampled over ``window_s`` while this process
+    waits (from /proc/stat); None where there is no /proc/stat."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            ticks = [int(t) for t in stat.readline().split()[1:]]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle and iowait
+        return sum(ticks), idle
+
+    try:
+        total, idle = sample()
+        time.sleep(window_s)
+        total2, idle2 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total2 <= total:
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (idle2 - idle) / (total2 - total))
+
+
+# Other work on more than this many cores makes a trial's time unrepresentative of a quiet machine.
+BUSY_CORES = 0.5
+
+
 def shape_timings(runs: Sequence[RunConfig], jobs: int, measure: Measure | None = None,
-                  ) -> dict[str, ShapeTiming]:
+                  ) -> tuple[dict[str, ShapeTiming], float | None]:
     """run id -> its shape's timing: from the cache, or measured once per shape missing there and cached; a run
-    whose trial cannot run (it would not fit its device, its data is missing) is left out."""
+    whose trial cannot run (it would not fit its device, its data is missing) is left out. Also the most cores
+    that other work kept busy when a CPU trial began, if it was more than :data:`BUSY_CORES` (such a trial is
+    used but not cached), else None."""
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     by_run: dict[str, ShapeTiming] = {}
     failed: set[str] = set()
-    with FileLock(f"{path}.lock"):
+    measured: dict[str, ShapeTiming] = {}
+    busy: float | None = None
+    with FileLock(f"{path}.lock"), _Trials(jobs, measure) as trials:
         cached = storage.read_json(path) or {}
         for run in runs:
             device = resolve_device(run.train.device)
@@ -160,15 +210,52 @@ def shape_timings(runs: Sequence[RunConfig], jobs: int, measure: Measure | None 
             key_id = _key_id(shape_key(run, device, threads))
             if key_id in failed:
                 continue
-            if key_id not in cached:
+            if key_id not in cached and key_id not in measured:
+                others = busy_cores() if device.type == "cpu" else None
                 try:
-                    cached[key_id] = asdict((measure or measure_shape)(run, threads))
+                    timing = trials.measure(run, threads, alongside=device.type == "cpu")
                 except DepthbenchError:  # too big, data missing: the sweep's own checks say so; no estimate
                     failed.add(key_id)
                     continue
-                storage.write_json(path, cached)
-            by_run[run.run_id] = ShapeTiming(**cached[key_id])
-    return by_run
+                if others is not None and others > BUSY_CORES:
+                    busy = max(busy or 0.0, others)
+                else:
+                    cached[key_id] = asdict(timing)
+                    storage.write_json(path, cached)
+                measured[key_id] = timing
+            by_run[run.run_id] = measured.get(key_id) or ShapeTiming(**cached[key_id])
+    return by_run, busy
+
+
+class _Trials:
+    """Where trials run: in this process, or, for N jobs on a CPU, as N copies at once in N processes, so that
+    a step is timed sharing the cores as the sweep's runs will share them."""
+
+    def __init__(self, jobs: int, measure: Measure | None) -> None:
+        self.jobs, self.injected = jobs, measure
+        self.pool: Any = None
+
+    def __enter__(self) -> _Trials:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()  # also on a stop signal mid-trial: the copies end with the estimate
+            self.pool.join()
+
+    def measure(self, run: RunConfig, threads: int, *, alongside: bool) -> ShapeTiming:
+        if self.injected is not None or self.jobs == 1 or not alongside:
+            return (self.injected or measure_shape)(run, threads)
+        if self.pool is None:
+            self.pool = multiprocessing.get_context("spawn").Pool(self.jobs, initializer=_trial_worker)
+        copies = [self.pool.apply_async(measure_shape, (run, threads)) for _ in range(self.jobs)]
+        timings = [copy.get() for copy in copies]
+        return ShapeTiming(*(statistics.fmean(values) for values in zip(*(astuple(t) for t in timings), strict=True)))
+
+
+def _trial_worker() -> None:
+    # The sweep's process answers Ctrl-C and SIGTERM and ends the copies; they must not die mid-message first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_seconds(run: RunConfig, timing: ShapeTiming, done_steps: int = 0) -> float:
@@ -179,7 +266,8 @@ def run_seconds(run: RunConfig, timing: ShapeTiming, done_steps: int = 0) -> flo
     if left == 0:
         return 0.0
     evals = tc.steps // tc.eval_every - done_steps // tc.eval_every + (tc.steps % tc.eval_every != 0)
-    return left * timing.step_s + evals * timing.eval_s + timing.setup_s
+    diagnosed = sum(done_steps <= step < tc.steps for step in tc.diagnose_steps)
+    return left * timing.step_s + evals * timing.eval_s + diagnosed * timing.diagnose_s + timing.setup_s
 
 
 def wall_time(durations: Sequence[float], jobs: int) -> float:
@@ -195,12 +283,18 @@ def estimate_sweep(todo: Sequence[RunConfig], folder: Path, jobs: int, measure: 
     """Each run of ``todo``'s step time and remaining duration (from its checkpoint on), on ``jobs`` slots."""
     from depthbench.train import checkpoint_step
 
-    timings = shape_timings(todo, jobs, measure)
+    timings, busy = shape_timings(todo, jobs, measure)
     run_s = {}
     for run in (r for r in todo if r.run_id in timings):
         done = checkpoint_step(folder / run.run_id) if (folder / run.run_id / CHECKPOINT).exists() else 0
         run_s[run.run_id] = run_seconds(run, timings[run.run_id], done)
-    return SweepEstimate({run_id: timings[run_id].step_s for run_id in run_s}, run_s, jobs)
+    return SweepEstimate({run_id: timings[run_id].step_s for run_id in run_s}, run_s, jobs, busy)
+
+
+def save_estimate(folder: Path, estimate: SweepEstimate) -> None:
+    """Keep ``estimate`` in the sweep folder, so that the report can set it beside what the runs took."""
+    storage.write_json(folder / ESTIMATE, {"jobs": estimate.jobs, "wall_s": round(estimate.wall_s, 3),
+                                           "run_s": {run_id: round(s, 3) for run_id, s in estimate.run_s.items()}})
 
 
 def format_duration(seconds: float) -> str:
@@ -221,9 +315,11 @@ def estimate_line(estimate: SweepEstimate, *, at_most: bool = False) -> str:
     early (successive halving), as the estimate counts every run to its last step."""
     runs = len(estimate.run_s)
     bound = "at most " if at_most else ""
+    busy = (f"; timed while other work kept {estimate.busy:.1f} of {os.cpu_count()} cores busy, so likely long, "
+            "and not cached" if estimate.busy is not None else "")
     return (f"estimated: {runs} run(s), {bound}{format_duration(estimate.total_s)} of training in all, "
             f"{format_duration(estimate.wall_s)} wall time with --jobs {estimate.jobs} "
-            f"({TRIAL_STEPS} timed steps per shape on this machine; --no-estimate skips)")
+            f"({TRIAL_STEPS} timed steps per shape on this machine{busy}; --no-estimate skips)")
 
 
 def compare_line(estimate: SweepEstimate, took_s: float) -> str:

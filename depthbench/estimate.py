@@ -100,17 +100,20 @@ CUDA_WORKSPACES = 256 * 2**20
 
 @dataclass(frozen=True)
 class DataShape:
-    """What of a dataset sizes a run: image channels and side, classes, and the split sizes."""
+    """What of a dataset sizes a run: image channels and side, classes, and the split sizes (the training
+    split's without the validation split held out of it)."""
 
     channels: int
     image_size: int
     num_classes: int
     train_size: int
     test_size: int
+    val_size: int = 0
 
     @classmethod
     def of(cls, data: TensorData) -> DataShape:
-        return cls(data.in_channels, data.image_size, data.num_classes, len(data.train_y), len(data.test_y))
+        return cls(data.in_channels, data.image_size, data.num_classes, len(data.train_y), len(data.test_y),
+                   len(data.val_y))
 
     @property
     def pixels(self) -> int:
@@ -136,7 +139,8 @@ def known_shape(dataset: DatasetConfig) -> DataShape | None:
         train, test = dataset.train_subset or train, dataset.test_subset or test
     else:
         train, test = min(dataset.train_subset or train, train), min(dataset.test_subset or test, test)
-    return DataShape(channels, dataset.image_size or side, classes or dataset.num_classes, train, test)
+    val = min(dataset.val_size(train), train)  # one too large is refused when the data is loaded
+    return DataShape(channels, dataset.image_size or side, classes or dataset.num_classes, train - val, test, val)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,13 +483,13 @@ def estimate_memory(cfg: RunConfig, shape: DataShape, device_type: str = "cpu", 
     fp = _run_footprint(cfg, shape, device_type, bf16)
     elem = _precision_bytes(cfg, device_type, bf16)
     tc = cfg.train
-    batch, evaluated = tc.batch_size, min(tc.eval_batch_size, shape.test_size)
+    batch, evaluated = tc.batch_size, min(tc.eval_batch_size, max(shape.test_size, shape.val_size))
     # Weights and gradients, then the optimizer's state: SGD's momentum buffer, AdamW's two moments.
     state = 8 if tc.optimizer == "adamw" else 0 if tc.momentum == 0 else 4
     model = fp.params * (8 + state + (2 if elem == 2 else 0))
     data = 8 * shape.train_size  # BatchOrder's permutation
     if device_type != "cpu":
-        data += (shape.train_size + shape.test_size) * (shape.pixels + 8)
+        data += (shape.train_size + shape.val_size + shape.test_size) * (shape.pixels + 8)
     activations = fp.saved * batch + fp.saved_fixed
     recompute = fp.recompute * batch
     train_transient = batch * (shape.pixels * BATCH_BYTES_PER_PIXEL + LIVE_MAPS * fp.largest * elem)

@@ -7,6 +7,7 @@ No torch, no pandas: reading where a sweep stands is fast.
     runs/<sweep name>/
         sweep.yaml            the sweep as last run (its runs not started yet are "pending")
         results.csv           one row per run, rebuilt from the run folders at any time
+        estimate.json         each run's estimated duration, as the sweep's last start estimated it
         <run id>/
             config.yaml       the run's resolved config (written first)
             metrics.jsonl     a row per log point
@@ -30,6 +31,7 @@ from depthbench.errors import ConfigError
 
 SWEEP_FILE = "sweep.yaml"
 RESULTS_CSV = "results.csv"
+ESTIMATE = "estimate.json"  # the duration estimated when the sweep last started training
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
@@ -63,8 +65,8 @@ class RunFolder:
         return result if isinstance(result, dict) and result.get("status") in FINISHED else None
 
     def state(self) -> RunState:
-        """'completed', 'diverged', 'failed' or 'pruned' from result.json; 'partial' with only a checkpoint; else
-        'pending'."""
+        """'completed', 'diverged', 'failed' or 'pruned' from result.json; 'partial' with only a checkpoint;
+        else 'pending'."""
         result = self.result()
         if result is not None:
             return result["status"]

@@ -1,4 +1,5 @@
-"""The study's figures, as PNG files: error against depth, training curves, gradient flow per unit.
+"""The study's figures, as PNG files: error against depth, training curves, gradient flow per unit, and a
+tuned sweep's validation metric against the tuned value.
 
 Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no display, no global
 state), so plotting works on headless machines and from worker threads. Each function takes tidy
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
@@ -35,7 +38,7 @@ def _colours(labels: Sequence[str]) -> dict[str, str]:
     return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
 
 
-_MAX_DEPTH_TICKS = 12  # beyond this many the labels of close depths (a ViT's 2, 3, 4, ...) run together
+_MAX_TICKS = 12  # beyond this many the labels of close values (a ViT's depths 2, 3, 4, ...) run together
 
 
 def _depth_axis(ax: Axes, depths: Sequence[int], label: str = "depth (weight layers)") -> None:
@@ -45,7 +48,7 @@ def _depth_axis(ax: Axes, depths: Sequence[int], label: str = "depth (weight lay
     if depths[0] > 0 and depths[-1] / depths[0] >= 10:
         ax.set_xscale("log")
         ax.minorticks_off()
-    ticks = depths[:: math.ceil(len(depths) / _MAX_DEPTH_TICKS)]
+    ticks = depths[:: math.ceil(len(depths) / _MAX_TICKS)]
     ticks[-1] = depths[-1]  # the deepest net always gets its label, in place of the spread's last one (no crowding)
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(d) for d in ticks])
@@ -173,6 +176,56 @@ def training_curves(
     return _save(fig, path)
 
 
+def sensitivity(points: pd.DataFrame, path: Path, x_label: str, y_label: str, title: str = "") -> Path | None:
+    """A validation metric against a tuned value, a line per series: the mean over seeds with ± 1 std error
+    bars. A candidate stopped by successive halving is an open marker off the line, at its value where it
+    stopped, since it was measured earlier than the others.
+
+    ``points`` has a row per (series, candidate): ``series, x, mean, std, n, pruned``, in line order. Numeric
+    x lies on a log axis when it spans a decade (learning rates); other values are placed in the order given.
+    """
+    shown = points[np.isfinite(points["mean"].astype(float))] if len(points) else points
+    if shown.empty:
+        return None
+    labels = list(dict.fromkeys(shown.series))
+    colours = _colours(labels)
+    numeric = all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in points.x)
+    tried = sorted(set(points.x)) if numeric else list(dict.fromkeys(points.x))
+
+    def place(xs: pd.Series) -> list[float]:
+        return [float(x) if numeric else float(tried.index(x)) for x in xs]
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for label in labels:
+        part = shown[shown.series == label]
+        trained, stopped = part[~part.pruned.astype(bool)], part[part.pruned.astype(bool)]
+        if len(trained):
+            n = _counts(trained["n"])
+            ax.errorbar(place(trained.x), trained["mean"], yerr=trained["std"].fillna(0), marker="o", capsize=4,
+                        color=colours[label], label=f"{label} (n = {n})")
+        if len(stopped):
+            ax.scatter(place(stopped.x), stopped["mean"], s=40, facecolors="none", edgecolors=colours[label],
+                       zorder=3, label=None if len(trained) else label)
+    if numeric and _spans_decades(tried):
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    if len(tried) <= _MAX_TICKS:  # the values tried, as the grid writes them
+        ax.set_xticks(place(pd.Series(tried)))
+        ax.set_xticklabels([f"{x:g}" if isinstance(x, float) else str(x) for x in tried])
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title or f"{y_label} against {x_label} (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()
+    if shown.pruned.astype(bool).any():
+        handles.append(Line2D([], [], ls="none", marker="o", markerfacecolor="none", color="grey"))
+        names.append("open: pruned, at its rung")
+    beside = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if len(labels) > 4 else {}
+    ax.legend(handles, names, fontsize="small", **beside)
+    return _save(fig, path)
+
+
 FLOW_MEASURES: dict[str, tuple[str, bool]] = {
     # measure: (axis label, log scale)
     "grad_input": ("||dL/dx_l|| at the unit's input", True),
@@ -240,4 +293,4 @@ def unit_flow(
     return _save(fig, path)
 
 
-__all__ = ["FLOW_MEASURES", "error_vs_depth", "series_labels", "training_curves", "unit_flow"]
+__all__ = ["FLOW_MEASURES", "error_vs_depth", "sensitivity", "series_labels", "training_curves", "unit_flow"]

@@ -66,6 +66,8 @@ class RichReporter:
         stats = f"loss {row['train_loss']:.3f} acc {_pct(row['train_acc'])}"
         if "test_acc" in row:
             stats += f" test {_pct(row['test_acc'])}"
+        if "val_acc" in row:
+            stats += f" val {_pct(row['val_acc'])}"
         stats += f" {row['img_per_s']:.0f} img/s"
         self.live.update(self.run_task, completed=progress.step, stats=stats)
 

@@ -24,6 +24,11 @@ A sweep whose config carries a ``reference`` (the paper's table, see configs/pap
 table: each published row beside the median test error of the runs it names, "fail" meaning an error
 above 20% as in [V2] Table 1. ``build_report`` also draws the figures of :mod:`depthbench.plots` into
 the sweep folder and links them from ``report.md``.
+
+A tuned sweep (a ``tune`` section) gets a further section from :mod:`depthbench.tuned`: each arm at the
+value of the tuned axes that validation chose, its test accuracy and success rate there, a verdict, a flag
+where the choice is at the edge of the values tried, and V2 − V1 with each arm at its own selected value;
+the figure ``sensitivity.png`` draws the validation metric against the tuned value.
 """
 
 from __future__ import annotations
@@ -41,14 +46,16 @@ from depthbench import storage
 from depthbench.config import SweepConfig
 from depthbench.errors import DepthbenchError, did_you_mean
 from depthbench.families import FAMILIES, version_label
-from depthbench.layout import DIAGNOSE_JSON, RESULTS_CSV, SWEEP_FILE, RunFolder
-from depthbench.plots import error_vs_depth, series_labels, training_curves, unit_flow
+from depthbench.layout import DIAGNOSE_JSON, ESTIMATE, RESULTS_CSV, SWEEP_FILE, RunFolder
+from depthbench.plots import error_vs_depth, sensitivity, series_labels, training_curves, unit_flow
 from depthbench.results import RunRecord, read_runs, saved_sweep, table_of
 from depthbench.statistics import (
     FINISHED, NO_TEST, UNIT_NO_TEST, UNIT_WEAK_TEST, WEAK_TEST, Comparison, compare,
     compare_units, default_keys, families, groups, one_per_experiment, prepare, reference_unit, row_keys,
     summarize, summarize_units, unit_keys, unit_order, units_vary, version_split,
 )
+from depthbench.tuned import ArmOutcome, TunedSweep, outcome, sensitivity_points
+from depthbench.tuning import Score, describe
 
 SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
@@ -57,9 +64,12 @@ PLOT_FILES = {
     "error_vs_depth": "error_vs_depth.png",
     "curves": "curves.png",
     "grad_flow": "grad_flow.png",
+    "sensitivity": "sensitivity.png",
 }
 FAMILY_TITLES = {"resnet": "ResNet", "vit": "ViT"}  # how titles and legends name a family
 DEPTH_MEANS = {"resnet": "weight layers", "vit": "transformer blocks"}  # what a family's depth counts
+METRIC_NAMES = {"val_acc": "validation accuracy", "best_val_acc": "best validation accuracy",  # the tune metrics
+                "val_loss": "validation loss"}
 
 
 def family_title(family: str) -> str:
@@ -394,7 +404,7 @@ def _flow_entries(sweep_dir: Path, runs: pd.DataFrame, series: list[str]) -> lis
     return entries
 
 
-def draw_plots(sweep_dir: Path, table: pd.DataFrame) -> dict[str, Path]:
+def draw_plots(sweep_dir: Path, table: pd.DataFrame, tuned: TunedSweep | None = None) -> dict[str, Path]:
     """Every figure the sweep has data for, written into the sweep folder: {name: path}."""
     runs, series = plot_runs(prepare(table))
     drawn = {
@@ -408,6 +418,11 @@ def draw_plots(sweep_dir: Path, table: pd.DataFrame) -> dict[str, Path]:
         "grad_flow": unit_flow(
             _flow_entries(sweep_dir, runs, series), sweep_dir / PLOT_FILES["grad_flow"],
             title=f"{sweep_dir.name}: gradient norm reaching each residual unit (geometric mean over seeds)"),
+        "sensitivity": None if tuned is None else sensitivity(
+            sensitivity_points(tuned), sweep_dir / PLOT_FILES["sensitivity"], tuned.tune.axes[0],
+            METRIC_NAMES[tuned.tune.metric] + (" (%)" if tuned.tune.metric.endswith("acc") else ""),
+            title=f"{sweep_dir.name}: {METRIC_NAMES[tuned.tune.metric]} against {tuned.tune.axes[0]} "
+                  "(mean ± std over seeds)"),
     }
     for name, path in drawn.items():
         if path is None:  # nothing to draw now: drop a figure left from an earlier report
@@ -422,6 +437,125 @@ _PLOT_CAPTIONS = {
                  "recorded at train.diagnose_steps); dotted lines mark the first unit of each stage.",
 }
 _UNITS_CAPTION = "Final test error against depth, one line per unit (and setting), error bars ± 1 std over seeds."
+
+
+# ---------------------------------------------------------------------------------------------
+# A tuned sweep: each arm at its selected value
+# ---------------------------------------------------------------------------------------------
+
+
+def _score(score: Score, metric: str) -> str:
+    """A validation score over seeds: accuracies in percent, a loss as it is."""
+    if not score.seeds:
+        return "-"
+    scale, digits = (100, 2) if metric.endswith("acc") else (1, 3)
+    spread = f" ± {scale * score.std:.{digits}f}" if score.seeds > 1 else ""
+    return f"{scale * score.mean:.{digits}f}{spread}"
+
+
+def _arm_cell(arm: ArmOutcome, axis: str) -> str:
+    value = arm.values[axis]
+    if axis == "version":
+        return version_label(arm.family, value)
+    return family_title(value) if axis == "model.family" else _cell(value)
+
+
+def tuned_rows(tuned: TunedSweep) -> Table:
+    """Each arm at its selected value: the value, the validation score that chose it, test accuracy and
+    success rate there, how many values were tried and pruned, the verdict and notes."""
+    axes, metric = tuned.tune.axes, tuned.tune.metric
+    shown = f"{metric.replace('_', ' ')} {'% ' if metric.endswith('acc') else ''}mean ± std"  # val acc % mean ± std
+    header = [*tuned.arm_axes, *(f"{axis} selected" for axis in axes), shown,
+              "test acc % mean ± std", "success", "tried", "pruned", "verdict", "notes"]
+    cells = []
+    for arm in tuned.arms:
+        chosen = arm.selected
+        picked = ["-"] * len(axes) if chosen is None else [_cell(v) for v in chosen.values]
+        measured = ["-"] * 3 if chosen is None else [_score(chosen.score, metric), _acc(chosen.stats),
+                                                     _success(chosen.stats)]
+        cells.append([*(_arm_cell(arm, axis) for axis in tuned.arm_axes), *picked, *measured,
+                      str(len(arm.candidates)), str(arm.pruned), arm.verdict, "; ".join(arm.notes) or "-"])
+    return Table(list(tuned.arm_axes), header, cells, list(tuned.warnings))
+
+
+def tuned_pair_rows(tuned: TunedSweep) -> Table:
+    """V2 − V1 and each unit − its family's V2 unit, each arm at its own selected value, with Welch's test."""
+    header = [*tuned.pair_axes, "compared", "against", "n", "difference (pts)", "95% CI", "p (Welch)"]
+    cells = []
+    for pair in tuned.pairs:
+        c = pair.comparison
+        sides = [f"{arm.design} at {describe(tuned.tune.axes, arm.ranking.best)}"
+                 for arm in (pair.compared, pair.reference)]
+        cells.append([*(_arm_cell(pair.compared, axis) for axis in tuned.pair_axes), *sides,
+                      f"{c.n} vs {c.n_reference}", *_difference(c)])
+    notes = []
+    for per in ("version", "unit"):
+        for note in dict.fromkeys(p.comparison.note for p in tuned.pairs if p.comparison.per == per):
+            if note:
+                where = [_describe(tuned.pair_axes, p.comparison.config) or "every arm" for p in tuned.pairs
+                         if p.comparison.per == per and p.comparison.note == note]
+                notes.append(f"Note: {note} at {'; '.join(dict.fromkeys(where))}.")
+    return Table(list(tuned.pair_axes), header, cells, notes)
+
+
+@dataclass
+class TunedSection:
+    """report.md's part for a tuned sweep: ``arms`` (its notes are the warnings) and ``pairs`` as tables,
+    ``outcome`` their numbers."""
+
+    outcome: TunedSweep
+    arms: Table
+    pairs: Table
+
+
+def _sensitivity_caption(tuned: TunedSweep) -> str:
+    axis, *others = tuned.tune.axes
+    lines = f"one line per arm and value of {', '.join(others)}" if others else "one line per arm"
+    pruned = any(arm.pruned for arm in tuned.arms)
+    when = "" if tuned.tune.metric == "best_val_acc" else " at the end of training"
+    return (f"{METRIC_NAMES[tuned.tune.metric].capitalize()}{when}, the tune metric, against {axis}, {lines}, "
+            "error bars ± 1 std over seeds"
+            + ("; open markers are candidates that successive halving stopped, at their value at the rung where "
+               "they stopped." if pruned else "."))
+
+
+def tuned_section(tuned: TunedSweep) -> TunedSection:
+    return TunedSection(tuned, tuned_rows(tuned), tuned_pair_rows(tuned))
+
+
+def _tuned_markdown(section: TunedSection, success: str) -> list[str]:
+    tune = section.outcome.tune
+    axes = ", ".join(tune.axes)
+    rule = "a success being any completed run" if success == "completed" else f"a success being {success}"
+    lines = [
+        "", f"## Tuned: each arm at its selected {axes}", "",
+        (f"Each arm ({', '.join(section.outcome.arm_axes) or 'the whole sweep'}) tried every {axes} the grid lists "
+         f"and selected the one with the best mean {tune.metric} over seeds, measured on the validation split "
+         "(dataset.val_split); test metrics play no part in the choice. Test accuracy (mean ± sample std over "
+         f"completed runs) and success rate (over the runs trained to the end, {rule}) are those of the selected "
+         "value's runs. tried counts the values of an arm, pruned those that successive halving stopped before "
+         "the end. The verdict is 'trains' where the selected value's success rate is at least 1/2; else the "
+         "values tried that reach it, not selected; else 'fails at every value tried' with the range tried. "
+         "A selected value at the smallest or largest value tried is flagged: the best may lie beyond it."),
+        "", *_markdown_table(section.arms.header, section.arms.cells), "",
+        *(f"- {note}" for note in section.arms.notes),
+    ]
+    pairs = section.pairs
+    if pairs.cells or pairs.notes:
+        present = [f for f in FAMILIES if f in {arm.family for arm in section.outcome.arms}]
+        versus = " and ".join(f"{version_label(f, 'v2')} − {version_label(f, 'v1')}" for f in present)
+        units = [p for p in section.outcome.pairs if p.comparison.per == "unit"]
+        if units:
+            versus += ", and each other unit − " + " or ".join(dict.fromkeys(p.comparison.reference for p in units))
+        lines += [
+            "", "### Compared at each arm's own selected value", "",
+            (f"{versus}, each arm at the {axes} it selected: the difference of mean test accuracy in percentage "
+             "points; its 95% CI and p-value are Welch's t-test (unequal variances), which needs 2 or more completed "
+             "runs a side. The untuned tables above compare them at each shared value instead."),
+            "", *(_markdown_table(pairs.header, pairs.cells) if pairs.cells else ["No pair had runs to compare."]),
+            "", *(f"- {note}" for note in pairs.notes),
+        ]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +653,8 @@ class Report:
     sections: list[Section] = field(default_factory=list)
     unit_summary: pd.DataFrame | None = None
     unit_comparisons: list[Comparison] = field(default_factory=list)
+    tuned: TunedSection | None = None
+    duration: str | None = None  # the sweep's estimated duration beside what its runs took
     pruned: int = 0  # runs pruned by successive halving: in results.csv, left out of ``table`` and every statistic
 
     @property
@@ -579,11 +715,16 @@ def markdown(rep: Report) -> str:
         + ("a success being any completed run." if rep.success == "completed" else
            f"a success being a completed run with {rep.success}.")
         + (f" Rows pool the runs of every {', '.join(pooled)}." if pooled else "")
-        + (f" {rep.pruned} run(s) pruned by successive halving (tune.halving) are left out of every table and "
-           "figure; results.csv lists them." if rep.pruned else ""),
+        + (f" {rep.pruned} run(s) pruned by successive halving (tune.halving) are left out of these counts and of "
+           "the tables and figures by depth and unit; the tuned section counts them, results.csv lists them."
+           if rep.pruned else ""),
     ]
     for section in rep.sections:
         lines += _section_markdown(section, mixed=len(rep.sections) > 1)
+    if rep.duration:
+        lines += ["", rep.duration]
+    if rep.tuned:
+        lines += _tuned_markdown(rep.tuned, rep.success)
     if rep.reference:
         lines += ["", "## Paper vs measured", "",
                   (f"Test error in percent; the paper reports the median of 5 runs. \"fail\" means an error above "
@@ -594,7 +735,10 @@ def markdown(rep: Report) -> str:
         by_unit = any(s.units for s in rep.sections)
         lines += ["", "## Plots", ""]
         for name, path in rep.plots.items():
-            caption = _UNITS_CAPTION if by_unit and name == "error_vs_depth" else _PLOT_CAPTIONS[name]
+            if name == "sensitivity" and rep.tuned:
+                caption = _sensitivity_caption(rep.tuned.outcome)
+            else:
+                caption = _UNITS_CAPTION if by_unit and name == "error_vs_depth" else _PLOT_CAPTIONS[name]
             lines += [f"![{name}]({path.name})", "", caption, ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -608,7 +752,9 @@ def build_report(
     records = read_runs(sweep_dir, sweep.runs() if sweep else ())
     table = table_of(records, sweep.success if sweep else None)
     storage.write_text(sweep_dir / RESULTS_CSV, table.to_csv(index=False))
-    # A pruned run stopped early by design: neither a success nor a failure, and no final accuracy.
+    # A pruned run stopped early by design: neither a success nor a failure, and no final accuracy. The tuned
+    # section alone reads the pruned runs, at the rung where they stopped.
+    every_record, every_run = records, table
     pruned = int((table.status == "pruned").sum())
     table = table[table.status != "pruned"].reset_index(drop=True)
     records = [record for record in records if record.status != "pruned"]
@@ -626,19 +772,42 @@ def build_report(
     names = version_names(present[0] if len(present) == 1 else None)
     summary, comparisons = summarize(table, keys), compare(table, keys)
     header, cells = report_rows(summary, comparisons, keys, _applicable(sort, keys), names)
+    tuned = outcome(sweep, every_record, every_run, sweep_dir) if sweep else None
     rep = Report(sweep_dir, table, summary, comparisons, "", keys, header, cells,
                  warnings(summary, comparisons, keys, names), reference_rows(sweep, records, table),
-                 draw_plots(sweep_dir, table) if plots else {},
+                 draw_plots(sweep_dir, table, tuned) if plots else {},
                  fail_error(sweep.success) if sweep else FAIL_ERROR, sweep.success.describe() if sweep else "completed",
                  [family_section(table, f, _family_keys(table, f, keys, group_by), sort) for f in present])
     if with_units:
         rep.unit_summary, rep.unit_comparisons = summarize_units(table, keys), compare_units(table, keys)
+    if tuned is not None:
+        rep.tuned = tuned_section(tuned)
+    rep.duration = duration_note(sweep_dir, table)
     rep.pruned = pruned
     rep.markdown = markdown(rep)
     # One row per (configuration, unit) where units vary, which holds the version rows too; else per version.
     storage.write_text(sweep_dir / SUMMARY_CSV, (rep.unit_summary if with_units else summary).to_csv(index=False))
     storage.write_text(sweep_dir / REPORT_MD, rep.markdown)
     return rep
+
+
+def duration_note(sweep_dir: Path, table: pd.DataFrame) -> str | None:
+    """The duration estimated when the sweep last started (estimate.json) beside what the runs it estimated
+    took to train (their wall_s), over those that have finished; None without an estimate or a finished run."""
+    saved = storage.read_json(sweep_dir / ESTIMATE)
+    if not isinstance(saved, dict) or not isinstance(saved.get("run_s"), dict) or "wall_s" not in table:
+        return None
+    took = table.set_index("run_id").wall_s.dropna()
+    finished = [run_id for run_id in saved["run_s"] if run_id in took.index]
+    if not finished:
+        return None
+    total = sum(float(s) for s in saved["run_s"].values())
+    estimated, actual = sum(float(saved["run_s"][r]) for r in finished), float(took[finished].sum())
+    off = f" ({100 * (actual / estimated - 1):+.0f}%)" if estimated > 0 else ""
+    return (f"Duration: when the sweep last started, a trial of each distinct net estimated its {len(saved['run_s'])} "
+            f"run(s) at {total:,.0f} s of training ({float(saved['wall_s']):,.0f} s of wall time with "
+            f"--jobs {saved.get('jobs', 1)}); the {len(finished)} of them that finished were estimated at "
+            f"{estimated:,.0f} s and took {actual:,.0f} s{off}.")
 
 
 def find_sweeps(root: Path) -> list[Path]:

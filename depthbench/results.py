@@ -25,6 +25,8 @@ COLUMNS = [
     "run_id", "version", "depth", "seed", "block", "params", "status", "success", "steps",
     "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "wall_s", "img_per_s",
 ]
+# After best_test_acc, in a table where some run holds out a validation split (dataset.val_split).
+VAL_COLUMNS = ["val_loss", "val_acc", "best_val_acc"]
 _IDENTITY = {"name", "version", "depth", "seed"}
 
 
@@ -78,11 +80,15 @@ def read_runs(sweep_dir: Path, planned: Sequence[RunConfig] = ()) -> list[RunRec
 def table_of(records: Sequence[RunRecord], rule: SuccessConfig | None = None) -> pd.DataFrame:
     """A row per run with the settings that differ between runs; success judged by ``rule`` (the sweep's
     latest), else by each run's own."""
+    columns = COLUMNS
+    if any(record.cfg.dataset.val_split is not None for record in records):
+        at = COLUMNS.index("best_test_acc") + 1
+        columns = [*COLUMNS[:at], *VAL_COLUMNS, *COLUMNS[at:]]
     rows, settings = [], []
     for record in records:
         cfg, result, status = record.cfg, record.result, record.status
         row = {"run_id": record.run_id, "version": cfg.version, "depth": cfg.depth, "seed": cfg.seed}
-        row.update({k: result.get(k) for k in COLUMNS if k not in row})
+        row.update({k: result.get(k) for k in columns if k not in row})
         row["block"] = row["block"] or cfg.blocks[0]
         row["status"] = status
         metrics = {k: (v if v is not None else math.nan) for k, v in result.items() if isinstance(v, float | int | None)}
@@ -90,7 +96,7 @@ def table_of(records: Sequence[RunRecord], rule: SuccessConfig | None = None) ->
         row["error"] = result.get("error", "")
         rows.append(row)
         settings.append(_flatten(cfg.model_dump(mode="json", exclude=_IDENTITY | {"success"})))
-    table = pd.DataFrame(rows, columns=[*COLUMNS, "error"])
+    table = pd.DataFrame(rows, columns=[*columns, "error"])
     # Counts stay integers in a table whose unfinished runs have none yet.
     table[["params", "steps"]] = table[["params", "steps"]].astype("Int64")
     if not rows:

@@ -166,8 +166,8 @@ _STAT_COLUMNS = [
 ]
 
 
-def _stats(group: pd.DataFrame) -> dict[str, Any]:
-    """The statistics of one configuration's runs, as a row of summary.csv."""
+def seed_statistics(group: pd.DataFrame) -> dict[str, Any]:
+    """The statistics of one configuration's runs over their seeds, as a row of summary.csv."""
     finished = group[group.status.isin(FINISHED)]
     acc = _accuracies(finished)
     n = len(acc)
@@ -197,7 +197,7 @@ def summarize(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.
     table = prepare(table)
     keys = row_keys(table, group_by)
     keys = [*keys, *version_split(keys)]
-    rows = [{**dict(zip(keys, key, strict=True)), **_stats(group)}
+    rows = [{**dict(zip(keys, key, strict=True)), **seed_statistics(group)}
             for key, group in groups(version_runs(table, keys), keys)]
     return pd.DataFrame(rows, columns=[*keys, *_STAT_COLUMNS])
 
@@ -211,7 +211,7 @@ def summarize_units(table: pd.DataFrame, group_by: Sequence[str] | None = None) 
     for key, group in groups(one_per_experiment(table), keys):
         for unit in sorted(group.unit.unique(), key=unit_order):
             rows.append({**dict(zip(keys, key, strict=True)), "model.unit": unit,
-                         **_stats(group[group.unit == unit])})
+                         **seed_statistics(group[group.unit == unit])})
     return pd.DataFrame(rows, columns=[*keys, "model.unit", *_STAT_COLUMNS])
 
 
@@ -284,16 +284,22 @@ def _compare(done: pd.DataFrame, keys: Sequence[str], per: str,
     comparisons = []
     for key, group in groups(done, keys):
         reference, reference_runs, compared = sides(group)
-        base = _accuracies(reference_runs)
-        if base.empty:
-            continue
         for name, runs in compared:
-            acc = _accuracies(runs)
-            if acc.empty:
-                continue
-            diff, p, low, high = _welch(acc, base)
-            comparisons.append(Comparison(key, name, reference, diff, p, len(acc), len(base), low, high, per))
+            comparison = welch_comparison(key, name, runs, reference, reference_runs, per)
+            if comparison is not None:
+                comparisons.append(comparison)
     return comparisons
+
+
+def welch_comparison(config: tuple, name: str, runs: pd.DataFrame, reference: str, reference_runs: pd.DataFrame,
+                     per: str = "version") -> Comparison | None:
+    """Welch's test of ``runs``' completed test accuracies against ``reference_runs``', or None when a side
+    has no completed run."""
+    acc, base = _accuracies(runs), _accuracies(reference_runs)
+    if acc.empty or base.empty:
+        return None
+    diff, p, low, high = _welch(acc, base)
+    return Comparison(config, name, reference, diff, p, len(acc), len(base), low, high, per)
 
 
 def compare(table: pd.DataFrame, group_by: Sequence[str] | None = None) -> list[Comparison]:

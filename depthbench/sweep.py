@@ -515,8 +515,9 @@ def _record_pruned(cfg: RunConfig, folder: Path, now: Halving, metric: str) -> R
 
 def preflight(runs: list[RunConfig], *, devices: bool = True, share: Callable[[Any], int] | None = None) -> None:
     """Fail before anything is written if a device (when ``devices``) or dataset the runs need is not there,
-    a batch is larger than its training set, or (when ``devices``) a run cannot fit its device's memory, or its
-    part of it when ``share(device)`` runs train on that device at once (``--jobs``)."""
+    a batch is larger than its training set (what a validation split leaves of it), or (when ``devices``) a
+    run cannot fit its device's memory, or its part of it when ``share(device)`` runs train on that device at
+    once (``--jobs``)."""
     resolved = {device: resolve_device(device) for device in sorted({r.train.device for r in runs})} if devices else {}
     shares = {name: share(device) if share else 1 for name, device in resolved.items()}
     for run in runs if devices else ():  # sizes the config alone tells: refused before any data is read or fetched
@@ -527,8 +528,9 @@ def preflight(runs: list[RunConfig], *, devices: bool = True, share: Callable[[A
     for run in runs:
         shape = shapes[run.dataset.model_dump_json()]
         if run.train.batch_size > shape.train_size:
+            held = f" once dataset.val_split holds {shape.val_size} out" if shape.val_size else ""
             raise DepthbenchError(f"{run.run_id}: train.batch_size ({run.train.batch_size}) is larger than the "
-                                  f"training set ({shape.train_size} images); lower it")
+                                  f"training set ({shape.train_size} images{held}); lower it")
         if devices:  # a run that cannot fit its device is refused here, before its model is ever built
             check_fits(run, shape, resolved[run.train.device], share=shares[run.train.device])
 

@@ -340,7 +340,9 @@ class TrainState:
 
     step: int = 0  # steps done
     best_test_acc: float = math.nan
-    last_eval: dict[str, float] = field(default_factory=dict)  # test_loss and test_acc of the last evaluation
+    best_val_acc: float = math.nan  # NaN without a validation split
+    # test_loss and test_acc of the last evaluation, and val_loss and val_acc with a validation split
+    last_eval: dict[str, float] = field(default_factory=dict)
     final: dict[str, Any] | None = None  # the last step's log row, once the run has trained all its steps
     rows: int = 0  # rows written to metrics.jsonl
     window: LogWindow = field(default_factory=LogWindow)  # the log window open at the checkpoint
@@ -351,7 +353,9 @@ class TrainState:
         window = saved["window"]
         if not isinstance(window, dict):  # checkpoints written before the window was saved by name
             window = dict(zip(("loss_sum", "correct", "images", "seconds"), window, strict=True))
-        return cls(step=saved["step"], best_test_acc=saved["best_test_acc"], last_eval=saved["last_eval"],
+        # Checkpoints written before validation splits existed have no best_val_acc; their runs have no split.
+        return cls(step=saved["step"], best_test_acc=saved["best_test_acc"],
+                   best_val_acc=saved.get("best_val_acc", math.nan), last_eval=saved["last_eval"],
                    final=saved["final"], rows=saved["rows"], window=LogWindow(**window), elapsed_s=saved["elapsed_s"])
 
 
@@ -406,7 +410,8 @@ def train_run(
     """Train one run into ``run_dir`` (resuming from its checkpoint if any) and return its result.
 
     Writes ``config.yaml``, ``metrics.jsonl`` (a row per log point), ``result.json`` at the end, and
-    ``checkpoint.pt`` every ``train.checkpoint_every`` steps. A non-finite loss ends the run with status
+    ``checkpoint.pt`` every ``train.checkpoint_every`` steps. Each evaluation measures the test split and,
+    where the run holds one out (``dataset.val_split``), the validation split. A non-finite loss ends the run with status
     ``diverged``. When ``should_stop()`` turns true the run checkpoints and raises :class:`RunInterrupted`.
     Messages worth showing the user (a corrupt checkpoint discarded, say) are appended to ``notes``.
     A checkpoint made on another device type or in another precision is refused unless ``allow_device_change``.
@@ -423,7 +428,10 @@ def train_run(
     data = data or load_dataset(cfg.dataset)
     setup = TrainingSetup.create(cfg, data)
     device, model, optimizer, autocast = setup.device, setup.model, setup.optimizer, setup.autocast
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    # What each evaluation measures: the test split, then the validation split where the run holds one out.
+    evaluated = {"test": (data.test_x.to(device), data.test_y.to(device))}
+    if len(data.val_y):
+        evaluated["val"] = (data.val_x.to(device), data.val_y.to(device))
     metrics_path = run_dir / METRICS
     state = _resume(cfg, run_dir, setup, notes, allow_device_change)
 
@@ -488,11 +496,14 @@ def train_run(
             if not math.isfinite(train_loss):
                 status = "diverged"
             elif evaluate_now:
-                state.last_eval = dict(zip(("test_loss", "test_acc"), evaluate(
-                    model, test_x, test_y, setup.mean, setup.std, tc.eval_batch_size, autocast, tc.channels_last),
-                    strict=True))
-                acc = state.last_eval["test_acc"]
-                state.best_test_acc = acc if math.isnan(state.best_test_acc) else max(state.best_test_acc, acc)
+                state.last_eval = {}
+                for split, (x, y) in evaluated.items():
+                    loss, acc = evaluate(model, x, y, setup.mean, setup.std, tc.eval_batch_size, autocast,
+                                         tc.channels_last)
+                    state.last_eval.update({f"{split}_loss": loss, f"{split}_acc": acc})
+                state.best_test_acc = _best(state.best_test_acc, state.last_eval["test_acc"])
+                if "val_acc" in state.last_eval:
+                    state.best_val_acc = _best(state.best_val_acc, state.last_eval["val_acc"])
                 row.update(state.last_eval)
             row["img_per_s"] = images / window_s if window_s > 0 else float("nan")
             row["elapsed_s"] = round(state.elapsed_s + time.perf_counter() - t_resume, 3)
@@ -521,6 +532,7 @@ def train_run(
     if tc.keep_checkpoint == "weights" and status == "completed":
         storage.save_torch(run_dir / FINAL_WEIGHTS, {"model": model.state_dict(), "config": cfg.model_dump(mode="json")})
     block, n = cfg.blocks
+    completed = status == "completed"
     train_rates = [r["img_per_s"] for r in rows if math.isfinite(r.get("img_per_s", float("nan")))]
     result = {
         "run_id": cfg.run_id,
@@ -534,9 +546,13 @@ def train_run(
         "steps": last_row.get("step", state.step),
         "train_loss": last_row.get("train_loss", float("nan")),
         "train_acc": last_row.get("train_acc", float("nan")),
-        "test_loss": last_eval.get("test_loss", float("nan")) if status == "completed" else float("nan"),
-        "test_acc": last_eval.get("test_acc", float("nan")) if status == "completed" else float("nan"),
+        "test_loss": last_eval.get("test_loss", float("nan")) if completed else float("nan"),
+        "test_acc": last_eval.get("test_acc", float("nan")) if completed else float("nan"),
         "best_test_acc": state.best_test_acc,
+        # Only runs that hold out a validation split have these: the result.json of any other stays as it was.
+        **({"val_loss": last_eval.get("val_loss", float("nan")) if completed else float("nan"),
+            "val_acc": last_eval.get("val_acc", float("nan")) if completed else float("nan"),
+            "best_val_acc": state.best_val_acc} if "val" in evaluated else {}),
         "img_per_s": sum(train_rates) / len(train_rates) if train_rates else float("nan"),
         "compile_s": round(compile_s, 3),
         "wall_s": round(state.elapsed_s + time.perf_counter() - t_resume, 3),
@@ -552,6 +568,11 @@ def train_run(
     if tc.keep_checkpoint != "full":
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return result
+
+
+def _best(best: float, acc: float) -> float:
+    """The best accuracy so far, ``acc`` included (NaN until the first evaluation)."""
+    return acc if math.isnan(best) else max(best, acc)
 
 
 def _json_safe(data: dict[str, Any]) -> dict[str, Any]:

@@ -125,8 +125,9 @@ def _finite(value: Any) -> bool:
 
 def describe(axes: Sequence[str], values: Values) -> str:
     """``train.lr=0.1, train.warmup.steps=500``."""
-    return ", ".join(f"{axis}={_plain(value)}" for axis, value in zip(axes, values, strict=True))
+    return ", ".join(f"{axis}={value_text(value)}" for axis, value in zip(axes, values, strict=True))
 
 
-def _plain(value: Any) -> str:
+def value_text(value: Any) -> str:
+    """A value of an axis as a report writes it: a float in its short general form (``0.1``, ``1e-05``)."""
     return f"{value:g}" if isinstance(value, float) else str(value)

@@ -26,6 +26,8 @@ TIMING = ShapeTiming(step_s=0.5, eval_s=2.0, setup_s=1.0)
 def _own_timings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Each test its own timings cache: injected timings must not stand in for a later test's real ones.
     monkeypatch.setattr(duration, "cache_path", lambda: tmp_path / "cache" / duration.CACHE_FILE)
+    # A quiet machine, whatever else runs beside the tests; the busy case is tested on its own.
+    monkeypatch.setattr(duration, "busy_cores", lambda: 0.0)
 
 
 def fixed(calls: list[str]) -> duration.Measure:
@@ -42,6 +44,15 @@ def test_a_run_is_its_steps_evaluations_and_setup() -> None:
     assert run_seconds(run, TIMING, done_steps=4) == 6 * 0.5 + 2 * 2.0 + 1.0  # resumed: 8 and 10 left
     assert run_seconds(run, TIMING, done_steps=10) == 0.0
     assert run_seconds(tiny_run(train={"steps": 8, "eval_every": 4}), TIMING) == 8 * 0.5 + 2 * 2.0 + 1.0
+
+
+def test_diagnose_steps_left_are_counted() -> None:
+    timing = ShapeTiming(step_s=0.5, eval_s=2.0, setup_s=1.0, diagnose_s=4.0)
+    run = tiny_run(train={"steps": 10, "eval_every": 4, "diagnose_steps": [0, 5, 9]})
+    assert run_seconds(run, timing) == 10 * 0.5 + 3 * 2.0 + 3 * 4.0 + 1.0
+    assert run_seconds(run, timing, done_steps=6) == 4 * 0.5 + 2 * 2.0 + 1 * 4.0 + 1.0  # step 9 left
+    key = duration.shape_key(run, torch.device("cpu"), threads=1)
+    assert key["diagnose"] and not duration.shape_key(tiny_run(), torch.device("cpu"), threads=1)["diagnose"]
 
 
 def test_wall_time_lays_runs_out_in_order_on_the_slots() -> None:
@@ -74,6 +85,29 @@ def test_each_shape_is_measured_once_and_cached(tmp_path: Path) -> None:
     assert again == []
 
 
+def test_a_trial_on_a_busy_machine_says_so_and_is_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             ) -> None:
+    runs = load_sweep(SMOKE).runs()[:1]
+    monkeypatch.setattr(duration, "busy_cores", lambda: 1.6)
+    estimate = duration.estimate_sweep(runs, tmp_path, jobs=1, measure=fixed([]))
+    assert estimate.busy == 1.6 and storage.read_json(duration.cache_path()) is None
+    assert "timed while other work kept 1.6 of " in duration.estimate_line(estimate)
+    assert "cores busy, so likely long, and not cached; --no-estimate skips)" in duration.estimate_line(estimate)
+    monkeypatch.setattr(duration, "busy_cores", lambda: 0.1)  # quiet again: measured anew, and cached
+    calls: list[str] = []
+    assert duration.estimate_sweep(runs, tmp_path, jobs=1, measure=fixed(calls)).busy is None
+    assert len(calls) == 1 and len(storage.read_json(duration.cache_path())) == 1
+
+
+def test_under_jobs_a_cpu_trial_runs_as_that_many_copies_at_once() -> None:
+    # Real trials in two processes; the timing is the copies' mean, so it is a plain positive timing.
+    run = tiny_run()
+    timings, busy = duration.shape_timings([run], jobs=2)
+    timing = timings[run.run_id]
+    assert busy is None and timing.step_s > 0 and timing.eval_s > 0 and timing.diagnose_s == 0.0
+    assert len(storage.read_json(duration.cache_path())) == 1
+
+
 def test_the_cache_key_is_device_torch_threads_and_shape() -> None:
     run = tiny_run()
     key = duration.shape_key(run, torch.device("cpu"), threads=1)
@@ -87,7 +121,7 @@ def test_the_cache_key_is_device_torch_threads_and_shape() -> None:
 
 
 def test_dry_run_shows_each_runs_time_and_the_total(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(duration, "measure_shape", fixed([]))
+    monkeypatch.setattr(duration._Trials, "measure", lambda self, run, threads, alongside: TIMING)
     result = runner.invoke(app, ["sweep", str(SMOKE), "--out", str(tmp_path), "--dry-run", "--jobs", "2"],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -110,6 +144,16 @@ def test_a_real_sweep_takes_about_its_estimate(tmp_path: Path) -> None:
     assert re.search(r"estimated: 4 run\(s\), .* wall time with --jobs 1", result.output)
     off = int(re.search(r"took .*, estimated .* \(([+-]\d+)%\)", result.output).group(1))
     assert -67 <= off <= 200, result.output
+
+    # The report sets the estimate kept in the sweep folder beside what the runs took.
+    saved = storage.read_json(tmp_path / "smoke" / "estimate.json")
+    assert saved["jobs"] == 1 and len(saved["run_s"]) == 4 and saved["wall_s"] == pytest.approx(sum(saved["run_s"].values()), abs=0.01)
+    report = runner.invoke(app, ["report", str(tmp_path / "smoke")], catch_exceptions=False)
+    assert report.exit_code == 0, report.output
+    line = next(x for x in (tmp_path / "smoke" / "report.md").read_text().splitlines() if x.startswith("Duration: "))
+    assert re.fullmatch(r"Duration: when the sweep last started, a trial of each distinct net estimated its 4 run\(s\) "
+                        r"at [\d,]+ s of training \([\d,]+ s of wall time with --jobs 1\); the 4 of them that "
+                        r"finished were estimated at [\d,]+ s and took [\d,]+ s \([+-]\d+%\)\.", line), line
 
 
 def test_a_cifar_run_is_timed_on_synthetic_images_of_its_shape() -> None:

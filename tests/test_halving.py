@@ -235,7 +235,7 @@ def test_a_tuned_sweep_prunes_each_arm_at_its_rung_and_finishes_the_rest(validat
     report = build_report(folder, plots=False)
     assert report.pruned == 8 and len(report.table) == 4 and set(report.table.status) == {"completed"}
     assert "4 of 4 runs finished (4 completed, 0 diverged, 0 failed)" in report.markdown
-    assert "8 run(s) pruned by successive halving (tune.halving) are left out" in report.markdown
+    assert "8 run(s) pruned by successive halving (tune.halving) are left out of these counts" in report.markdown
 
 
 def test_a_failed_run_counts_as_failed_and_its_candidate_ranks_on_its_other_seeds(

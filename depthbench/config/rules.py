@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from depthbench.architecture import PLACEMENTS, SHORTCUT_GATE_SETTINGS
-from depthbench.config.schema import DatasetConfig, ModelConfig, TrainConfig, WarmupConfig, same_value
+from depthbench.config.schema import DatasetConfig, ModelConfig, SuccessConfig, TrainConfig, WarmupConfig, same_value
 from depthbench.errors import DepthbenchError
 from depthbench.families import FAMILIES, family_of_unit
 from depthbench.transformer import UNITS as VIT_UNITS
@@ -23,6 +23,8 @@ class Run(Protocol):
     def model(self) -> ModelConfig: ...
     @property
     def train(self) -> TrainConfig: ...
+    @property
+    def success(self) -> SuccessConfig: ...
     @property
     def unit(self) -> str: ...
 
@@ -105,6 +107,15 @@ def unread_setting(run: Run) -> str | None:
                 f"({run.unit}) has none; remove it, or use a unit that has them: {', '.join(with_scalars)}")
     if not dataset.augment and dataset.flip != DatasetConfig.model_fields["flip"].default:
         return "dataset.flip is part of the augmentation, and dataset.augment is false; remove it"
+    return None
+
+
+def unmeasured_metric(run: Run) -> str | None:
+    """A success metric of the validation split on a run that holds none out, so that it could never succeed."""
+    metric = run.success.metric
+    if metric.startswith(("val_", "best_val_")) and run.dataset.val_split is None:
+        return (f"success.metric {metric} is measured on the validation split, and dataset.val_split is not set; "
+                "set it (a count of images, or a fraction such as 0.1), or use a test metric")
     return None
 
 

@@ -23,7 +23,7 @@ Unit = Literal[
 ShortcutGate = Literal[
     "identity", "constant_scaling", "exclusive_gating", "shortcut_only_gating", "conv1x1", "dropout"
 ]
-METRICS = ("test_acc", "best_test_acc", "test_loss", "train_acc", "train_loss")
+METRICS = ("test_acc", "best_test_acc", "test_loss", "train_acc", "train_loss", "val_acc", "best_val_acc", "val_loss")
 
 # What train.device and every --device accept.
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -121,12 +121,33 @@ class DatasetConfig(Section):
     root: str | None = Field(None, description="data folder; None means the cache folder")
     train_subset: int | None = Field(None, gt=0, description="class-balanced training subset size")
     test_subset: int | None = Field(None, gt=0, description="class-balanced test subset size")
-    val_split: int | float | None = Field(None, description="validation images held out of the training split: "
-                                                          "a count, or a fraction below 1")
+    val_split: int | float | None = Field(
+        None, description="a class-balanced validation split held out of the training split (after train_subset): "
+                          "a count of images, or a fraction (<1) of them")
     augment: bool = Field(True, description="random crops of the image padded by 4 pixels, and the flips of flip")
     flip: bool = Field(True, description="with augment, mirror each image left to right with probability 1/2")
     image_size: int | None = Field(None, ge=8, le=512, description="resize to this square size")
     num_classes: int = Field(10, ge=2, le=1000, description="classes of the synthetic set; other sets have their own")
+
+    @field_validator("val_split")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float | None) -> int | float | None:
+        if value is None:
+            return None
+        # A whole float is a count (500.0 as 500, so run ids are those of the int).
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value < 1):
+            return value
+        raise ValueError(f"must be a count of images (1 or more) or a fraction of the training split between "
+                         f"0 and 1 (got {value})")
+
+    def val_size(self, train_size: int) -> int:
+        """How many images ``val_split`` holds out of a training split of ``train_size``: the count, or the
+        fraction of it, rounded; 0 without a split."""
+        if self.val_split is None:
+            return 0
+        return round(self.val_split * train_size) if isinstance(self.val_split, float) else self.val_split
 
     @model_validator(mode="after")
     def _classes_of_synthetic_only(self) -> DatasetConfig:

@@ -14,7 +14,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from depthbench.config.grid import GRID_RUN_KEYS, Grid, check_grid, flatten_grid, set_dotted
 from depthbench.config.messages import first_error
 from depthbench.config.reference import ReferenceRow
-from depthbench.config.rules import conflict, unread_setting
+from depthbench.config.rules import conflict, unmeasured_metric, unread_setting
 from depthbench.config.run import RunConfig
 from depthbench.config.tune import TuneConfig
 from depthbench.config.schema import (
@@ -151,7 +151,7 @@ class SweepConfig(Section):
         except ValidationError as err:
             raise ConfigError(f"{first_error(err, RunConfig)} (in grid run {where}{setting})") from None
         # Checked on the sweep's runs, not in RunConfig itself: a run folder saved before a rule existed must
-        # still load, or its results would drop out of every report.
-        if problem := conflict(run.model, run.train) or unread_setting(run):  # the grid may set one
+        # still load, or its results would drop out of every report. Per run, as the grid may set what they read.
+        if problem := conflict(run.model, run.train) or unread_setting(run) or unmeasured_metric(run):
             raise ConfigError(f"{problem} (in grid run {where}{setting})")
         return run
