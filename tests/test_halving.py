@@ -28,7 +28,7 @@ from depthbench.report import build_report
 from depthbench.stopping import StopRequested
 from depthbench.sweep import RunFlags, RunOutcome, SweepOutcome, execute_run, plan, run_states, run_sweep
 from depthbench.train import RunPaused, checkpoint_step, train_run
-from tests.conftest import learned, steps, tiny_run, tiny_sweep, write_config
+from tests.conftest import LEARNED, steps, tiny_run, tiny_sweep, write_config
 
 runner = CliRunner()
 LRS = [0.01, 0.1, 0.4]
@@ -160,7 +160,7 @@ def test_a_run_pauses_at_its_rung_evaluated_and_checkpointed_and_resumes_without
     with pytest.raises(RunPaused) as paused:
         train_run(run, run_dir, pause_at=3, eval_at=(3,))
     assert paused.value.step == 3 and paused.value.row["step"] == 3
-    assert "test_acc" in paused.value.row  # evaluated at step 3, off the eval_every grid of 4
+    assert {"val_acc", "val_loss", "test_acc"} <= paused.value.row.keys()  # at step 3, off eval_every's 4 and 8
     assert not (run_dir / "result.json").exists() and checkpoint_step(run_dir) == 3
     assert steps(run_dir) == [2, 3]
     with pytest.raises(RunPaused) as again:  # already there: nothing is trained
@@ -172,22 +172,12 @@ def test_a_run_pauses_at_its_rung_evaluated_and_checkpointed_and_resumes_without
     assert result["status"] == "completed" and steps(run_dir) == [2, 3, 4, 6, 8]
     fresh = tmp_path / "fresh"
     train_run(run, fresh, eval_at=(3,))
-    same = ["step", "train_loss", "train_acc", "test_loss", "test_acc"]
+    same = ["step", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"]
     assert ([{k: r.get(k) for k in same} for r in storage.read_jsonl(run_dir / "metrics.jsonl")]
             == [{k: r.get(k) for k in same} for r in storage.read_jsonl(fresh / "metrics.jsonl")])
 
 
 # --- tuned sweeps --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def validation(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Skips a test that compares runs on val_acc while the trainer does not evaluate on dataset.val_split."""
-    run = tiny_run(dataset={"val_split": 32}, train={"steps": 1, "eval_every": 1, "log_every": 1})
-    run_dir = tmp_path_factory.mktemp("validation") / run.run_id
-    train_run(run, run_dir)
-    if "val_acc" not in storage.read_jsonl(run_dir / "metrics.jsonl")[-1]:
-        pytest.skip("the trainer does not log val_acc yet (dataset.val_split): rungs have nothing to compare")
 
 
 def expected_pruned(sweep_dir: Path, sweep: SweepConfig) -> set[str]:
@@ -202,12 +192,17 @@ def expected_pruned(sweep_dir: Path, sweep: SweepConfig) -> set[str]:
     return set(table[table.lr != table.version.map(best)].run_id)
 
 
+def learned_tuned(sweep_dir: Path) -> pd.DataFrame:
+    """What the runs learned, the validation metrics the halving compares (a pruned run's at its rung) included."""
+    return pd.read_csv(sweep_dir / "results.csv")[[*LEARNED, "val_loss", "val_acc", "best_val_acc"]]
+
+
 def pruned_runs(sweep_dir: Path) -> set[str]:
     table = pd.read_csv(sweep_dir / "results.csv")
     return set(table[table.status == "pruned"].run_id)
 
 
-def test_a_tuned_sweep_prunes_each_arm_at_its_rung_and_finishes_the_rest(validation: None, tmp_path: Path) -> None:
+def test_a_tuned_sweep_prunes_each_arm_at_its_rung_and_finishes_the_rest(tmp_path: Path) -> None:
     cfg = halving_sweep()
     config = write_config(tmp_path / "halving.yaml", cfg)
     result = runner.invoke(app, ["sweep", str(config), "--out", str(tmp_path), "--no-estimate"],
@@ -239,7 +234,8 @@ def test_a_tuned_sweep_prunes_each_arm_at_its_rung_and_finishes_the_rest(validat
 
 
 def test_a_failed_run_counts_as_failed_and_its_candidate_ranks_on_its_other_seeds(
-        validation: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = depthbench.sweep.train_run
 
     def flaky(cfg: Any, run_dir: Path, **kwargs: Any) -> Any:
@@ -275,16 +271,17 @@ def reference_sweep(out: Path, cfg: SweepConfig, threads: int) -> SweepOutcome:
         torch.set_num_threads(before)
 
 
-def test_jobs_prune_the_same_runs_and_learn_the_same_numbers(validation: None, tmp_path: Path) -> None:
+def test_jobs_prune_the_same_runs_and_learn_the_same_numbers(tmp_path: Path) -> None:
     cfg = halving_sweep()
     reference_sweep(tmp_path / "serial", cfg, SHARE)
     outcome = run_sweep(cfg, tmp_path / "jobs", executor=ParallelExecutor(2), handle_signals=False)
     assert outcome.failed == [] and len(outcome.pruned) == 8 and outcome.count("paused") == 12
     assert pruned_runs(tmp_path / "jobs" / "halving") == pruned_runs(tmp_path / "serial" / "halving")
-    pd.testing.assert_frame_equal(learned(tmp_path / "jobs" / "halving"), learned(tmp_path / "serial" / "halving"))
+    pd.testing.assert_frame_equal(learned_tuned(tmp_path / "jobs" / "halving"),
+                                  learned_tuned(tmp_path / "serial" / "halving"))
 
 
-def test_slurm_jobs_prune_the_same_runs_and_learn_the_same_numbers(validation: None, tmp_path: Path) -> None:
+def test_slurm_jobs_prune_the_same_runs_and_learn_the_same_numbers(tmp_path: Path) -> None:
     # submitit's local stand-in for SLURM: one job per run and rung, whose outcome the driver reads from the folder.
     cfg = halving_sweep("slurm", grid={"version": ["v2"], "seed": [0]})
     reference_sweep(tmp_path / "serial", cfg, 1)
@@ -293,7 +290,8 @@ def test_slurm_jobs_prune_the_same_runs_and_learn_the_same_numbers(validation: N
     assert [o.status for o in outcome.outcomes].count("paused") == 3 and outcome.failed == []
     assert len(outcome.pruned) == 2
     assert pruned_runs(tmp_path / "slurm" / "slurm") == pruned_runs(tmp_path / "serial" / "slurm")
-    pd.testing.assert_frame_equal(learned(tmp_path / "slurm" / "slurm"), learned(tmp_path / "serial" / "slurm"))
+    pd.testing.assert_frame_equal(learned_tuned(tmp_path / "slurm" / "slurm"),
+                                  learned_tuned(tmp_path / "serial" / "slurm"))
 
 
 @pytest.fixture(scope="module")
@@ -313,14 +311,13 @@ def ray_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             ray.shutdown()
 
 
-def test_ray_tasks_prune_the_same_runs_and_learn_the_same_numbers(validation: None, ray_instance: None,
-                                                                  tmp_path: Path) -> None:
+def test_ray_tasks_prune_the_same_runs_and_learn_the_same_numbers(ray_instance: None, tmp_path: Path) -> None:
     cfg = halving_sweep("ray", grid={"version": ["v2"], "seed": [0]})
     reference_sweep(tmp_path / "serial", cfg, 1)
     outcome = run_sweep(cfg, tmp_path / "ray", executor=RayExecutor(cfg.resources), handle_signals=False)
     assert [o.status for o in outcome.outcomes].count("paused") == 3 and len(outcome.pruned) == 2
     assert pruned_runs(tmp_path / "ray" / "ray") == pruned_runs(tmp_path / "serial" / "ray")
-    pd.testing.assert_frame_equal(learned(tmp_path / "ray" / "ray"), learned(tmp_path / "serial" / "ray"))
+    pd.testing.assert_frame_equal(learned_tuned(tmp_path / "ray" / "ray"), learned_tuned(tmp_path / "serial" / "ray"))
 
 
 class StopAfter:
@@ -340,8 +337,7 @@ class StopAfter:
 
 
 @pytest.mark.parametrize(("status", "count"), [("paused", 5), ("pruned", 3)], ids=["mid_rung", "mid_pruning"])
-def test_an_interrupted_sweep_run_again_prunes_the_same_runs(validation: None, status: str, count: int,
-                                                             tmp_path: Path) -> None:
+def test_an_interrupted_sweep_run_again_prunes_the_same_runs(status: str, count: int, tmp_path: Path) -> None:
     cfg = halving_sweep()
     reference_sweep(tmp_path / "whole", cfg, 1)
     with pytest.raises(StopRequested):
@@ -352,12 +348,12 @@ def test_an_interrupted_sweep_run_again_prunes_the_same_runs(validation: None, s
     again = run_sweep(cfg, tmp_path / "stopped", handle_signals=False)
     assert again.failed == [] and len(again.pruned) == 8
     assert pruned_runs(folder) == pruned_runs(tmp_path / "whole" / "halving")
-    pd.testing.assert_frame_equal(learned(folder), learned(tmp_path / "whole" / "halving"))
+    pd.testing.assert_frame_equal(learned_tuned(folder), learned_tuned(tmp_path / "whole" / "halving"))
     for run in cfg.runs():
         assert steps(folder / run.run_id) == steps(tmp_path / "whole" / "halving" / run.run_id)
 
 
-def test_a_pruned_run_the_halving_now_keeps_resumes_from_its_checkpoint(validation: None, tmp_path: Path) -> None:
+def test_a_pruned_run_the_halving_now_keeps_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     strict, lenient = halving_sweep(eta=3), halving_sweep(eta=2)
     run_sweep(strict, tmp_path / "changed", handle_signals=False)
     folder = tmp_path / "changed" / "halving"
@@ -374,7 +370,7 @@ def test_a_pruned_run_the_halving_now_keeps_resumes_from_its_checkpoint(validati
     # As if the sweep had kept 2 of 3 from the start.
     run_sweep(lenient, tmp_path / "fresh", handle_signals=False)
     assert pruned_runs(folder) == pruned_runs(tmp_path / "fresh" / "halving")
-    pd.testing.assert_frame_equal(learned(folder), learned(tmp_path / "fresh" / "halving"))
+    pd.testing.assert_frame_equal(learned_tuned(folder), learned_tuned(tmp_path / "fresh" / "halving"))
     # Without halving every pruned run finishes.
     untuned = strict.model_copy(update={"tune": strict.tune.model_copy(update={"halving": None})})
     assert len(plan(untuned, tmp_path / "changed")[1]) == 4
