@@ -185,8 +185,8 @@ def sweep(
         nonlocal estimate, started
         from depthbench.duration import estimate_line, estimate_sweep, save_estimate
 
-        estimate = estimate_sweep(todo, sweep_dir_for(cfg, out), jobs)
-        console.print(estimate_line(estimate, at_most=_halving(cfg)), markup=False, highlight=False)
+        estimate = estimate_sweep(todo, sweep_dir_for(cfg, out), jobs, share=_halving_share(cfg))
+        console.print(estimate_line(estimate, halved=_halving(cfg)), markup=False, highlight=False)
         with contextlib.suppress(OSError):  # the report's comparison is a nicety; a full disk is the sweep's to meet
             save_estimate(sweep_dir_for(cfg, out), estimate)
         started = time.perf_counter()  # what is compared with the estimate is the training, not the trial
@@ -237,8 +237,17 @@ def sweep(
 
 
 def _halving(cfg: Any) -> bool:
-    """Whether the sweep prunes runs on the way, so that its estimate, counting every run to its end, is at most."""
+    """Whether the sweep prunes runs on the way (successive halving)."""
     return cfg.tune is not None and cfg.tune.halving is not None
+
+
+def _halving_share(cfg: Any) -> dict[str, float] | None:
+    """Under successive halving, each run's expected share of its steps, for the duration estimate."""
+    if not _halving(cfg):
+        return None
+    from depthbench.halving import expected_share
+
+    return expected_share(cfg.runs(), cfg.tune, list(cfg.axes()))
 
 
 def _interrupted(cfg: Any, out: Path, device: str | None, again: str) -> NoReturn:
@@ -255,7 +264,7 @@ def _estimate(cfg: Any, out: Path, device: str | None, retry_failed: bool, jobs:
     from depthbench.sweep import plan, sweep_dir_for
 
     todo = plan(cfg, out, device=device, retry_failed=retry_failed)[1]
-    return estimate_sweep(todo, sweep_dir_for(cfg, out), jobs)
+    return estimate_sweep(todo, sweep_dir_for(cfg, out), jobs, share=_halving_share(cfg))
 
 
 # A --dry-run table longer than this shows its first and last rows and counts the rest (--all: every row).
@@ -295,7 +304,7 @@ def _show_plan(cfg: Any, out: Path, device: str | None, retry_failed: bool, show
     if timing:
         from depthbench.duration import estimate_line
 
-        console.print(estimate_line(timing, at_most=_halving(cfg)), markup=False, highlight=False)
+        console.print(estimate_line(timing, halved=_halving(cfg)), markup=False, highlight=False)
     if len(shown) < len(runs):
         from depthbench.sweep import plan_summary
 

@@ -30,7 +30,7 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -279,15 +279,17 @@ def wall_time(durations: Sequence[float], jobs: int) -> float:
 
 
 def estimate_sweep(todo: Sequence[RunConfig], folder: Path, jobs: int, measure: Measure | None = None,
-                   ) -> SweepEstimate:
-    """Each run of ``todo``'s step time and remaining duration (from its checkpoint on), on ``jobs`` slots."""
+                   share: Mapping[str, float] | None = None) -> SweepEstimate:
+    """Each run of ``todo``'s step time and remaining duration (from its checkpoint on), on ``jobs`` slots;
+    under successive halving each run's duration is its expected ``share`` of it
+    (:func:`depthbench.halving.expected_share`)."""
     from depthbench.train import checkpoint_step
 
     timings, busy = shape_timings(todo, jobs, measure)
     run_s = {}
     for run in (r for r in todo if r.run_id in timings):
         done = checkpoint_step(folder / run.run_id) if (folder / run.run_id / CHECKPOINT).exists() else 0
-        run_s[run.run_id] = run_seconds(run, timings[run.run_id], done)
+        run_s[run.run_id] = run_seconds(run, timings[run.run_id], done) * (share or {}).get(run.run_id, 1.0)
     return SweepEstimate({run_id: timings[run_id].step_s for run_id in run_s}, run_s, jobs, busy)
 
 
@@ -310,11 +312,11 @@ def format_duration(seconds: float) -> str:
     return f"{hours} h {rest:02d} min"
 
 
-def estimate_line(estimate: SweepEstimate, *, at_most: bool = False) -> str:
-    """One line: the runs' total and the wall time on the sweep's slots; ``at_most`` where some runs may stop
-    early (successive halving), as the estimate counts every run to its last step."""
+def estimate_line(estimate: SweepEstimate, *, halved: bool = False) -> str:
+    """One line: the runs' total and the wall time on the sweep's slots; ``halved`` where successive halving
+    stops some runs early, which the total expects (the wall time does not wait at the rungs)."""
     runs = len(estimate.run_s)
-    bound = "at most " if at_most else ""
+    bound = "with successive halving, " if halved else ""
     busy = (f"; timed while other work kept {estimate.busy:.1f} of {os.cpu_count()} cores busy, so likely long, "
             "and not cached" if estimate.busy is not None else "")
     return (f"estimated: {runs} run(s), {bound}{format_duration(estimate.total_s)} of training in all, "

@@ -96,3 +96,24 @@ def pruned_result(cfg: RunConfig, rows: Rows, rung: int, metric: str) -> dict[st
     return {"run_id": cfg.run_id, "status": "pruned", "pruned_at": rung, "steps": rung,
             metric: rung_value(rows, rung, metric), "val_acc": at_rung.get("val_acc"),
             "val_loss": at_rung.get("val_loss")}
+
+
+def expected_share(runs: Sequence[RunConfig], tune: TuneConfig, grid_axes: Sequence[str]) -> dict[str, float]:
+    """Each run's expected share of its steps under halving: which candidates go on past a rung is not known
+    before they train, but how many is (``kept`` of those left), and so is an arm's total. Every run of an arm
+    gets the arm's share: at rung k of K, with ``a_k`` of its ``n`` candidates training the ``s_k`` steps up to
+    it, the share is sum(a_k * s_k) / (n * steps)."""
+    if tune.halving is None:
+        return {run.run_id: 1.0 for run in runs}
+    share: dict[str, float] = {}
+    for arm in arms(runs, tune, grid_axes):
+        n = len(arm.candidates)
+        for candidate_runs in arm.candidates.values():
+            for run in candidate_runs:
+                ends = [r for r in tune.halving.rungs if r < run.train.steps] + [run.train.steps]
+                alive, start, trained = n, 0, 0.0
+                for end in ends:
+                    trained += alive * (end - start)
+                    alive, start = tune.halving.kept(alive), end
+                share[run.run_id] = trained / (n * run.train.steps)
+    return share

@@ -376,3 +376,19 @@ def test_a_pruned_run_the_halving_now_keeps_resumes_from_its_checkpoint(tmp_path
     assert len(plan(untuned, tmp_path / "changed")[1]) == 4
     done = run_sweep(untuned, tmp_path / "changed", handle_signals=False)
     assert done.pruned == [] and set(pd.read_csv(folder / "results.csv").status) == {"completed"}
+
+
+def test_the_estimate_expects_each_arms_share_of_steps() -> None:
+    from depthbench.config import parse_sweep
+    from depthbench.halving import expected_share
+
+    data = {"name": "share", "dataset": {"name": "synthetic", "val_split": 32},
+            "train": {"steps": 64000, "device": "cpu"},
+            "grid": {"version": ["v1", "v2"], "depth": [8], "train.lr": [0.025, 0.05, 0.1, 0.2, 0.4], "seed": [0, 1]},
+            "tune": {"axes": ["train.lr"], "halving": {"eta": 3, "rungs": [8000, 24000]}}}
+    sweep = parse_sweep(data)
+    share = expected_share(sweep.runs(), sweep.tune, list(sweep.axes()))
+    # 5 candidates to 8k, 2 of them to 24k, 1 to the end: 112k of 5 x 64k steps.
+    assert len(share) == 20 and all(value == pytest.approx(112_000 / 320_000) for value in share.values())
+    untuned = parse_sweep({**data, "tune": {"axes": ["train.lr"]}})
+    assert set(expected_share(untuned.runs(), untuned.tune, list(untuned.axes())).values()) == {1.0}
