@@ -4,6 +4,7 @@ resume a pruned run once the halving keeps it."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -18,6 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 import depthbench.sweep
+import depthbench.train
 from depthbench import storage
 from depthbench.cli import app
 from depthbench.config import SweepConfig
@@ -392,3 +394,28 @@ def test_the_estimate_expects_each_arms_share_of_steps() -> None:
     assert len(share) == 20 and all(value == pytest.approx(112_000 / 320_000) for value in share.values())
     untuned = parse_sweep({**data, "tune": {"axes": ["train.lr"]}})
     assert set(expected_share(untuned.runs(), untuned.tune, list(untuned.axes())).values()) == {1.0}
+
+
+def test_permuted_test_labels_change_no_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same tuned sweep trained twice, the second time on test labels shuffled: what it prunes at the rung
+    # and what each arm selects at the end come from the validation split alone, so neither moves, while the
+    # test accuracies do.
+    sweep = halving_sweep("blind")
+    first = run_sweep(sweep, tmp_path / "a", handle_signals=False)
+    load = depthbench.train.load_dataset
+
+    def shuffled_test(cfg: Any) -> Any:
+        data = load(cfg)
+        order = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(7))
+        return dataclasses.replace(data, test_y=data.test_y[order])
+
+    monkeypatch.setattr(depthbench.train, "load_dataset", shuffled_test)
+    second = run_sweep(sweep, tmp_path / "b", handle_signals=False)
+    assert first.pruned and sorted(first.pruned) == sorted(second.pruned)
+    a, b = build_report(first.sweep_dir), build_report(second.sweep_dir)
+    arms = [(arm.ranking.best, arm.ranking.scores) for arm in a.tuned.outcome.arms]
+    assert arms == [(arm.ranking.best, arm.ranking.scores) for arm in b.tuned.outcome.arms]
+    tests = [pd.read_csv(folder / "results.csv").set_index("run_id") for folder in (first.sweep_dir, second.sweep_dir)]
+    completed = tests[0].status == "completed"
+    assert not tests[0].loc[completed, "test_acc"].equals(tests[1].loc[completed, "test_acc"])
+    assert tests[0].loc[completed, "val_acc"].equals(tests[1].loc[completed, "val_acc"])
