@@ -316,7 +316,7 @@ CONTENT_HASHES = {  # the same, for every shipped config
     "table1.yaml": ["2354931a", "2793cebd", "49a9aba3", "6b34c9a5", "709ceca0", "79b7b405", "86d9244d", "ac64f344",
                     "b61d6160", "b9faa25f", "d29eed55"],
     "table2.yaml": ["00a07337", "899f3eea", "90a7c532", "dde5996f", "fe6b441d"],
-    "tuned-cifar10-jpeg-cpu.yaml": ["0f23d596", "4274b1e6", "a61dc862", "b0a607b5", "d31db536"],
+    "tuned-cifar10-jpeg-cpu.yaml": ["60be40d7", "94175c1e", "a39a4dd6", "c0f08e82", "df042962"],
     "tuned-cifar10.yaml": ["02bb7bec", "488c150d", "7d9533db", "af6d50c9", "e4c4d4bd"],
     "tuned-vit-digits.yaml": ["022ec841", "10fe1bc5", "1cdb0a08", "2d9afa22", "4c7d3ff0", "55b80fd9", "56b55043",
                               "607a3bd0", "632878d7", "b05f509d", "b3875aa4", "ba45cbc8", "caf8e620", "efd59d80",
