@@ -91,11 +91,12 @@ def read_rows(sweep_dir: Path, runs: Sequence[RunConfig]) -> dict[str, list[dict
 
 
 def pruned_result(cfg: RunConfig, rows: Rows, rung: int, metric: str) -> dict[str, Any]:
-    """The result.json of a run pruned at ``rung``: the tune metric and the validation metrics there."""
+    """The result.json of a run pruned at ``rung``: the tune metric and the validation metrics there, and the
+    time it trained (which the duration estimate is compared with)."""
     at_rung = next((row for row in rows if row.get("step") == rung), {})
     return {"run_id": cfg.run_id, "status": "pruned", "pruned_at": rung, "steps": rung,
             metric: rung_value(rows, rung, metric), "val_acc": at_rung.get("val_acc"),
-            "val_loss": at_rung.get("val_loss")}
+            "val_loss": at_rung.get("val_loss"), "wall_s": at_rung.get("elapsed_s")}
 
 
 def expected_share(runs: Sequence[RunConfig], tune: TuneConfig, grid_axes: Sequence[str]) -> dict[str, float]:

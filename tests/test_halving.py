@@ -223,7 +223,7 @@ def test_a_tuned_sweep_prunes_each_arm_at_its_rung_and_finishes_the_rest(tmp_pat
         saved = storage.read_json(folder / run_id / "result.json")
         row = next(r for r in storage.read_jsonl(folder / run_id / "metrics.jsonl") if r["step"] == 4)
         assert saved == {"run_id": run_id, "status": "pruned", "pruned_at": 4, "steps": 4,
-                         "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
+                         "val_acc": row["val_acc"], "val_loss": row["val_loss"], "wall_s": row["elapsed_s"]}
         assert checkpoint_step(folder / run_id) == 4 and steps(folder / run_id) == [2, 4]
     for run_id in kept:
         assert steps(folder / run_id) == [2, 4, 6, 8]  # paused at 4 and resumed: nothing repeated
