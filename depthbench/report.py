@@ -782,7 +782,7 @@ def build_report(
         rep.unit_summary, rep.unit_comparisons = summarize_units(table, keys), compare_units(table, keys)
     if tuned is not None:
         rep.tuned = tuned_section(tuned)
-    rep.duration = duration_note(sweep_dir, table)
+    rep.duration = duration_note(sweep_dir, every_run)  # pruned runs trained too
     rep.pruned = pruned
     rep.markdown = markdown(rep)
     # One row per (configuration, unit) where units vary, which holds the version rows too; else per version.

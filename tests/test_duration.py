@@ -163,3 +163,18 @@ def test_a_cifar_run_is_timed_on_synthetic_images_of_its_shape() -> None:
     assert trial.train_subset == 16 * (duration.TRIAL_WARMUP + duration.TRIAL_STEPS + 1)
     digits = tiny_run(dataset={"name": "digits", "image_size": 8, "train_subset": None, "test_subset": None})
     assert duration._trial_dataset(digits, duration.known_shape(digits.dataset)) == digits.dataset
+
+
+def test_the_reports_duration_line_counts_every_finished_run_pruned_ones_too(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from depthbench.report import duration_note
+
+    storage.write_json(tmp_path / "estimate.json", {"jobs": 2, "wall_s": 30.0, "run_s": {"a": 20.0, "b": 10.0, "c": 30.0}})
+    table = pd.DataFrame({"run_id": ["a", "b", "c"], "status": ["completed", "pruned", "partial"],
+                          "wall_s": [25.0, 11.0, None]})
+    assert duration_note(tmp_path, table) == (
+        "Duration: when the sweep last started, a trial of each distinct net estimated its 3 run(s) at 60 s of "
+        "training (30 s of wall time with --jobs 2); the 2 of them that finished were estimated at 30 s and took "
+        "36 s (+20%).")
+    assert duration_note(tmp_path / "none", table) is None
