@@ -181,48 +181,51 @@ def sensitivity(points: pd.DataFrame, path: Path, x_label: str, y_label: str, ti
     bars. A candidate stopped by successive halving is an open marker off the line, at its value where it
     stopped, since it was measured earlier than the others.
 
-    ``points`` has a row per (series, candidate): ``series, x, mean, std, n, pruned``, in line order. Numeric
-    x lies on a log axis when it spans a decade (learning rates); other values are placed in the order given.
+    ``points`` has a row per (series, candidate): ``panel, series, x, mean, std, n, pruned``, in line order;
+    each panel (a version or unit) is a plot of its own, side by side with a shared y axis. Numeric x lies on
+    a log axis when it spans a decade (learning rates); other values are placed in the order given.
     """
     shown = points[np.isfinite(points["mean"].astype(float))] if len(points) else points
     if shown.empty:
         return None
-    labels = list(dict.fromkeys(shown.series))
-    colours = _colours(labels)
     numeric = all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in points.x)
     tried = sorted(set(points.x)) if numeric else list(dict.fromkeys(points.x))
 
     def place(xs: pd.Series) -> list[float]:
         return [float(x) if numeric else float(tried.index(x)) for x in xs]
 
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
-    for label in labels:
-        part = shown[shown.series == label]
-        trained, stopped = part[~part.pruned.astype(bool)], part[part.pruned.astype(bool)]
-        if len(trained):
-            n = _counts(trained["n"])
-            ax.errorbar(place(trained.x), trained["mean"], yerr=trained["std"].fillna(0), marker="o", capsize=4,
-                        color=colours[label], label=f"{label} (n = {n})")
-        if len(stopped):
-            ax.scatter(place(stopped.x), stopped["mean"], s=40, facecolors="none", edgecolors=colours[label],
-                       zorder=3, label=None if len(trained) else label)
-    if numeric and _spans_decades(tried):
-        ax.set_xscale("log")
-        ax.minorticks_off()
-    if len(tried) <= _MAX_TICKS:  # the values tried, as the grid writes them
-        ax.set_xticks(place(pd.Series(tried)))
-        ax.set_xticklabels([f"{x:g}" if isinstance(x, float) else str(x) for x in tried])
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(y_label)
-    ax.set_title(title or f"{y_label} against {x_label} (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    handles, names = ax.get_legend_handles_labels()
-    if shown.pruned.astype(bool).any():
-        handles.append(Line2D([], [], ls="none", marker="o", markerfacecolor="none", color="grey"))
-        names.append("open: pruned, at its rung")
-    beside = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if len(labels) > 4 else {}
-    ax.legend(handles, names, fontsize="small", **beside)
+    panels = list(dict.fromkeys(shown.panel))
+    fig = Figure(figsize=(1.2 + 4.2 * len(panels), 4.6))
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        mine = shown[shown.panel == panel]
+        labels = list(dict.fromkeys(mine.series))
+        colours = _colours(labels)
+        for label in labels:
+            part = mine[mine.series == label]
+            trained, stopped = part[~part.pruned.astype(bool)], part[part.pruned.astype(bool)]
+            if len(trained):
+                ax.errorbar(place(trained.x), trained["mean"], yerr=trained["std"].fillna(0), marker="o", capsize=4,
+                            color=colours[label], label=f"{label} (n = {_counts(trained['n'])})")
+            if len(stopped):
+                ax.scatter(place(stopped.x), stopped["mean"], s=40, facecolors="none", edgecolors=colours[label],
+                           zorder=3, label=None if len(trained) else label)
+        if numeric and _spans_decades(tried):
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        if len(tried) <= _MAX_TICKS:  # the values tried, as the grid writes them
+            ax.set_xticks(place(pd.Series(tried)))
+            ax.set_xticklabels([f"{x:g}" if isinstance(x, float) else str(x) for x in tried])
+        ax.set_xlabel(x_label)
+        ax.set_title(panel if len(panels) > 1 else "")
+        ax.grid(alpha=0.3)
+        handles, names = ax.get_legend_handles_labels()
+        if mine.pruned.astype(bool).any():
+            handles.append(Line2D([], [], ls="none", marker="o", markerfacecolor="none", color="grey"))
+            names.append("open: pruned, at its rung")
+        ax.legend(handles, names, fontsize="x-small", loc="lower left")
+    axes[0].set_ylabel(y_label)
+    fig.suptitle(title or f"{y_label} against {x_label} (mean ± std over seeds)")
     return _save(fig, path)
 
 

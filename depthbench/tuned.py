@@ -310,7 +310,8 @@ def _pair(key: tuple, compared: ArmOutcome, reference: ArmOutcome, per: str, tab
 
 def sensitivity_points(tuned: TunedSweep) -> pd.DataFrame:
     """The sensitivity figure's data: a row per (line, candidate) with the tune metric's mean and std over
-    seeds against the first tuned axis; a line is an arm and a value of the other tuned axes. Accuracies in
+    seeds against the first tuned axis; a panel is a version or unit, a line an arm of it and a value of the
+    other tuned axes. Accuracies in
     percent. A pruned candidate's row holds its value at the rung where it stopped, ``pruned`` True."""
     scale = 100.0 if tuned.tune.metric.endswith("acc") else 1.0  # accuracies in percent, val_loss as it is
     rows = []
@@ -318,11 +319,12 @@ def sensitivity_points(tuned: TunedSweep) -> pd.DataFrame:
         for values, candidate in arm.candidates.items():
             others = " ".join(f"{axis.split('.', 1)[-1]}={value_text(v)}"
                               for axis, v in zip(tuned.tune.axes[1:], values[1:], strict=True))
-            line = f"{arm.name} {others}".strip()
+            # A panel per version or unit; its lines named by the rest of the arm and the other tuned values.
+            line = f"{arm.name.removeprefix(arm.design).strip()} {others}".strip() or arm.name
             if candidate.score.seeds:
-                rows.append({"series": line, "x": values[0], "mean": scale * candidate.score.mean,
+                rows.append({"panel": arm.design, "series": line, "x": values[0], "mean": scale * candidate.score.mean,
                              "std": scale * candidate.score.std, "n": candidate.score.seeds, "pruned": False})
             elif candidate.was_pruned and math.isfinite(candidate.rung):
-                rows.append({"series": line, "x": values[0], "mean": scale * candidate.rung, "std": math.nan,
-                             "n": candidate.pruned, "pruned": True})
-    return pd.DataFrame(rows, columns=["series", "x", "mean", "std", "n", "pruned"])
+                rows.append({"panel": arm.design, "series": line, "x": values[0], "mean": scale * candidate.rung,
+                             "std": math.nan, "n": candidate.pruned, "pruned": True})
+    return pd.DataFrame(rows, columns=["panel", "series", "x", "mean", "std", "n", "pruned"])

@@ -234,7 +234,7 @@ def test_sensitivity_plot_is_drawn_and_linked(study: Path) -> None:
         assert image.width > 500 and image.height > 300
     assert "open markers are candidates that successive halving stopped" in rep.markdown
     points = sensitivity_points(rep.tuned.outcome)
-    v2 = points[points.series == "V2 depth=14"].set_index("x")
+    v2 = points[(points.panel == "V2") & (points.series == "depth=14")].set_index("x")
     # the pruned candidate sits at its validation accuracy at the rung, the mean of 0.20 and 0.22
     assert bool(v2.loc[0.01, "pruned"]) and v2.loc[0.01, "mean"] == pytest.approx(21.0)
     assert v2.loc[0.1, "mean"] == pytest.approx(40.0) and not v2.loc[0.1, "pruned"]
