@@ -247,7 +247,13 @@ class _Trials:
         if self.injected is not None or self.jobs == 1 or not alongside:
             return (self.injected or measure_shape)(run, threads)
         if self.pool is None:
-            self.pool = multiprocessing.get_context("spawn").Pool(self.jobs, initializer=_trial_worker)
+            # The copies start with Ctrl-C held off (a signal mask survives exec), so one that reaches the process
+            # group while they start up cannot kill them mid-import; each then ignores it, and this process ends them.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                self.pool = multiprocessing.get_context("spawn").Pool(self.jobs, initializer=_trial_worker)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         copies = [self.pool.apply_async(measure_shape, (run, threads)) for _ in range(self.jobs)]
         timings = [copy.get() for copy in copies]
         return ShapeTiming(*(statistics.fmean(values) for values in zip(*(astuple(t) for t in timings), strict=True)))
@@ -256,6 +262,7 @@ class _Trials:
 def _trial_worker() -> None:
     # The sweep's process answers Ctrl-C and SIGTERM and ends the copies; they must not die mid-message first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def run_seconds(run: RunConfig, timing: ShapeTiming, done_steps: int = 0) -> float:

@@ -261,7 +261,7 @@ def test_stop_while_building_a_deep_model(tmp_path: Path) -> None:
 def test_stop_while_jobs_workers_start(sig: signal.Signals, tmp_path: Path) -> None:
     config = write_config(tmp_path, "start", TINY, ["v1", "v2"], 8, seeds=2)
     out, data = tmp_path / "runs", tmp_path / "data"
-    proc = start(config, out, data, "--jobs", "2")
+    proc = start(config, out, data, "--jobs", "2", "--no-estimate")  # the pool's workers, not the trial's
     # The workers are spawned processes, importing torch for seconds before they can take a run; a Ctrl-C
     # reaches them too, and must neither kill them (a broken pool, a traceback) nor get lost.
     wait_for(lambda: any("spawn_main" in cmd for cmd in children(proc.pid).values()), proc)
@@ -269,7 +269,7 @@ def test_stop_while_jobs_workers_start(sig: signal.Signals, tmp_path: Path) -> N
     assert_stopped_cleanly(proc, latency, stderr, config, out, data, options=" --jobs 2")
     assert not list((out / "start").glob("*/checkpoint.pt"))
     assert_no_process_left(started)
-    rerun(config, out, data, "--jobs", "2")
+    rerun(config, out, data, "--jobs", "2", "--no-estimate")
 
 
 @needs_proc
@@ -277,7 +277,7 @@ def test_stop_while_jobs_workers_start(sig: signal.Signals, tmp_path: Path) -> N
 def test_stop_while_jobs_workers_build_deep_models(tmp_path: Path) -> None:
     config = write_config(tmp_path, "deep2", DEEP, ["v1", "v2"], 12002)
     out, data = tmp_path / "runs", tmp_path / "data"
-    proc = start(config, out, data, "--jobs", "2")
+    proc = start(config, out, data, "--jobs", "2", "--no-estimate")  # the workers' builds, not the trial's
     wait_for(lambda: len(list((out / "deep2").glob("*/config.yaml"))) == 2, proc)
     time.sleep(0.5)
     # The Ctrl-C reaches the workers too; they leave it to the driver, which stops their builds.
@@ -285,7 +285,7 @@ def test_stop_while_jobs_workers_build_deep_models(tmp_path: Path) -> None:
     assert_stopped_cleanly(proc, latency, stderr, config, out, data, options=" --jobs 2")
     assert not list((out / "deep2").glob("*/checkpoint.pt"))
     assert_no_process_left(started)
-    rerun(config, out, data, "--jobs", "2")
+    rerun(config, out, data, "--jobs", "2", "--no-estimate")
 
 
 # --- cluster submission -----------------------------------------------------------------------------
