@@ -173,7 +173,8 @@ def execute_run(
             (run_dir / RESULT).unlink()
         if state == "pruned":
             (run_dir / RESULT).unlink()
-            notes.append(f"{cfg.run_id}: was pruned; the sweep's successive halving now keeps it, so it resumes")
+            notes.append(f"{cfg.run_id}: was pruned, and the sweep as it stands now keeps it (its halving changed "
+                         "or is gone): it resumes")
         if flags.pause_at is not None and (done := checkpoint_step(run_dir)) >= flags.pause_at:
             return RunOutcome(cfg, "paused", message=f"paused at step {done}, checkpoint kept", notes=notes)
         if tensorboard:
