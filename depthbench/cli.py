@@ -498,8 +498,10 @@ def bench(
         "--checkpointing", help="Activation checkpointing (model.checkpointing).")] = False,
     segments: Annotated[int, typer.Option(
         min=0, help="Checkpointed segments per stage; 0: one per residual unit.")] = 0,
-    compile: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the trainer's model; compile time is reported apart.")] = False,
+    compile: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile the trainer's model, or not; by default as a 64,000-step run "
+                                       "would (train.compile auto: compiled on CPUs with AMX in bf16). Compile time "
+                                       "is reported apart.")] = None,
     cuda_graph: Annotated[bool, typer.Option(
         "--cuda-graph/--no-cuda-graph", help="On CUDA, capture the trainer's step once as a CUDA graph and "
                                              "replay it (train.cuda_graph); no effect on a CPU.")] = True,
@@ -526,7 +528,8 @@ def bench(
     spec = BenchSpec(version=version, depth=depth, family=family, unit=unit, width=width, heads=heads, patch=patch,
                      mlp_ratio=mlp_ratio, batch_size=batch_size, steps=steps, warmup=warmup,
                      device=device or "auto", precision=precision, checkpointing=checkpointing, segments=segments,
-                     compile=compile, cuda_graph=cuda_graph, data=data, train_subset=train_subset, workers=workers)
+                     compile="auto" if compile is None else compile, cuda_graph=cuda_graph, data=data,
+                     train_subset=train_subset, workers=workers)
     if depths:
         result, render = run_scaling(spec, parse_depths(depths)), render_scaling
     elif concurrent:

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from depthbench.config import DEVICE_NAME
+from depthbench.config import DEVICE_NAME, RunConfig
 from depthbench.errors import DepthbenchError
 
 
@@ -54,6 +54,41 @@ def native_bf16(device: torch.device) -> bool:
         capabilities = getattr(torch.cpu, "get_capabilities", dict)()
         return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_tile"))
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # Arm: true only with the BF16 extension
+
+
+# torch.compile pays for itself on a CPU with AMX in bf16: there it fuses the normalisations, activations and
+# additions that take most of a step once AMX has made the convolutions and matmuls cheap (v2 ResNet-20 and
+# -56 and a 24-block ViT: 14-28% less per step, BENCHMARKS.md). On AVX512-BF16 without AMX it measured level
+# with eager, and in fp32 on AVX2 slower, so ``auto`` compiles only with AMX. A compilation took 34-62 s
+# (5 s again from PyTorch's on-disk cache), repaid after 2,000-4,000 steps; runs shorter than this stay eager.
+COMPILE_MIN_STEPS = 5000
+
+
+def resolve_compile(cfg: RunConfig, device: torch.device, amp_dtype: torch.dtype | None) -> bool:
+    """Whether ``cfg`` trains a compiled model on ``device`` in ``amp_dtype``: ``train.compile`` when set, else
+    (``auto``) on a CPU with AMX, in bf16, for a run of at least :data:`COMPILE_MIN_STEPS` steps without
+    activation checkpointing (which does not compile), where a C++ compiler for PyTorch's inductor is found."""
+    setting = cfg.train.compile
+    if setting != "auto":
+        return bool(setting)
+    return (device.type == "cpu" and amp_dtype == torch.bfloat16 and _amx()
+            and cfg.train.steps >= COMPILE_MIN_STEPS and not cfg.model.checkpointing and cpp_compiler())
+
+
+def _amx() -> bool:
+    return bool(getattr(torch.cpu, "get_capabilities", dict)().get("amx_tile"))
+
+
+@functools.cache
+def cpp_compiler() -> bool:
+    """Whether inductor finds the C++ compiler that a compiled CPU model needs (without one, its first step fails)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # not found, or an inductor that moved it: stay eager rather than fail at the first step
+        return False
+    return True
 
 
 def attention_kernel(q: torch.Tensor) -> AbstractContextManager[None]:

@@ -16,7 +16,9 @@ of one is slower than alone (by 8% for a 200-layer to 45% for a 1001-layer ResNe
 BENCHMARKS.md), so there each shape is timed as N copies at once in N processes, as the pool trains them.
 
 A CPU trial that begins while other work keeps the cores busy says so in the estimate and is not cached, so
-the next estimate on a quieter machine measures again.
+the next estimate on a quieter machine measures again. A run that will train compiled (``train.compile``,
+resolved as the run resolves it) is timed compiled, its compilation counted once per shape (not at all
+where the trial compiled it in the sweep's own process, whose runs reuse that compiled code).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import signal
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ from depthbench import storage
 from depthbench.bench.probes import device_name, sync, timed
 from depthbench.config import DatasetConfig, RunConfig
 from depthbench.data import data_root, load_dataset
-from depthbench.devices import resolve_device
+from depthbench.devices import resolve_compile, resolve_device, resolve_precision
 from depthbench.errors import DepthbenchError
 from depthbench.estimate import DataShape, check_fits, known_shape
 from depthbench.executors.local import threads_per_job
@@ -61,6 +63,7 @@ class ShapeTiming:
     eval_s: float  # one evaluation: the whole test split, and the validation split where the run holds one out
     setup_s: float  # model built and moved, optimizer, data to the device
     diagnose_s: float = 0.0  # one gradient and signal flow measurement (train.diagnose_steps), when the run has any
+    compile_s: float = 0.0  # compiling the model at the first step, when the run trains compiled
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,16 @@ def shape_key(run: RunConfig, device: torch.device, threads: int) -> dict[str, A
                     # only where set: the cached timings of runs without a split keep their keys
                     **({"val_split": ds.val_split} if ds.val_split is not None else {})},
         "train": {key: getattr(tc, key) for key in (
-            "batch_size", "optimizer", "precision", "channels_last", "compile", "cuda_graph", "clip_grad_norm",
-            "decay_all", "scalar_lr", "eval_batch_size")},
+            "batch_size", "optimizer", "precision", "channels_last", "cuda_graph", "clip_grad_norm",
+            "decay_all", "scalar_lr", "eval_batch_size")}
+        # compile as resolved: `auto` compiles long runs only, so one shape may be timed both ways
+        | {"compile": _compiled(run, device)},
         "diagnose": bool(tc.diagnose_steps),
     }
+
+
+def _compiled(run: RunConfig, device: torch.device) -> bool:
+    return resolve_compile(run, device, resolve_precision(run.train.precision, device))
 
 
 def _key_id(key: dict[str, Any]) -> str:
@@ -115,9 +124,11 @@ def measure_shape(run: RunConfig, threads: int) -> ShapeTiming:
     shape = known_shape(run.dataset)
     if shape is not None:  # too big for the device: refused before any data is read
         check_fits(run, shape, resolve_device(run.train.device))
-    # Enough steps to time: more than the trial takes, within the paper's schedule checks.
+    # Enough steps to time: more than the trial takes, within the paper's schedule checks; compiled or not as
+    # the run itself will be (its steps decide that under `auto`).
+    compiled = _compiled(run, resolve_device(run.train.device))
     trial = run.model_copy(update={"dataset": _trial_dataset(run, shape), "train": run.train.model_copy(
-        update={"steps": 1000, "milestones": (0.5, 0.75)})})
+        update={"steps": 1000, "milestones": (0.5, 0.75), "compile": compiled})})
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -128,7 +139,8 @@ def measure_shape(run: RunConfig, threads: int) -> ShapeTiming:
         setup_s = time.perf_counter() - start
         step = trainer_step(setup)
         setup.model.train()
-        for index in range(TRIAL_WARMUP):
+        first_s = timed(setup.device, lambda: step(0))
+        for index in range(1, TRIAL_WARMUP):
             step(index)
         steps = [timed(setup.device, lambda i=index: step(i))
                  for index in range(TRIAL_WARMUP, TRIAL_WARMUP + TRIAL_STEPS)]
@@ -145,7 +157,9 @@ def measure_shape(run: RunConfig, threads: int) -> ShapeTiming:
             diagnose_s = timed(setup.device, lambda: measure(setup.model, xb, yb))
     finally:
         torch.set_num_threads(before)
-    return ShapeTiming(statistics.median(steps), eval_s, setup_s, diagnose_s)
+    step_s = statistics.median(steps)
+    compile_s = max(first_s - step_s, 0.0) if compiled else 0.0
+    return ShapeTiming(step_s, eval_s, setup_s, diagnose_s, compile_s)
 
 
 def _trial_dataset(run: RunConfig, shape: DataShape | None) -> DatasetConfig:
@@ -222,6 +236,9 @@ def shape_timings(runs: Sequence[RunConfig], jobs: int, measure: Measure | None 
                 else:
                     cached[key_id] = asdict(timing)
                     storage.write_json(path, cached)
+                if trials.here(alongside=device.type == "cpu"):
+                    # A compiled trial in this process leaves its compiled code to this process's runs of the shape.
+                    timing = replace(timing, compile_s=0.0)
                 measured[key_id] = timing
             by_run[run.run_id] = measured.get(key_id) or ShapeTiming(**cached[key_id])
     return by_run, busy
@@ -243,8 +260,12 @@ class _Trials:
             self.pool.terminate()  # also on a stop signal mid-trial: the copies end with the estimate
             self.pool.join()
 
+    def here(self, *, alongside: bool) -> bool:
+        """Whether a trial runs in this process (else as copies in a pool of others)."""
+        return self.injected is not None or self.jobs == 1 or not alongside
+
     def measure(self, run: RunConfig, threads: int, *, alongside: bool) -> ShapeTiming:
-        if self.injected is not None or self.jobs == 1 or not alongside:
+        if self.here(alongside=alongside):
             return (self.injected or measure_shape)(run, threads)
         if self.pool is None:
             # The copies start with Ctrl-C held off (a signal mask survives exec), so one that reaches the process
@@ -294,9 +315,17 @@ def estimate_sweep(todo: Sequence[RunConfig], folder: Path, jobs: int, measure: 
 
     timings, busy = shape_timings(todo, jobs, measure)
     run_s = {}
+    compiled: set[ShapeTiming] = set()
     for run in (r for r in todo if r.run_id in timings):
+        timing = timings[run.run_id]
         done = checkpoint_step(folder / run.run_id) if (folder / run.run_id / CHECKPOINT).exists() else 0
-        run_s[run.run_id] = run_seconds(run, timings[run.run_id], done) * (share or {}).get(run.run_id, 1.0)
+        run_s[run.run_id] = run_seconds(run, timing, done) * (share or {}).get(run.run_id, 1.0)
+        if timing.compile_s and run_s[run.run_id] and timing not in compiled:
+            # A compiled shape is compiled once: later models of it reuse the compiled code in the same process,
+            # and PyTorch's on-disk cache in another (seconds). The first run of the shape carries it; none does
+            # where the trial compiled it in this process (shape_timings).
+            compiled.add(timing)
+            run_s[run.run_id] += timing.compile_s
     return SweepEstimate({run_id: timings[run_id].step_s for run_id in run_s}, run_s, jobs, busy)
 
 

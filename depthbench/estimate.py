@@ -508,7 +508,8 @@ def _graphed(cfg: RunConfig, device_type: str) -> bool:
     """Whether the run's step is captured as a CUDA graph (as :func:`depthbench.step.choose_step` decides)."""
     tc, model = cfg.train, cfg.model
     random = model.family == "resnet" and model.shortcut_gate == "dropout"  # dropout draws each step: eager
-    return device_type == "cuda" and tc.cuda_graph and not tc.compile and tc.optimizer == "sgd" and not random
+    # compile `auto` never compiles on CUDA (devices.resolve_compile): only an explicit true leaves the graph out.
+    return device_type == "cuda" and tc.cuda_graph and tc.compile is not True and tc.optimizer == "sgd" and not random
 
 
 def best_segments(n: int) -> int:

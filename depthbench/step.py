@@ -72,7 +72,8 @@ class TrainingSetup(Protocol):
     cfg: RunConfig
     device: torch.device
     model: nn.Module
-    step_model: nn.Module  # the model, compiled when train.compile is set
+    step_model: nn.Module  # the model, compiled when `compiled`
+    compiled: bool
     optimizer: torch.optim.Optimizer
     random_layers: bool
     loss_sum: torch.Tensor
@@ -265,7 +266,7 @@ def compare(setup: TrainingSetup, candidate: Step, step: int, lr: float) -> str 
 def wants_graph(setup: TrainingSetup) -> bool:
     """On by default on CUDA (``train.cuda_graph``); a compiled model is left to torch.compile."""
     tc = setup.cfg.train
-    return setup.device.type == "cuda" and tc.cuda_graph and not tc.compile
+    return setup.device.type == "cuda" and tc.cuda_graph and not setup.compiled
 
 
 def choose_step(setup: TrainingSetup, step: int, lr: float, notes: list[str], capture: Capture | None = None,

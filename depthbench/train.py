@@ -35,7 +35,8 @@ from depthbench import stopping, storage
 from depthbench.augment import apply_augmentation, draw_augmentation, normalize
 from depthbench.config import RunConfig, TrainConfig, dump_run_config
 from depthbench.data import TensorData, load_dataset
-from depthbench.devices import attention_name, keep_freed_memory, precision_name, resolve_device, resolve_precision
+from depthbench.devices import (attention_name, cpp_compiler, keep_freed_memory, precision_name, resolve_compile,
+                                resolve_device, resolve_precision)
 from depthbench.errors import DepthbenchError
 from depthbench.estimate import DataShape, check_fits
 from depthbench.flow import record_step
@@ -180,7 +181,8 @@ class TrainingSetup:
     cfg: RunConfig
     device: torch.device
     model: nn.Module
-    step_model: nn.Module  # the model, compiled when train.compile is set
+    step_model: nn.Module  # the model, compiled when `compiled`
+    compiled: bool  # train.compile resolved (devices.resolve_compile); a resume keeps the run's first choice
     optimizer: torch.optim.Optimizer
     order: BatchOrder
     train_x: torch.Tensor
@@ -216,8 +218,9 @@ class TrainingSetup:
         memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         model = model.to(device=device, memory_format=memory_format)
         optimizer = make_optimizer(model, tc, device)
+        compiled = resolve_compile(cfg, device, amp_dtype)
         return cls(
-            cfg, device, model, torch.compile(model) if tc.compile else model, optimizer,
+            cfg, device, model, torch.compile(model) if compiled else model, compiled, optimizer,
             BatchOrder(len(train_x), tc.batch_size, cfg.seed, device), train_x, train_y,
             torch.tensor(data.mean, device=device).view(1, -1, 1, 1),
             torch.tensor(data.std, device=device).view(1, -1, 1, 1),
@@ -230,6 +233,11 @@ class TrainingSetup:
     @property
     def precision(self) -> str:
         return precision_name(self.amp_dtype)
+
+    def compile_as(self, compiled: bool) -> None:
+        """Train the model compiled or eager, whatever ``train.compile`` resolved to: a resume's recorded choice."""
+        self.compiled = compiled
+        self.step_model = torch.compile(self.model) if compiled else self.model
 
     def autocast(self, cache_enabled: bool = True) -> Any:
         """The context a forward pass runs in: autocast to ``amp_dtype``, or nothing for fp32."""
@@ -380,6 +388,8 @@ def _resume(cfg: RunConfig, run_dir: Path, setup: TrainingSetup, notes: list[str
                          "(precision auto would now choose another here)")
         if not allow_device_change:
             check_resume_origin(cfg, origin, setup.device, setup.precision)
+        if cfg.train.compile == "auto" and origin and origin[0] == setup.device.type:
+            _keep_compile_choice(cfg, saved, setup, notes)
         state = TrainState.from_checkpoint(saved)
         kept = [row for row in storage.read_jsonl(metrics_path) if row.get("step", 0) <= state.step]
         if len(kept) == state.rows:
@@ -393,6 +403,21 @@ def _resume(cfg: RunConfig, run_dir: Path, setup: TrainingSetup, notes: list[str
         checkpoint_path.unlink()
     metrics_path.unlink(missing_ok=True)
     return TrainState()
+
+
+def _keep_compile_choice(cfg: RunConfig, saved: dict[str, Any], setup: TrainingSetup, notes: list[str]) -> None:
+    """Like precision, compile `auto` may now choose otherwise (another CPU of the same type of device, a run
+    resumed with another step count): the run keeps its first choice, unless it was compiled and this machine
+    has no C++ compiler to compile it again. Checkpoints from before the choice was recorded trained eager."""
+    was_compiled = bool(saved.get("compiled", False))
+    if was_compiled == setup.compiled:
+        return
+    if was_compiled and not cpp_compiler():
+        notes.append(f"{cfg.run_id}: started compiled, continues eager: no C++ compiler for torch.compile here")
+        return
+    setup.compile_as(was_compiled)
+    notes.append(f"{cfg.run_id}: continues {'compiled' if was_compiled else 'eager'}, as it started "
+                 "(compile auto would now choose otherwise here)")
 
 
 def train_run(
@@ -451,6 +476,7 @@ def train_run(
         storage.save_torch(run_dir / CHECKPOINT, {
             **asdict(state), "elapsed_s": elapsed_s, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "config": cfg.model_dump(mode="json"), "device_type": device.type, "precision": setup.precision,
+            "compiled": setup.compiled,
         })
 
     model.train()
@@ -479,7 +505,7 @@ def train_run(
             images += tc.batch_size
             state.step += 1
             step = state.step
-            if tc.compile and compile_s == 0.0:
+            if setup.compiled and compile_s == 0.0:
                 compile_s = time.perf_counter() - t_step  # the first compiled step is mostly compilation
                 t_window = time.perf_counter()
             if on_progress:
@@ -559,6 +585,7 @@ def train_run(
         "setup_s": round(t_resume - t_start, 3),
         "device": str(device),
         "precision": setup.precision,
+        "compiled": setup.compiled,  # train.compile resolved; a resume keeps it
         "cuda_graph": bool(train_step and train_step.graphed),  # the step was one replayed CUDA graph
         # The attention kernel follows the device type and precision, which a resume keeps.
         **({"attention": attention_name(device, setup.amp_dtype)} if cfg.model.family == "vit" else {}),

@@ -30,8 +30,9 @@ from depthbench.train import TrainingSetup, resolve_precision
 
 runner = CliRunner()
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))
+# --no-compile: on a CPU with AMX, compile auto would compile these nets as a 64,000-step run would (a minute).
 TINY = ("--batch-size", "16", "--steps", "2", "--warmup", "1", "--data", "synthetic", "--train-subset", "64",
-        "--workers", "1")
+        "--workers", "1", "--no-compile")
 
 
 @pytest.fixture(autouse=True)
@@ -251,7 +252,7 @@ def test_bench_user_errors_are_one_line(args: tuple[str, ...], message: str) -> 
 def test_bench_times_a_vit_against_the_usual_loop_with_the_same_keys() -> None:
     result = invoke("--family", "vit", "--depth", "2", "--width", "16", "--heads", "2", "--patch", "2",
                     "--unit", "deepnorm", "--data", "digits", "--batch-size", "16", "--steps", "2", "--warmup", "1",
-                    "--workers", "1", "--json")
+                    "--workers", "1", "--no-compile", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     # 8x8 digits in patches of 2: 16 patches and a class token; parameters and FLOPs by formula.
@@ -266,7 +267,8 @@ def test_bench_times_a_vit_against_the_usual_loop_with_the_same_keys() -> None:
         assert out[key] > 0, key
     assert out["kernels_by_phase"]["optimizer"] > 0
     table = invoke("--family", "vit", "--depth", "2", "--width", "16", "--heads", "2", "--patch", "2",
-                   "--data", "digits", "--batch-size", "16", "--steps", "2", "--warmup", "1", "--workers", "1")
+                   "--data", "digits", "--batch-size", "16", "--steps", "2", "--warmup", "1", "--workers", "1",
+                   "--no-compile")
     assert table.exit_code == 0 and "v2 ViT-2 (pre_ln, 2 blocks, " in table.stdout
 
 

@@ -22,7 +22,7 @@ from depthbench.executors.local import threads_per_job
 
 runner = CliRunner()
 TINY = ("--depth", "8", "--batch-size", "16", "--steps", "3", "--warmup", "1", "--data", "synthetic",
-        "--train-subset", "64", "--device", "cpu")
+        "--train-subset", "64", "--device", "cpu", "--no-compile")
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ the --dry-run columns and lines, and one real short sweep whose estimate meets w
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,46 @@ def test_the_cache_key_is_device_torch_threads_and_shape() -> None:
     other = [tiny_run(train={"batch_size": 32}), tiny_run(train={"precision": "bf16"})]
     assert all(duration.shape_key(r, torch.device("cpu"), 1) != key for r in other)
     assert duration.shape_key(run, torch.device("cpu"), 2) != key
+
+
+def test_a_run_that_compiles_is_timed_compiled_with_its_compilation_in_its_setup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under compile auto a long bf16 run on a CPU with AMX compiles and a short one does not: the two are
+    timed apart, each as it will train, and the compiled trial's first-step compilation is counted once."""
+    from depthbench import devices
+
+    monkeypatch.setattr(devices, "_amx", lambda: True)
+    monkeypatch.setattr(devices, "cpp_compiler", lambda: True)
+
+    class SlowFirstCall(torch.nn.Module):  # stands in for a compiled model: its first call compiles
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model, self.calls = model, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 1:
+                time.sleep(0.5)
+            return self.model(x)
+
+    monkeypatch.setattr(torch, "compile", SlowFirstCall)
+    long = tiny_run(train={"precision": "bf16", "steps": devices.COMPILE_MIN_STEPS})
+    short = tiny_run(train={"precision": "bf16", "steps": devices.COMPILE_MIN_STEPS - 1})
+    cpu = torch.device("cpu")
+    assert duration.shape_key(long, cpu, 1)["train"]["compile"] is True
+    assert duration.shape_key(short, cpu, 1)["train"]["compile"] is False
+    compiled, eager = duration.measure_shape(long, 1), duration.measure_shape(short, 1)
+    assert compiled.compile_s >= 0.5 > compiled.step_s and eager.compile_s == 0.0
+    # Compiled once per shape: from the cached trial, the first run of it carries the compilation and the next
+    # reuses the compiled code; right after a trial in this process, which compiled it, none pays it.
+    seeds = [long, tiny_run(grid={"version": ["v2"], "depth": [8], "seed": [1]},
+                            train={"precision": "bf16", "steps": devices.COMPILE_MIN_STEPS})]
+    plain = duration.run_seconds(long, compiled)
+    fresh = duration.estimate_sweep(seeds, Path("/nonexistent"), 1, measure=lambda run, threads: compiled)
+    assert [fresh.run_s[run.run_id] for run in seeds] == pytest.approx([plain, plain])
+    again = duration.estimate_sweep(seeds, Path("/nonexistent"), 1, measure=lambda run, threads: pytest.fail("cached"))
+    assert [again.run_s[run.run_id] for run in seeds] == pytest.approx([plain + compiled.compile_s, plain])
 
 
 def test_dry_run_shows_each_runs_time_and_the_total(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

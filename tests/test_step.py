@@ -295,3 +295,124 @@ def test_adamw_keeps_the_eager_step_with_a_note(monkeypatch: pytest.MonkeyPatch)
     setup, notes = setup_for(train={"optimizer": "adamw", "lr": 1e-3}), []
     assert type(choose_step(setup, 0, 1e-3, notes)) is EagerStep
     assert notes == [f"{setup.cfg.run_id}: CUDA graphs are used with SGD only; adamw trains eager (fused)"]
+
+
+class _FakeCompile:
+    """torch.compile stood in for by the model itself: which models were compiled, without a compiler's minute."""
+
+    def __init__(self) -> None:
+        self.models: list[torch.nn.Module] = []
+
+    def __call__(self, model: torch.nn.Module) -> torch.nn.Module:
+        self.models.append(model)
+        return model
+
+
+@pytest.mark.parametrize(("started", "now"), [(True, False), (False, True)])
+def test_compile_auto_resumes_as_the_run_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: bool, now: bool,
+) -> None:
+    """`auto` would now choose otherwise (another CPU, a missing compiler): the run finishes as it started,
+    records that in its checkpoint and result.json, and says so."""
+    import depthbench.train as train_module
+    from depthbench.train import RunInterrupted
+
+    fake = _FakeCompile()
+    monkeypatch.setattr(torch, "compile", fake)
+    cfg = tiny_run(train={"steps": 8, "checkpoint_every": 100})
+    assert cfg.train.compile == "auto"
+    monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: started)
+    calls = iter(range(100))
+    with pytest.raises(RunInterrupted):
+        train_run(cfg, tmp_path, should_stop=lambda: next(calls) >= 5)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["compiled"] is started
+    monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: now)
+    monkeypatch.setattr(train_module, "cpp_compiler", lambda: True)
+    notes: list[str] = []
+    result = train_run(cfg, tmp_path, notes=notes)
+    assert result["compiled"] is started and result["steps"] == 8
+    assert f"{cfg.run_id}: continues {'compiled' if started else 'eager'}, as it started " \
+           "(compile auto would now choose otherwise here)" in notes
+    # Compiled at each start that compiles: both starts when it began compiled; when it began eager, the resume's
+    # own pick built a compiled wrapper (never called) before the kept choice replaced it.
+    assert len(fake.models) == (2 if started else 1)
+
+
+def test_a_checkpoint_from_before_compile_was_recorded_resumes_eager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs trained before `auto` existed were eager (compile was off by default): they continue eager."""
+    import depthbench.train as train_module
+    from depthbench.train import RunInterrupted
+
+    monkeypatch.setattr(torch, "compile", _FakeCompile())
+    cfg = tiny_run(train={"steps": 8, "checkpoint_every": 100})
+    monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: False)
+    calls = iter(range(100))
+    with pytest.raises(RunInterrupted):
+        train_run(cfg, tmp_path, should_stop=lambda: next(calls) >= 5)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["compiled"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: True)
+    assert train_run(cfg, tmp_path)["compiled"] is False
+
+
+def test_a_compiled_run_resumed_where_nothing_can_compile_continues_eager_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import depthbench.train as train_module
+    from depthbench.train import RunInterrupted
+
+    monkeypatch.setattr(torch, "compile", _FakeCompile())
+    cfg = tiny_run(train={"steps": 8, "checkpoint_every": 100})
+    monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: True)
+    calls = iter(range(100))
+    with pytest.raises(RunInterrupted):
+        train_run(cfg, tmp_path, should_stop=lambda: next(calls) >= 5)
+    monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: False)
+    monkeypatch.setattr(train_module, "cpp_compiler", lambda: False)
+    notes: list[str] = []
+    assert train_run(cfg, tmp_path, notes=notes)["compiled"] is False
+    assert f"{cfg.run_id}: started compiled, continues eager: no C++ compiler for torch.compile here" in notes
+
+
+def test_an_explicit_compile_setting_wins_over_the_recorded_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from depthbench.train import RunInterrupted
+
+    fake = _FakeCompile()
+    monkeypatch.setattr(torch, "compile", fake)
+    compiled = tiny_run(train={"steps": 8, "checkpoint_every": 100, "compile": True})
+    calls = iter(range(100))
+    with pytest.raises(RunInterrupted):
+        train_run(compiled, tmp_path, should_stop=lambda: next(calls) >= 5)
+    eager = compiled.model_copy(update={"train": compiled.train.model_copy(update={"compile": False})})
+    assert eager.run_id == compiled.run_id  # compile is how a run trains, not what: the same run
+    notes: list[str] = []
+    assert train_run(eager, tmp_path, notes=notes)["compiled"] is False
+    assert len(fake.models) == 1 and not any("continues" in note for note in notes)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({}, True),  # a CPU with AMX, bf16, a long run, no checkpointing, a C++ compiler
+    ({"capabilities": {"avx512_bf16": True}}, False),  # AVX512-BF16 without AMX: compiled measured level with eager
+    ({"amp_dtype": None}, False),  # fp32
+    ({"device": "cuda"}, False),  # CUDA keeps its graphed step
+    ({"train": {"steps": 4999}}, False),  # too short to repay the compilation
+    ({"model": {"checkpointing": 2}}, False),  # checkpointing does not compile
+    ({"compiler": False}, False),  # inductor would fail at the first step
+    ({"train": {"steps": 4999, "compile": True}}, True),  # an explicit setting always wins
+    ({"train": {"compile": False}}, False),
+])
+def test_compile_auto_compiles_long_bf16_runs_on_cpus_with_amx(
+    monkeypatch: pytest.MonkeyPatch, change: dict, expected: bool,
+) -> None:
+    from depthbench import devices
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: change.get("capabilities", {"amx_tile": True}))
+    monkeypatch.setattr(devices, "cpp_compiler", lambda: change.get("compiler", True))
+    cfg = tiny_run(model=change.get("model", {}), train={"steps": devices.COMPILE_MIN_STEPS, **change.get("train", {})})
+    amp_dtype = change.get("amp_dtype", torch.bfloat16)
+    assert devices.resolve_compile(cfg, torch.device(change.get("device", "cpu")), amp_dtype) is expected

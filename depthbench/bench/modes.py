@@ -25,7 +25,7 @@ from depthbench.data import TensorData, load_dataset
 from depthbench.errors import DepthbenchError
 from depthbench.models import count_params, forward_flops, model_from_config
 from depthbench.transformer import VIT_VERSION_UNIT, vit_forward_flops, vit_param_count, vit_settings
-from depthbench.devices import attention_name, resolve_device, resolve_precision
+from depthbench.devices import attention_name, resolve_compile, resolve_device, resolve_precision
 
 # The CIFAR schedule of He et al., the config's default, for the extrapolated run time.
 PAPER_STEPS: int = TrainConfig.model_fields["steps"].default
@@ -82,7 +82,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "aten_calls_per_step": host.aten_calls,
         "setup_s": trainer.setup_s,
         "first_step_s": trainer.first_step_s,
-        "compile_s": extra_first if spec.compile else 0.0,
+        "compile_s": extra_first if trainer.compiled else 0.0,
         # Paid once per run: data load, setup, and what the first step costs beyond a steady one.
         "overhead_s": load_s + trainer.setup_s + extra_first,
         "paper_run_h": PAPER_STEPS * step_s / 3600,
@@ -108,7 +108,7 @@ def run_scaling(spec: BenchSpec, depths: Sequence[int]) -> dict[str, Any]:
         plain = measure_trainer(cfg, data, steps=spec.steps, warmup=spec.warmup)
         ckpt = None
         # Checkpointing does not compile (run_config says why), and a ViT never checkpoints.
-        if not spec.compile and spec.family == "resnet":
+        if spec.compile is not True and spec.family == "resnet":
             ckpt_cfg = run_config(spec, cfg.dataset, depth=cfg.depth, checkpointing=True)
             ckpt = measure_trainer(ckpt_cfg, data, steps=spec.steps, warmup=spec.warmup)
         host = measure_host(cfg, data.num_classes)
@@ -221,7 +221,8 @@ def _context(spec: BenchSpec, cfg: RunConfig, described: str, load_s: float, sta
     amp_dtype = resolve_precision(cfg.train.precision, device)
     return {
         "family": cfg.model.family, "version": cfg.version, "batch_size": spec.batch_size, "steps": spec.steps, "warmup": spec.warmup,
-        "compile": spec.compile, "cuda_graph": cfg.train.cuda_graph, "channels_last": cfg.train.channels_last,
+        "compile": resolve_compile(cfg, device, amp_dtype), "cuda_graph": cfg.train.cuda_graph,
+        "channels_last": cfg.train.channels_last,
         "data": described,
         "device": str(device), "device_name": device_name(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

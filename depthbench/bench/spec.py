@@ -47,7 +47,7 @@ class BenchSpec:
     precision: str = "auto"
     checkpointing: bool = False
     segments: int = 0  # checkpointed segments per stage; 0 is one per residual unit
-    compile: bool = False
+    compile: bool | str = "auto"  # train.compile: auto resolves as for a run of the paper's length
     cuda_graph: bool = True  # train.cuda_graph: on CUDA, the step captured once and replayed
     data: str = "auto"
     train_subset: int = 5000
@@ -118,7 +118,7 @@ def run_config(spec: BenchSpec, dataset: DatasetConfig, depth: int | None = None
     if checkpointing is None and spec.segments and not spec.checkpointing:
         raise DepthbenchError("--segments says how --checkpointing splits each stage; add --checkpointing")
     ckpt = spec.checkpointing if checkpointing is None else checkpointing
-    if ckpt and spec.compile:
+    if ckpt and spec.compile is True:
         raise DepthbenchError(
             "--checkpointing and --compile do not combine: the checkpoint's BN guard cannot be compiled")
     # Only what the spec sets is written, so that the family's and the unit's defaults fill the rest.

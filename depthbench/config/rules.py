@@ -36,7 +36,7 @@ _HAS_SCALARS = {**{name: p.has_scalars for name, p in PLACEMENTS.items()},
 
 def conflict(model: ModelConfig, train: TrainConfig) -> str | None:
     """Settings that validate one by one but cannot work together, as a one-line reason; or None."""
-    if model.checkpointing and train.compile:
+    if model.checkpointing and train.compile is True:  # auto leaves a checkpointed net uncompiled
         # Compiling each residual unit apart from the checkpoint works on a net of distinct units, but
         # where units repeat the recomputation can pick another compiled graph than the forward did, and
         # checkpoint refuses the mismatch (pytorch issue 166926).

@@ -245,7 +245,9 @@ class TrainConfig(Section):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the model; auto: on CPUs with AMX in bf16, for runs long enough to "
+                            "repay the compilation (devices.resolve_compile)")
     cuda_graph: bool = Field(
         True, description="on CUDA, capture the whole training step once as a CUDA graph and replay it "
                           "(checked against an eager step first; falls back to eager on a mismatch)")
