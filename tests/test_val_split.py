@@ -28,7 +28,7 @@ TIMING = ("img_per_s", "elapsed_s")
 EVAL_ROW = ["step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "img_per_s", "elapsed_s"]
 RESULT = ["run_id", "status", "version", "depth", "seed", "block", "units_per_stage", "params", "steps", "train_loss",
           "train_acc", "test_loss", "test_acc", "best_test_acc", "img_per_s", "compile_s", "wall_s", "setup_s",
-          "device", "precision", "cuda_graph", "success"]
+          "device", "precision", "compiled", "cuda_graph", "success"]
 
 
 @pytest.fixture(autouse=True)
