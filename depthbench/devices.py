@@ -58,9 +58,9 @@ def native_bf16(device: torch.device) -> bool:
 
 # torch.compile pays for itself on a CPU with AMX in bf16: there it fuses the normalisations, activations and
 # additions that take most of a step once AMX has made the convolutions and matmuls cheap (v2 ResNet-20 and
-# -56 and a 24-block ViT: 14-28% less per step, BENCHMARKS.md). On AVX512-BF16 without AMX it measured level
+# -56 and a 24-block ViT: 18-29% less per step, BENCHMARKS.md). On AVX512-BF16 without AMX it measured level
 # with eager, and in fp32 on AVX2 slower, so ``auto`` compiles only with AMX. A compilation took 34-62 s
-# (5 s again from PyTorch's on-disk cache), repaid after 2,000-4,000 steps; runs shorter than this stay eager.
+# (5-19 s again from PyTorch's on-disk cache), repaid after 2,000-4,000 steps; shorter runs stay eager.
 COMPILE_MIN_STEPS = 5000
 
 
