@@ -388,7 +388,7 @@ def _resume(cfg: RunConfig, run_dir: Path, setup: TrainingSetup, notes: list[str
                          "(precision auto would now choose another here)")
         if not allow_device_change:
             check_resume_origin(cfg, origin, setup.device, setup.precision)
-        if cfg.train.compile == "auto" and origin and origin[0] == setup.device.type:
+        if cfg.train.compile == "auto" and (origin is None or origin[0] == setup.device.type):
             _keep_compile_choice(cfg, saved, setup, notes)
         state = TrainState.from_checkpoint(saved)
         kept = [row for row in storage.read_jsonl(metrics_path) if row.get("step", 0) <= state.step]

@@ -338,10 +338,12 @@ def test_compile_auto_resumes_as_the_run_started(
     assert len(fake.models) == (2 if started else 1)
 
 
+@pytest.mark.parametrize("unrecorded", [("compiled",), ("compiled", "device_type", "precision")])
 def test_a_checkpoint_from_before_compile_was_recorded_resumes_eager(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unrecorded: tuple[str, ...],
 ) -> None:
-    """Runs trained before `auto` existed were eager (compile was off by default): they continue eager."""
+    """Runs trained before `auto` existed were eager (compile was off by default): they continue eager, the
+    oldest checkpoints, which did not record their device and precision either, too."""
     import depthbench.train as train_module
     from depthbench.train import RunInterrupted
 
@@ -352,7 +354,8 @@ def test_a_checkpoint_from_before_compile_was_recorded_resumes_eager(
     with pytest.raises(RunInterrupted):
         train_run(cfg, tmp_path, should_stop=lambda: next(calls) >= 5)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    del state["compiled"]
+    for key in unrecorded:
+        del state[key]
     torch.save(state, tmp_path / "checkpoint.pt")
     monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: True)
     assert train_run(cfg, tmp_path)["compiled"] is False
