@@ -124,7 +124,10 @@ REHEARSAL = Sizes(
     bench_depths=(8,),  # the agreement part trains a bottleneck net (11) too
     bench_steps={8: (2, 1)},
     bench_batch=8, bench_precision="fp32", bench_images=64,
-    bench_vit=("--depth", "2", "--width", "16", "--heads", "2", "--patch", "8", "--steps", "2", "--warmup", "1"),
+    # --no-compile: on a CPU with AMX precision auto is bf16 and compile auto would compile (as for the paper's
+    # run), half a minute a bench; on the GPU auto does not compile.
+    bench_vit=("--depth", "2", "--width", "16", "--heads", "2", "--patch", "8", "--steps", "2", "--warmup", "1",
+               "--no-compile"),
     agree_depths=(8, 11), agree_steps=20, agree_batch=16, log_every=5, width=4,
     concurrent="1,2", concurrent_depth=8,
     resume_depth=8, resume_steps=120, resume_kill_at=40, resume_checkpoint_every=20,
