@@ -308,6 +308,20 @@ class _FakeCompile:
         return model
 
 
+def _stopped_after_5_steps(cfg: Any, run_dir: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool | None = None,
+                           ) -> None:
+    """``cfg`` trained until a stop after 5 steps (its checkpoint saved there), with compile ``auto`` resolving to
+    ``compiled`` when given."""
+    import depthbench.train as train_module
+    from depthbench.train import RunInterrupted
+
+    if compiled is not None:
+        monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: compiled)
+    calls = iter(range(100))
+    with pytest.raises(RunInterrupted):
+        train_run(cfg, run_dir, should_stop=lambda: next(calls) >= 5)
+
+
 @pytest.mark.parametrize(("started", "now"), [(True, False), (False, True)])
 def test_compile_auto_resumes_as_the_run_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: bool, now: bool,
@@ -315,16 +329,12 @@ def test_compile_auto_resumes_as_the_run_started(
     """`auto` would now choose otherwise (another CPU, a missing compiler): the run finishes as it started,
     records that in its checkpoint and result.json, and says so."""
     import depthbench.train as train_module
-    from depthbench.train import RunInterrupted
 
     fake = _FakeCompile()
     monkeypatch.setattr(torch, "compile", fake)
     cfg = tiny_run(train={"steps": 8, "checkpoint_every": 100})
     assert cfg.train.compile == "auto"
-    monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: started)
-    calls = iter(range(100))
-    with pytest.raises(RunInterrupted):
-        train_run(cfg, tmp_path, should_stop=lambda: next(calls) >= 5)
+    _stopped_after_5_steps(cfg, tmp_path, monkeypatch, compiled=started)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["compiled"] is started
     monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: now)
     monkeypatch.setattr(train_module, "cpp_compiler", lambda: True)
@@ -345,14 +355,10 @@ def test_a_checkpoint_from_before_compile_was_recorded_resumes_eager(
     """Runs trained before `auto` existed were eager (compile was off by default): they continue eager, the
     oldest checkpoints, which did not record their device and precision either, too."""
     import depthbench.train as train_module
-    from depthbench.train import RunInterrupted
 
     monkeypatch.setattr(torch, "compile", _FakeCompile())
     cfg = tiny_run(train={"steps": 8, "checkpoint_every": 100})
-    monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: False)
-    calls = iter(range(100))
-    with pytest.raises(RunInterrupted):
-        train_run(cfg, tmp_path, should_stop=lambda: next(calls) >= 5)
+    _stopped_after_5_steps(cfg, tmp_path, monkeypatch, compiled=False)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     for key in unrecorded:
         del state[key]
@@ -365,14 +371,10 @@ def test_a_compiled_run_resumed_where_nothing_can_compile_continues_eager_and_sa
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import depthbench.train as train_module
-    from depthbench.train import RunInterrupted
 
     monkeypatch.setattr(torch, "compile", _FakeCompile())
     cfg = tiny_run(train={"steps": 8, "checkpoint_every": 100})
-    monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: True)
-    calls = iter(range(100))
-    with pytest.raises(RunInterrupted):
-        train_run(cfg, tmp_path, should_stop=lambda: next(calls) >= 5)
+    _stopped_after_5_steps(cfg, tmp_path, monkeypatch, compiled=True)
     monkeypatch.setattr(train_module, "resolve_compile", lambda cfg, device, amp_dtype: False)
     monkeypatch.setattr(train_module, "cpp_compiler", lambda: False)
     notes: list[str] = []
@@ -383,14 +385,10 @@ def test_a_compiled_run_resumed_where_nothing_can_compile_continues_eager_and_sa
 def test_an_explicit_compile_setting_wins_over_the_recorded_choice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from depthbench.train import RunInterrupted
-
     fake = _FakeCompile()
     monkeypatch.setattr(torch, "compile", fake)
     compiled = tiny_run(train={"steps": 8, "checkpoint_every": 100, "compile": True})
-    calls = iter(range(100))
-    with pytest.raises(RunInterrupted):
-        train_run(compiled, tmp_path, should_stop=lambda: next(calls) >= 5)
+    _stopped_after_5_steps(compiled, tmp_path, monkeypatch)
     eager = compiled.model_copy(update={"train": compiled.train.model_copy(update={"compile": False})})
     assert eager.run_id == compiled.run_id  # compile is how a run trains, not what: the same run
     notes: list[str] = []

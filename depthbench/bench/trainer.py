@@ -28,7 +28,6 @@ class TrainerFigures:
     activation_mb: float  # what the forward pass keeps for the backward pass (see activation_mb)
     eval_img_per_s: float | None = None
     graphed: bool = False  # the step was a replayed CUDA graph
-    compiled: bool = False  # the model was compiled (train.compile resolved)
     notes: tuple[str, ...] = ()  # why it was not, when a graph was wanted
 
 
@@ -102,8 +101,7 @@ def measure_trainer(cfg: RunConfig, data: TensorData, *, steps: int, warmup: int
                                                 autocast, tc.channels_last))
         eval_rate = len(test_x) / eval_s
     return TrainerFigures(StepTiming(steps, tc.batch_size, seconds), setup_s, first_step_s, peak_mb, total_mb,
-                          activations, eval_rate, train_step.graphed, setup.compiled,  # type: ignore[attr-defined]
-                          tuple(notes))
+                          activations, eval_rate, train_step.graphed, tuple(notes))  # type: ignore[attr-defined]
 
 
 def measure_host(cfg: RunConfig, num_classes: int) -> HostFigures:
